@@ -1,0 +1,102 @@
+// Device-free N:M sparsity logic shared by the CPU and CUDA kernels.
+//
+// Conventions (the whole project uses them; docs/format.md is the long form):
+//   * A weight W is [rows, cols]; N:M groups run along cols (the GEMM reduction dim), aligned at column 0.
+//   * "N:M" means: in every group of M consecutive weights, N are pruned (zeroed); M - N are kept.
+//   * Selection keeps the M - N largest scores of a group. Ties are broken by position: among equal scores the
+//     lower column index is kept (equivalently: the higher index is pruned first). NaN scores compare as the
+//     largest, so a NaN weight is never silently pruned away (the Python layer rejects NaN input before pruning).
+//   * 2:4 pattern code: a group of 4 keeps exactly two positions i0 < i1; its 4-bit code is i0 | (i1 << 2).
+//     Two codes share a byte: group 2b in the low nibble, group 2b+1 in the high nibble.
+//     A group with fewer than two non-zeros fills the kept slots with the lowest zero positions, so every code
+//     names two distinct positions and decompress(compress(w)) == w exactly.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SK_HOST_DEVICE inline
+#endif
+
+namespace sparsekern {
+namespace core {
+
+// Largest M supported by the N:M kernels (masks are held in a 32-bit word per group).
+constexpr int kMaxGroup = 32;
+
+// a is "greater" than b for keep-selection: NaN is greatest; ties keep the lower index.
+SK_HOST_DEVICE bool keep_before(float a, int ia, float b, int ib) {
+  const bool an = a != a, bn = b != b;
+  if (an || bn) return an && (!bn || ia < ib);
+  return a > b || (a == b && ia < ib);
+}
+
+// Returns a bitmask (bit j = position j kept) of the (m - n) largest of scores[0..m).
+// O(m^2) rank counting: branch-free enough for the GPU and fast for m <= 8 on the CPU.
+SK_HOST_DEVICE uint32_t select_keep_mask(const float* scores, int n, int m) {
+  const int keep = m - n;
+  uint32_t mask = 0;
+  for (int j = 0; j < m; ++j) {
+    int rank = 0;  // number of entries that come before j in keep order
+    for (int i = 0; i < m; ++i) {
+      if (i != j && keep_before(scores[i], i, scores[j], j)) ++rank;
+    }
+    if (rank < keep) mask |= (1u << j);
+  }
+  return mask;
+}
+
+// 2:4 specialisation: kept positions (i0 < i1) of the two largest of four scores.
+SK_HOST_DEVICE uint8_t select_keep_24_code(float s0, float s1, float s2, float s3) {
+  const float s[4] = {s0, s1, s2, s3};
+  const uint32_t mask = select_keep_mask(s, 2, 4);
+  int idx[2] = {0, 0};
+  int c = 0;
+  for (int j = 0; j < 4; ++j) {
+    if (mask & (1u << j)) idx[c++] = j;
+  }
+  return static_cast<uint8_t>(idx[0] | (idx[1] << 2));
+}
+
+// Code for a group that is already 2:4 given its non-zero bitmask (bit j set = w[j] != 0, at most two bits set).
+// Fills missing slots with the lowest zero positions. Returns 0xFF when more than two bits are set.
+SK_HOST_DEVICE uint8_t code_from_nonzero_mask(uint32_t nz) {
+  int cnt = 0;
+  for (int j = 0; j < 4; ++j) cnt += (nz >> j) & 1u;
+  if (cnt > 2) return 0xFF;
+  uint32_t kept = nz;
+  for (int j = 0; j < 4 && cnt < 2; ++j) {
+    if (!(kept & (1u << j))) {
+      kept |= (1u << j);
+      ++cnt;
+    }
+  }
+  int idx[2] = {0, 0};
+  int c = 0;
+  for (int j = 0; j < 4; ++j) {
+    if (kept & (1u << j)) idx[c++] = j;
+  }
+  return static_cast<uint8_t>(idx[0] | (idx[1] << 2));
+}
+
+SK_HOST_DEVICE int code_index0(uint8_t code) { return code & 0x3; }
+SK_HOST_DEVICE int code_index1(uint8_t code) { return (code >> 2) & 0x3; }
+
+// A code is valid when it names two distinct positions in increasing order.
+SK_HOST_DEVICE bool code_is_valid(uint8_t code) {
+  return (code & 0xF0) == 0 && code_index0(code) < code_index1(code);
+}
+
+// Nibble of group g from a packed code row.
+SK_HOST_DEVICE uint8_t code_of_group(const uint8_t* code_row, int64_t g) {
+  const uint8_t byte = code_row[g >> 1];
+  return (g & 1) ? static_cast<uint8_t>(byte >> 4) : static_cast<uint8_t>(byte & 0xF);
+}
+
+// Number of code bytes per row for `cols` input features (cols must be a multiple of 4).
+SK_HOST_DEVICE int64_t code_bytes_per_row(int64_t cols) { return (cols / 4 + 1) / 2; }
+
+}  // namespace core
+}  // namespace sparsekern
