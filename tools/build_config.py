@@ -89,8 +89,8 @@ def find_cusparselt(env) -> str | None:
     """Root holding include/cusparseLt.h and lib/libcusparseLt.so*, or None."""
     candidates = []
     if env.get("CUSPARSELT_PATH"):
-        candidates.append(env["CUSPARSELT_PATH"])
-    for sp in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}:
+        candidates.append(env["CUSPARSELT_PATH"])  # an explicit path is the only place looked at
+    for sp in [] if candidates else {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}:
         if sp and os.path.isdir(sp):
             candidates.append(os.path.join(sp, "nvidia", "cusparselt"))
     for root in candidates:

@@ -3,6 +3,6 @@
 from ._ext import ExtensionMissingError
 from ._version import __version__
 from . import ops
-from .doctor import doctor
+from .diagnostics import doctor
 
 __all__ = ["__version__", "ExtensionMissingError", "doctor", "ops"]

@@ -13,7 +13,7 @@ import sys
 
 # module path -> subcommands it adds
 _COMMAND_MODULES = (
-    "sparsekern.doctor",  # doctor
+    "sparsekern.diagnostics",  # doctor
     "sparsekern.bench.cli",  # bench gemm | overhead | prune
     "sparsekern.pipeline_cli",  # prune | eval | demo
 )
