@@ -232,3 +232,9 @@ def test_fatbin_reader_on_a_synthetic_blob(tmp_path):
     assert doctor_mod.fatbin_archs(str(path)) == {"sass": ["sm_80"], "ptx": ["compute_90"]}
     (tmp_path / "plain.so").write_bytes(b"not an elf")
     assert doctor_mod.fatbin_archs(str(tmp_path / "plain.so")) == {"sass": [], "ptx": []}
+
+
+def test_wheel_for_another_torch_names_both_versions(monkeypatch):
+    monkeypatch.setattr(_ext, "_built_for_torch", lambda: "2.9")
+    msg = _ext._explain(ImportError("_C.so: undefined symbol: _ZN5torch3jit"))
+    assert "built for torch 2.9" in msg and f"torch {torch.__version__} is installed" in msg

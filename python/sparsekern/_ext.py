@@ -21,8 +21,33 @@ _C: Any = None
 _load_error: str | None = None
 
 
+def _built_for_torch() -> str | None:
+    """The torch major.minor an installed CUDA wheel was built for, from its local version tag (+cu130torch2.14)."""
+    try:
+        from importlib.metadata import version
+
+        tag = version("sparsekern").partition("+")[2]
+    except Exception:
+        return None
+    return tag.partition("torch")[2] or None
+
+
 def _explain(exc: BaseException) -> str:
     msg = str(exc)
+    built = _built_for_torch()
+    running = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if built and built != running:
+        return (
+            f"this sparsekern wheel was built for torch {built}, but torch {torch.__version__} is installed, and the "
+            f"extension cannot load ({msg}). Install torch {built}.x, or rebuild sparsekern against this torch: "
+            "pip install --no-build-isolation --force-reinstall ."
+        )
+    if "libc10_cuda" in msg or "libtorch_cuda" in msg:
+        return (
+            f"sparsekern was built against a CUDA build of torch, but the installed torch {torch.__version__} has no "
+            f"CUDA libraries ({msg}). Install the CUDA build of torch it was built for, or rebuild sparsekern here "
+            "(SPARSEKERN_CUDA=0 pip install --no-build-isolation --force-reinstall . for CPU only)."
+        )
     if "undefined symbol" in msg:
         return (
             f"sparsekern's extension does not match the installed torch {torch.__version__} ({msg}). It was built "
