@@ -1,0 +1,514 @@
+"""SparseLinear: a drop-in nn.Linear whose weight is 2:4 sparse and kept compressed.
+
+    layer = SparseLinear.from_linear(linear)                 # nn.Linear or transformers' GPT-2 Conv1D, 2:4 weight
+    layer = SparseLinear.from_linear(linear, quant="int8")   # W8A8 (see sparsekern.quant)
+    y = layer(x)                                             # == F.linear(x, W, b) within the dtype's tolerance
+    layer.kernel_for(M)                                      # which kernel runs M rows (sparsekern.policy)
+    linear = layer.to_linear()                               # the dense layer back
+
+Storage (all buffers, none a Parameter: no optimizer step can touch the weight, so its 2:4 pattern cannot break):
+  values        [N, K/2]  the kept weights in the portable 2:4 format (docs/format.md), dtype of the weight
+                          (float32/float16/bfloat16), or int8 / float8_e4m3fn when quantised.
+  codes         uint8 [N, ceil(K/8)]  4-bit pattern code per group of 4 (two groups per byte).
+  weight_scale  float32 [N]  per-output-channel scale of a quantised weight (absent otherwise).
+  bias          [N] in the activation dtype, or absent.
+  cslt_buffer   uint8, cuSPARSELt's opaque compressed weight; only on CUDA, only when cuSPARSELt accepts the shape,
+                rebuilt from values/codes by every move to a CUDA device; never saved (not portable across GPUs
+                and cuSPARSELt versions). The portable values/codes stay on the device too: they feed the
+                portable-format kernel, the backward pass and state_dict().
+  N = out_features, K = in_features (a multiple of 4; 2:4 groups run along K).
+
+state_dict() holds values, codes, weight_scale (quantised), bias, shape (int64 [2] = [N, K]) and format_version
+(int64 scalar); loading accepts that or a dense `weight` ([N, K]; [K, N] for a Conv1D-born layer) that is 2:4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _ext, policy
+from .quant import (
+    QuantUnsupportedError,
+    check_quant_supported,
+    dequantize_weight,
+    quant_dtype,
+    quant_of_dtype,
+    quantize_weight,
+)
+
+FORMAT_VERSION = 1  # portable 2:4 format version (csrc/registration.cpp); bump with the format
+SUPPORTED_FORMAT_VERSIONS = (1,)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class NotTwoFourError(ValueError):
+    """A weight that must be 2:4 along in_features is not."""
+
+
+class CheckpointError(ValueError):
+    """A state dict / checkpoint entry is missing, truncated, mismatched or of an unknown format version."""
+
+
+# ---------------------------------------------------------------------------------------------- weight helpers
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (weight [in, out]); detected by class, without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def is_convertible(module: nn.Module) -> bool:
+    """Modules SparseLinear.from_linear accepts: nn.Linear and transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
+    """(W [out_features, in_features], layout) of an nn.Linear ("linear") or a Conv1D ("conv1d": stored [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), "linear"
+    if _is_conv1d(module):
+        return module.weight.detach().t(), "conv1d"
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def twofour_violation(w: torch.Tensor) -> tuple[int, int, int] | None:
+    """(row, group, non-zeros in that group) of the first group of 4 along dim 1 with more than two non-zeros.
+
+    w: [N, K], K a multiple of 4. Uses the core op sparsekern::nm_violation; the count is read back for the message.
+    """
+    rc = torch.ops.sparsekern.nm_violation(w, 2, 4).tolist()
+    if rc[0] < 0:
+        return None
+    row, group = int(rc[0]), int(rc[1])
+    nnz = int((w[row, 4 * group: 4 * group + 4] != 0).sum())
+    return row, group, nnz
+
+
+def check_twofour(w: torch.Tensor, name: str) -> None:
+    """Raise ValueError / NotTwoFourError naming `name` when w [N, K] cannot be held by a SparseLinear."""
+    k = w.shape[1]
+    if k % 4 != 0:
+        raise ValueError(f"{name}: in_features = {k} is not a multiple of 4; 2:4 sparsity needs groups of 4 along "
+                         "in_features")
+    bad = twofour_violation(w)
+    if bad is not None:
+        row, group, nnz = bad
+        raise NotTwoFourError(
+            f"{name}: weight is not 2:4 along in_features: row {row}, group {group} (columns {4 * group}.."
+            f"{4 * group + 3}) has {nnz} non-zeros (at most 2 of every 4 allowed); prune it first, e.g. with "
+            "sparsekern.prune_nm(w, 2, 4)"
+        )
+
+
+def _compress(w: torch.Tensor, quant: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dense 2:4 W [N, K] -> (values [N, K/2], codes uint8, weight_scale float32 [N] | None).
+
+    Quantised layers compress the float weight first and quantise its kept values: the per-row absmax over the kept
+    values is the absmax of the row, and the codes stay those of the float weight.
+    """
+    values, codes = torch.ops.sparsekern.compress_24(w.contiguous())
+    if quant is None:
+        return values, codes, None
+    q, scale = quantize_weight(values, quant)
+    return q.contiguous(), codes, scale
+
+
+def _check_codes(codes: torch.Tensor, k: int) -> str | None:
+    """A message when a codes tensor [N, ceil(K/8)] holds an invalid pattern code (two distinct increasing
+    positions per group; the unused high nibble of an odd group count must be 0), else None."""
+    groups = k // 4
+    c = codes.to("cpu", torch.int16)
+    nib = torch.stack((c & 0xF, c >> 4), dim=-1).reshape(c.shape[0], -1)
+    used, pad = nib[:, :groups], nib[:, groups:]
+    i0, i1 = used & 0x3, used >> 2
+    bad = ~(i0 < i1)
+    if bad.any():
+        r, g = (int(v) for v in bad.nonzero()[0])
+        return f"codes[{r}] group {g} holds the invalid pattern code {int(used[r, g])} (corrupt or not 2:4 codes)"
+    if pad.numel() and (pad != 0).any():
+        return "codes: the padding nibble after the last group is not 0 (corrupt codes)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+
+def _sparse_matmul(x2, values, codes, weight_scale, bias, cslt_buffer, kernel: str, quant: str | None, n: int,
+                   k: int):
+    """y [M, N] = x2 [M, K] @ W^T + bias, W held compressed; dispatch to `kernel` (see sparsekern.policy)."""
+    out_dtype = x2.dtype
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    if kernel == "dense_fallback":
+        w = torch.ops.sparsekern.decompress_24(values, codes, k)
+        if quant is None:
+            return F.linear(x2, w, bias)
+        # Same numbers as the quantised kernels: quantise x per token, multiply in float32.
+        q, s = torch.ops.sparsekern.quantize_per_token(x2, quant_dtype(quant))
+        y = (q.float() * s[:, None]) @ dequantize_weight(w, weight_scale).t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(out_dtype)
+    if quant is None:
+        if kernel == "cslt":
+            return torch.ops.sparsekern.cslt_linear(x2, cslt_buffer, n, k, bias)
+        return torch.ops.sparsekern.spmm_24(x2, values, codes, bias)
+    q, s = torch.ops.sparsekern.quantize_per_token(x2, quant_dtype(quant))
+    if kernel == "cslt":
+        return torch.ops.sparsekern.cslt_linear(q, cslt_buffer, n, k, bias, weight_scale, s, "none", out_dtype)
+    if quant == "fp8" and x2.device.type == "cpu":
+        # CPU fp8 emulation: fp8 numbers are exact in float32; the kernel accumulates in float32 like the GPU.
+        return torch.ops.sparsekern.spmm_24(q.float(), values.float(), codes, bias, weight_scale, s, "none",
+                                            out_dtype)
+    return torch.ops.sparsekern.spmm_24(q, values, codes, bias, weight_scale, s, "none", out_dtype)
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """Autograd through x only: grad_x = grad_y @ W (W dequantised for W8A8; the per-token activation quantisation
+    is treated as identity, the straight-through estimator). The weight is a frozen buffer and gets no gradient."""
+
+    @staticmethod
+    def forward(x2, values, codes, weight_scale, bias, cslt_buffer, kernel, quant, n, k):
+        return _sparse_matmul(x2, values, codes, weight_scale, bias, cslt_buffer, kernel, quant, n, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x2, values, codes, weight_scale = inputs[:4]
+        ctx.save_for_backward(values, codes, weight_scale)
+        ctx.k = inputs[9]
+        ctx.quant = inputs[7]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        values, codes, weight_scale = ctx.saved_tensors
+        w = torch.ops.sparsekern.decompress_24(values, codes, ctx.k)
+        if ctx.quant is not None:
+            w = dequantize_weight(w, weight_scale).to(grad_y.dtype)
+        grad_x = grad_y @ w.to(grad_y.dtype)
+        return grad_x, None, None, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W^T + b with W [out_features, in_features] 2:4 sparse along in_features, stored compressed.
+
+    Args:
+      in_features:  K, a multiple of 4.
+      out_features: N.
+      bias:         whether the layer has a bias [N].
+      dtype:        the weight's dtype for unquantised layers (float32 / float16 / bfloat16) = the activation dtype
+                    the layer accepts; for quantised layers the dtype of the bias and of to_linear()'s weight.
+      quant:        None | "int8" | "fp8" (W8A8, sparsekern.quant).
+      device:       where the buffers live.
+      weight_layout: "linear" (dense state dicts hold [N, K]) or "conv1d" (GPT-2 Conv1D: [K, N]).
+    A layer built this way holds a zero weight; use from_linear() or load_state_dict() to fill it.
+    Input x: [..., K] of `dtype` (any float dtype when quantised); output [..., N] of x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
+                 quant: str | None = None, device: torch.device | str | None = None,
+                 weight_layout: str = "linear") -> None:
+        super().__init__()
+        if in_features % 4 != 0:
+            raise ValueError(f"SparseLinear: in_features = {in_features} is not a multiple of 4; 2:4 sparsity needs "
+                             "groups of 4 along in_features")
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"SparseLinear: dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+        if weight_layout not in ("linear", "conv1d"):
+            raise ValueError(f"SparseLinear: weight_layout must be 'linear' or 'conv1d', got {weight_layout!r}")
+        if quant is not None:
+            quant_dtype(quant)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant = quant
+        self.dense_dtype = dtype
+        self.weight_layout = weight_layout
+        self._kernel_override: str | None = None
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        vdtype = quant_dtype(quant) if quant else dtype
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=vdtype, device=device))
+        # 0x44: both groups of the byte keep positions (0, 1) -- a valid code for an all-zero weight.
+        codes = torch.full((out_features, (in_features // 4 + 1) // 2), 0x44, dtype=torch.uint8, device=device)
+        if (in_features // 4) % 2:
+            codes[:, -1] = 0x04  # the unused high nibble stays 0
+        self.register_buffer("codes", codes)
+        self.register_buffer("weight_scale",
+                             torch.ones(out_features, dtype=torch.float32, device=device) if quant else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("cslt_buffer", None, persistent=False)
+        self._refresh_device_state()
+
+    # ------------------------------------------------------------------ construction / conversion
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, quant: str | None = None, check: bool = True,
+                    name: str | None = None) -> "SparseLinear":
+        """A SparseLinear holding `linear`'s (2:4) weight and bias, on the same device.
+
+        linear: nn.Linear (weight [out, in]) or transformers Conv1D (weight [in, out], transposed here); float32,
+                float16 or bfloat16. The weight must be 2:4 along in_features (prune it first).
+        quant:  None | "int8" | "fp8" (see sparsekern.quant; checked against the device).
+        check:  verify the 2:4 pattern first and name `name`, the row and the group in the error; with check=False
+                the compress op still refuses a non-2:4 weight, with a less specific message.
+        """
+        w, layout = dense_weight_of(linear)
+        name = name or type(linear).__name__
+        if w.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: weight dtype {w.dtype} is not supported (float32, float16, bfloat16)")
+        n, k = w.shape
+        if k % 4 != 0:
+            raise ValueError(f"{name}: in_features = {k} is not a multiple of 4; 2:4 sparsity needs groups of 4 "
+                             "along in_features")
+        _ext.require("SparseLinear")
+        check_quant_supported(quant, w.device)
+        if check:
+            check_twofour(w, name)
+        bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+        layer = cls(k, n, bias is not None, dtype=w.dtype, quant=quant, device="meta", weight_layout=layout)
+        values, codes, scale = _compress(w, quant)
+        layer._set_tensors(values, codes, scale, bias.clone() if bias is not None else None)
+        return layer
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The dense layer back: nn.Linear, or transformers Conv1D for a layer made from one. dtype defaults to the
+        weight's dtype (quantised layers: the dequantised weight in `dense_dtype`)."""
+        dtype = dtype or self.dense_dtype
+        w = self.dense_weight().to(dtype)
+        dev = w.device
+        if self.weight_layout == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            lin = Conv1D(self.out_features, self.in_features).to(device=dev, dtype=dtype)
+            w = w.t()
+        else:
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dev,
+                            dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+            elif lin.bias is not None:  # Conv1D always has a bias
+                lin.bias.zero_()
+        return lin
+
+    def dense_weight(self) -> torch.Tensor:
+        """The 2:4 weight [N, K], decompressed (and dequantised to float32 for quantised layers)."""
+        w = torch.ops.sparsekern.decompress_24(self.values, self.codes, self.in_features)
+        return dequantize_weight(w, self.weight_scale) if self.quant else w
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the compressed weight (values + codes + scales), the cuSPARSELt buffer not counted."""
+        ws = self.weight_scale
+        return (self.values.numel() * self.values.element_size() + self.codes.numel()
+                + (ws.numel() * ws.element_size() if ws is not None else 0))
+
+    # ------------------------------------------------------------------ dispatch
+
+    def kernel_for(self, m: int) -> str:
+        """Kernel that runs a batch of m rows (x flattened to [m, K]) on the current device (sparsekern.policy)."""
+        return policy.choose_kernel(
+            device_type=self._device_type, arch=self._arch, dtype=self._policy_dtype, n=self.out_features,
+            k=self.in_features, m=m, has_cslt=self.cslt_buffer is not None, has_cuda_spmm24=self._has_cuda_spmm24,
+            layer_override=self._kernel_override)
+
+    def set_kernel(self, kernel: str | None) -> None:
+        """Force this layer's kernel (a name from sparsekern.policy.KERNELS), or None to follow the policy again.
+        A kernel the layer cannot run on its device falls back to the default (kernel_for shows the result)."""
+        self._kernel_override = policy.normalize_kernel(kernel) if kernel is not None else None
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: input has {x.shape[-1]} features in its last dim, expected "
+                             f"in_features = {self.in_features}")
+        if self.quant is None:
+            if x.dtype != self.values.dtype:
+                raise TypeError(f"SparseLinear holds a {self.values.dtype} weight but the input is {x.dtype}; cast "
+                                "the input or the layer (layer.to(dtype))")
+        elif not x.is_floating_point():
+            raise TypeError(f"SparseLinear(quant={self.quant!r}) needs a floating input, got {x.dtype}")
+        x2 = x.reshape(-1, self.in_features)
+        kernel = self.kernel_for(x2.shape[0])
+        args = (x2, self.values, self.codes, self.weight_scale, self.bias, self.cslt_buffer, kernel, self.quant,
+                self.out_features, self.in_features)
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _SparseLinearFunction.apply(*args)
+        else:
+            y = _sparse_matmul(*args)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"dtype={str(self.dense_dtype).removeprefix('torch.')}, quant={self.quant}")
+
+    # ------------------------------------------------------------------ device moves
+
+    def _refresh_device_state(self) -> None:
+        """Recompute what depends on the device: arch, kernels available, the cuSPARSELt buffer."""
+        dev = self.codes.device
+        self._device_type = dev.type
+        self._arch = policy.arch_of(dev) if dev.type == "cuda" else dev.type
+        self._policy_dtype = policy.dtype_name(self.values.dtype)
+        self._has_cuda_spmm24 = dev.type == "cuda" and policy.cuda_kernel_compiled("spmm_24")
+        self._buffers["cslt_buffer"] = self._build_cslt_buffer()
+        policy.active_table()  # read the table file now, not inside a traced forward
+
+    def _build_cslt_buffer(self) -> torch.Tensor | None:
+        if self.codes.device.type != "cuda" or not policy.cuda_kernel_compiled("cslt_compress"):
+            return None
+        if not policy.cslt_shape_ok(self.out_features, self.in_features, self.values.dtype):
+            return None  # the policy then picks the portable-format kernel or the dense fallback
+        dense = torch.ops.sparsekern.decompress_24(self.values, self.codes, self.in_features)
+        return torch.ops.sparsekern.cslt_compress(dense)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to/.cuda/.half call fn on every tensor. Codes must stay uint8 and a quantised weight (int8/fp8 is
+        # "floating" for fp8) and its float32 scales must keep their dtypes: only their device follows fn. Then the
+        # cuSPARSELt buffer is rebuilt for the new device (or dropped). Everything is computed before anything is
+        # assigned, so a failure (e.g. fp8 on a GPU below sm89) leaves the layer as it was.
+        codes = fn(self.codes)
+        dev = codes.device
+        if codes.dtype != torch.uint8:
+            codes = self.codes.to(dev)
+        if self.quant is None:
+            values = fn(self.values)
+            if values.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"SparseLinear weights must stay float32/float16/bfloat16, not {values.dtype}")
+        else:
+            check_quant_supported(self.quant, dev)
+            values = self.values.to(dev)
+        scale = self.weight_scale.to(dev) if self.weight_scale is not None else None
+        bias = fn(self.bias) if self.bias is not None else None
+        old = dict(self._buffers)
+        try:
+            self._buffers.update(values=values, codes=codes, weight_scale=scale, bias=bias)
+            if self.quant is None:
+                self.dense_dtype = values.dtype
+            elif bias is not None:
+                self.dense_dtype = bias.dtype
+            self._refresh_device_state()
+        except BaseException:
+            self._buffers.update(old)
+            self._refresh_device_state()
+            raise
+        return self
+
+    # ------------------------------------------------------------------ state dict
+
+    def _set_tensors(self, values, codes, scale, bias) -> None:
+        self._buffers.update(values=values, codes=codes, weight_scale=scale, bias=bias)
+        if self.quant is None:
+            self.dense_dtype = values.dtype
+        elif bias is not None:
+            self.dense_dtype = bias.dtype
+        self._refresh_device_state()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name in ("values", "codes", "weight_scale", "bias"):
+            t = self._buffers[name]
+            if t is not None:
+                destination[prefix + name] = t if keep_vars else t.detach()
+        destination[prefix + "shape"] = torch.tensor([self.out_features, self.in_features], dtype=torch.int64)
+        destination[prefix + "format_version"] = torch.tensor(FORMAT_VERSION, dtype=torch.int64)
+
+    def state_from_dict(self, state_dict, prefix: str = ""):
+        """Validate this layer's entries of `state_dict` and return the tensors to install
+        (values, codes, weight_scale, bias) without touching the layer; CheckpointError / NotTwoFourError naming
+        `prefix` and the rule otherwise. Accepts the portable entries or a dense 2:4 `weight`."""
+        n, k = self.out_features, self.in_features
+        where = prefix.rstrip(".") or "SparseLinear"
+        get = state_dict.get
+        bias = get(prefix + "bias")
+        if (bias is None) != (self.bias is None):
+            raise CheckpointError(f"{where}: the layer {'has' if self.bias is not None else 'has no'} bias but the "
+                                  f"state dict {'lacks' if bias is None else 'holds'} '{prefix}bias'")
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise CheckpointError(f"{where}: bias has shape {tuple(bias.shape)}, expected ({n},)")
+        dev = self.codes.device if self.codes.device.type != "meta" else None
+        target = self.bias.dtype if self.bias is not None else None
+        bias = bias.to(device=dev or bias.device, dtype=target) if bias is not None else None
+
+        if prefix + "weight" in state_dict and prefix + "values" not in state_dict:
+            w = state_dict[prefix + "weight"]
+            if self.weight_layout == "conv1d":
+                w = w.t()
+            if tuple(w.shape) != (n, k):
+                want = (k, n) if self.weight_layout == "conv1d" else (n, k)
+                raise CheckpointError(f"{where}: dense weight has shape {tuple(state_dict[prefix + 'weight'].shape)},"
+                                      f" expected {want}")
+            if not w.is_floating_point():
+                raise CheckpointError(f"{where}: dense weight has dtype {w.dtype}, expected a float dtype")
+            w = w.to(device=dev or w.device, dtype=self.dense_dtype)
+            check_twofour(w, where)
+            values, codes, scale = _compress(w, self.quant)
+            return values, codes, scale, bias
+
+        missing = [key for key in ("values", "codes", "shape", "format_version") if prefix + key not in state_dict]
+        if self.quant is not None and prefix + "weight_scale" not in state_dict:
+            missing.append("weight_scale")
+        if missing:
+            raise CheckpointError(f"{where}: state dict lacks {', '.join(prefix + m for m in missing)} (neither the "
+                                  "portable 2:4 entries nor a dense weight)")
+        version = get(prefix + "format_version")
+        if version.numel() != 1 or int(version) not in SUPPORTED_FORMAT_VERSIONS:
+            raise CheckpointError(f"{where}: unknown 2:4 format version {version.tolist()}; this sparsekern reads "
+                                  f"versions {SUPPORTED_FORMAT_VERSIONS} (upgrade sparsekern)")
+        shape = get(prefix + "shape").tolist()
+        if shape != [n, k]:
+            raise CheckpointError(f"{where}: checkpoint weight shape {shape} != layer shape [{n}, {k}]")
+        values, codes = get(prefix + "values"), get(prefix + "codes")
+        if tuple(values.shape) != (n, k // 2):
+            raise CheckpointError(f"{where}: values has shape {tuple(values.shape)}, expected ({n}, {k // 2}) "
+                                  "(truncated or mismatched)")
+        cb = (k // 4 + 1) // 2
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (n, cb):
+            raise CheckpointError(f"{where}: codes must be uint8 of shape ({n}, {cb}); got {codes.dtype} "
+                                  f"{tuple(codes.shape)} (truncated or mismatched)")
+        stored_quant = quant_of_dtype(values.dtype)
+        if stored_quant != self.quant:
+            raise CheckpointError(f"{where}: checkpoint values are {values.dtype} (quant={stored_quant!r}) but the "
+                                  f"layer has quant={self.quant!r}")
+        bad = _check_codes(codes, k)
+        if bad:
+            raise CheckpointError(f"{where}: {bad}")
+        scale = None
+        if self.quant is not None:
+            scale = get(prefix + "weight_scale")
+            if tuple(scale.shape) != (n,) or scale.dtype != torch.float32:
+                raise CheckpointError(f"{where}: weight_scale must be float32 of shape ({n},); got {scale.dtype} "
+                                      f"{tuple(scale.shape)}")
+            scale = scale.to(dev or scale.device).clone()
+        else:
+            if not values.is_floating_point():
+                raise CheckpointError(f"{where}: values dtype {values.dtype} is not a float dtype")
+            values = values.to(self.values.dtype)
+        values = values.to(dev or values.device).clone()
+        codes = codes.to(dev or codes.device).clone()
+        return values, codes, scale, (bias.clone() if bias is not None else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        own = {"values", "codes", "weight_scale", "bias", "shape", "format_version", "weight"}
+        if not any(prefix + key in state_dict for key in own):
+            # Nothing of this layer in the dict: report its keys missing (strict loading then fails), like nn.Module.
+            missing_keys.extend(prefix + key for key in self.state_dict())
+            return
+        for key in state_dict:
+            if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in own:
+                unexpected_keys.append(key)
+        try:
+            values, codes, scale, bias = self.state_from_dict(state_dict, prefix)
+        except (CheckpointError, NotTwoFourError, ValueError) as exc:
+            error_msgs.append(str(exc))  # nothing of this layer was changed
+            return
+        self._set_tensors(values, codes, scale, bias)
+
+
+__all__ = ["SparseLinear", "NotTwoFourError", "CheckpointError", "QuantUnsupportedError", "is_convertible",
+           "dense_weight_of", "check_twofour", "FORMAT_VERSION"]

@@ -1,0 +1,302 @@
+"""Dispatch policy of SparseLinear: which kernel runs a (M, N, K, dtype, arch) matmul.
+
+The benchmark measures, per GPU arch, weight dtype and layer shape, which kernel is fastest at each batch size M and
+writes a table with `write_table(...)`; SparseLinear reads it (`load_table`, `active_table`) and asks
+`choose_kernel(...)` on every call (a dict lookup: no measurement, no I/O at run time). Where nothing was measured a
+safe default applies (`default_kernel`). `layer.kernel_for(M)` shows the choice; `layer.set_kernel(...)` and the
+`override(...)` context manager force one.
+
+Kernels (names used in the table; aliases on the right are accepted when reading and normalised):
+  "cslt"            cuSPARSELt SpMM on the layer's cuSPARSELt buffer (CUDA; needs N, K multiples of 16 for
+                    fp16/bf16, 32 for int8/fp8).
+  "spmm24"          sparsekern's own kernel on the portable 2:4 format (values + 4-bit codes): the CPU kernel on
+                    the CPU, the small-M decode kernel on CUDA where it is compiled.   aliases: "cpu_spmm", "decode24"
+  "dense_fallback"  decompress the weight on the fly and run a dense matmul. Always correct, never fast: the last
+                    resort when no sparse kernel accepts the shape. No dense copy of the weight is kept.
+
+Table file (JSON, UTF-8), format version 1:
+  {
+    "format": "sparsekern-policy",
+    "version": 1,
+    "entries": [
+      {"arch": "sm90", "dtype": "float16", "n": 4096, "k": 4096, "m": 16, "kernel": "spmm24",
+       "timings_us": {"cslt": 14.2, "spmm24": 9.8, "dense": 11.0}},      # timings_us: optional, informative
+      ...
+    ]
+  }
+  arch   "sm<major><minor>" of the GPU (torch.cuda.get_device_capability), or "cpu".
+  dtype  the weight's compute dtype: "float16" | "bfloat16" | "float32" | "int8" | "float8_e4m3fn".
+  n, k   out_features, in_features.
+  m      the M bucket the measurement stands for: M is rounded up to a power of two (1, 2, 4, ..., 16384), so
+         "m": 16 covers 9 <= M <= 16, and the last bucket (16384) covers every larger M.
+Lookup of a (arch, dtype, n, k) that was measured at other buckets uses the nearest measured bucket (in log2 M);
+a shape that was never measured gets `default_kernel`. A chosen kernel the layer cannot run (no cuSPARSELt buffer,
+kernel not compiled for the device) is replaced by the default too, so a stale table can never break a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+KERNELS = ("cslt", "spmm24", "dense_fallback")
+_ALIASES = {"cpu_spmm": "spmm24", "decode24": "spmm24", "dense": "dense_fallback"}
+TABLE_FORMAT = "sparsekern-policy"
+TABLE_VERSION = 1
+MAX_BUCKET = 16384
+ENV_TABLE = "SPARSEKERN_POLICY_TABLE"
+
+
+class PolicyError(ValueError):
+    """A policy table or an override is malformed."""
+
+
+def normalize_kernel(name: str) -> str:
+    """Canonical kernel name for `name` (accepting the aliases), or PolicyError."""
+    k = _ALIASES.get(name, name)
+    if k not in KERNELS:
+        raise PolicyError(f"unknown kernel {name!r}: expected one of {KERNELS} (aliases {sorted(_ALIASES)})")
+    return k
+
+
+def m_bucket(m: int) -> int:
+    """The power-of-two bucket that holds batch size `m` (rows of x after flattening leading dims), capped."""
+    if m <= 1:
+        return 1
+    return min(1 << (int(m) - 1).bit_length(), MAX_BUCKET)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def arch_of(device: torch.device | str) -> str:
+    """"cpu" or "sm<major><minor>" of a CUDA device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+@dataclass
+class PolicyTable:
+    """Measured choices: (arch, dtype, n, k) -> {m bucket: kernel}."""
+
+    choices: dict[tuple[str, str, int, int], dict[int, str]] = field(default_factory=dict)
+    source: str | None = None  # path it was read from, for messages
+
+    def lookup(self, arch: str, dtype: str, n: int, k: int, m: int) -> str | None:
+        per_bucket = self.choices.get((arch, dtype, int(n), int(k)))
+        if not per_bucket:
+            return None
+        b = m_bucket(m)
+        if b in per_bucket:
+            return per_bucket[b]
+        # Nearest measured bucket in log2 space; on a tie the larger bucket (its kernel was measured on more work).
+        lb = math.log2(b)
+        best = min(per_bucket, key=lambda x: (abs(math.log2(x) - lb), -x))
+        return per_bucket[best]
+
+    def entries(self) -> list[dict]:
+        out = []
+        for (arch, dtype, n, k), per_bucket in sorted(self.choices.items()):
+            for m, kernel in sorted(per_bucket.items()):
+                out.append({"arch": arch, "dtype": dtype, "n": n, "k": k, "m": m, "kernel": kernel})
+        return out
+
+
+def _parse_entry(e: Mapping, where: str) -> tuple[tuple[str, str, int, int], int, str]:
+    missing = [f for f in ("arch", "dtype", "n", "k", "m", "kernel") if f not in e]
+    if missing:
+        raise PolicyError(f"{where}: entry {dict(e)!r} lacks field(s) {missing}")
+    try:
+        n, k, m = int(e["n"]), int(e["k"]), int(e["m"])
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"{where}: entry {dict(e)!r}: n, k, m must be integers") from exc
+    if n <= 0 or k <= 0 or m <= 0:
+        raise PolicyError(f"{where}: entry {dict(e)!r}: n, k, m must be positive")
+    return (str(e["arch"]), str(e["dtype"]), n, k), m_bucket(m), normalize_kernel(str(e["kernel"]))
+
+
+def table_from_entries(entries: Iterable[Mapping], where: str = "policy entries") -> PolicyTable:
+    table = PolicyTable()
+    for e in entries:
+        key, b, kernel = _parse_entry(e, where)
+        table.choices.setdefault(key, {})[b] = kernel
+    return table
+
+
+def load_table(path: str | os.PathLike) -> PolicyTable:
+    """Read a policy table written by `write_table`. PolicyError on a malformed file or an unknown version."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PolicyError(f"policy table {path} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT:
+        raise PolicyError(f"policy table {path}: field 'format' must be {TABLE_FORMAT!r}")
+    if doc.get("version") != TABLE_VERSION:
+        raise PolicyError(
+            f"policy table {path} has version {doc.get('version')!r}; this sparsekern reads version {TABLE_VERSION}"
+        )
+    if not isinstance(doc.get("entries"), list):
+        raise PolicyError(f"policy table {path}: 'entries' must be a list")
+    table = table_from_entries(doc["entries"], str(path))
+    table.source = str(path)
+    return table
+
+
+def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = None, *, merge: bool = True) -> Path:
+    """Write (or update) a policy table. Called by the benchmark after measuring.
+
+    entries: dicts with arch (str), dtype (str, see module doc), n, k, m (int; m is bucketed), kernel (str) and
+             optionally timings_us (dict kernel -> microseconds, kept for humans).
+    path:    target file; default `default_table_path()` (which SparseLinear reads when nothing else is set).
+    merge:   keep the existing file's entries that these entries do not replace (same arch, dtype, n, k, m bucket).
+    The file is written to a temporary file in the same folder and renamed over the target, so a reader never sees a
+    half-written table. Returns the path.
+    """
+    path = Path(path) if path is not None else default_table_path()
+    rows: dict[tuple, dict] = {}
+    if merge and path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("format") == TABLE_FORMAT and old.get("version") == TABLE_VERSION:
+            for e in old.get("entries", []):
+                key, b, _ = _parse_entry(e, str(path))
+                rows[key + (b,)] = dict(e)
+    for e in entries:
+        key, b, kernel = _parse_entry(e, "write_table")
+        row = {"arch": key[0], "dtype": key[1], "n": key[2], "k": key[3], "m": b, "kernel": kernel}
+        if "timings_us" in e:
+            row["timings_us"] = {str(a): float(t) for a, t in dict(e["timings_us"]).items()}
+        rows[key + (b,)] = row
+    doc = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "entries": [rows[k] for k in sorted(rows)]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if _state.table is not None and _state.table.source == str(path):
+        _state.table = None  # re-read on next use
+    return path
+
+
+def default_table_path() -> Path:
+    """$SPARSEKERN_POLICY_TABLE, else $XDG_CACHE_HOME/sparsekern/policy.json (~/.cache/sparsekern/policy.json)."""
+    env = os.environ.get(ENV_TABLE)
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "sparsekern" / "policy.json"
+
+
+class _State:
+    table: PolicyTable | None = None  # process-wide, shared by all threads
+    explicit: bool = False  # set_table() was called (then the default file is not consulted)
+
+
+class _Forced:
+    # override() context. Process-wide (not thread-local) on purpose: torch.compile traces forward() and reads this
+    # plain global without a graph break, and guards on it so a change recompiles.
+    kernel: str | None = None
+
+
+_state = _State()
+_forced = _Forced()
+_EMPTY = PolicyTable()
+
+
+def set_table(table: PolicyTable | str | os.PathLike | None) -> None:
+    """Use this table (or file) from now on; None returns to the default file (read lazily)."""
+    if table is None:
+        _state.table, _state.explicit = None, False
+        return
+    _state.table = table if isinstance(table, PolicyTable) else load_table(table)
+    _state.explicit = True
+
+
+def active_table() -> PolicyTable:
+    """The table in use: set_table()'s, else the default file if it exists, else an empty table."""
+    if _state.table is None:
+        path = default_table_path()
+        _state.table = load_table(path) if (not _state.explicit and path.exists()) else _EMPTY
+    return _state.table
+
+
+@contextlib.contextmanager
+def override(kernel: str | None) -> Iterator[None]:
+    """Force every SparseLinear (without its own set_kernel) to `kernel` inside the block, where it can run it."""
+    prev = _forced.kernel
+    _forced.kernel = normalize_kernel(kernel) if kernel is not None else None
+    try:
+        yield
+    finally:
+        _forced.kernel = prev
+
+
+def forced_kernel() -> str | None:
+    return _forced.kernel
+
+
+def cuda_kernel_compiled(op: str) -> bool:
+    """Whether sparsekern::<op> has a CUDA kernel in this build (the dispatcher knows; no GPU needed)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", "CUDA")
+    except RuntimeError:  # op not registered at all (extension missing)
+        return False
+
+
+def cslt_shape_ok(n: int, k: int, dtype: torch.dtype) -> bool:
+    """cuSPARSELt's size rule for the structured operand: multiples of 16 (16-bit types) or 32 (8-bit types)."""
+    mult = 32 if dtype.itemsize == 1 else 16
+    return n % mult == 0 and k % mult == 0 and dtype.itemsize <= 2
+
+
+def default_kernel(device_type: str, m: int, *, has_cslt: bool, has_cuda_spmm24: bool) -> str:
+    """The safe choice where nothing was measured.
+
+    CPU: the CPU 2:4 kernel. CUDA: cuSPARSELt when the layer has a cuSPARSELt buffer (the shape passed its rules);
+    else our portable-format kernel if it is compiled for CUDA; else the dense fallback, which is slow but correct.
+    `m` is part of the signature so a future default can depend on it (e.g. a decode kernel for small M).
+    """
+    del m
+    if device_type != "cuda":
+        return "spmm24"
+    if has_cslt:
+        return "cslt"
+    if has_cuda_spmm24:
+        return "spmm24"
+    return "dense_fallback"
+
+
+def choose_kernel(
+    *, device_type: str, arch: str, dtype: str, n: int, k: int, m: int, has_cslt: bool, has_cuda_spmm24: bool,
+    layer_override: str | None = None,
+) -> str:
+    """The kernel a layer runs for M rows: layer override > override() context > table > default, with anything the
+    layer cannot run replaced by the default. Pure Python on plain data (no I/O, no device query) so torch.compile
+    traces it without a graph break; the caller precomputes arch / has_cslt / has_cuda_spmm24."""
+    default = default_kernel(device_type, m, has_cslt=has_cslt, has_cuda_spmm24=has_cuda_spmm24)
+    choice = layer_override or _forced.kernel or active_table().lookup(arch, dtype, n, k, m) or default
+    if choice == "dense_fallback":
+        return choice
+    if device_type == "cuda":
+        ok = (choice == "cslt" and has_cslt) or (choice == "spmm24" and has_cuda_spmm24)
+    else:
+        ok = choice == "spmm24"
+    return choice if ok else default

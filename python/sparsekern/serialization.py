@@ -1,0 +1,396 @@
+"""Saving and loading models with SparseLinear layers.
+
+state_dict: each SparseLinear contributes `<layer>.values`, `.codes`, `.weight_scale` (quantised), `.bias`,
+`.shape` (int64 [2] = [out, in]) and `.format_version` (int64 scalar); see sparsekern.linear. torch.save of that
+dict round-trips as is. Loading also accepts a *dense* 2:4 `<layer>.weight` for a SparseLinear (it is compressed on
+load), so a pruned dense checkpoint loads straight into a sparsified model.
+
+load_state_dict(model, sd) validates every entry (keys, shapes, dtypes, format versions, 2:4 pattern of dense
+weights, pattern codes) before changing anything: on any problem it raises CheckpointError listing them all and the
+model keeps its old weights. (torch's own Module.load_state_dict copies module by module and can stop half-way.)
+
+Directory layout written by save_pretrained(model, dir) for a Hugging Face model:
+  config.json                 the model's transformers config (config.save_pretrained)
+  generation_config.json      when the model has one
+  model.safetensors           the state dict above; tensors shared by several keys (tied weights) stored once
+  sparsekern_config.json      {"format": "sparsekern", "format_version": 1, "sparsekern_version": ...,
+                               "portable_format_version": 1, "dtype": "float32",
+                               "layers": {name: {"in_features", "out_features", "bias", "dtype", "quant",
+                                                 "weight_layout"}},
+                               "tied": {alias key: stored key}}
+The directory is written under a temporary name next to the target and renamed into place, so a crash never leaves
+a half-written checkpoint under the target name; an existing target is replaced only with overwrite=True.
+
+from_pretrained(dir) also reads compressed-tensors checkpoints whose config.json declares a sparsity_config of
+format "sparse-24-bitmask" (as written by llm-compressor): per 2:4 layer X the safetensors hold X.compressed
+[rows, cols/2], X.bitmask uint8 [rows, ceil(cols/8)] (bit j of byte b = column 8b + j kept, little-endian bit
+order) and X.shape ([rows, cols]); those layers become SparseLinear, the rest loads dense. Quantised
+compressed-tensors checkpoints are refused with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .linear import FORMAT_VERSION, CheckpointError, NotTwoFourError, SparseLinear, is_convertible
+
+FILE_FORMAT = "sparsekern"
+FILE_FORMAT_VERSION = 1
+META_FILE = "sparsekern_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- state dicts
+
+
+def _sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def _layer_of(key: str, prefixes: dict[str, SparseLinear]) -> str | None:
+    prefix = key.rpartition(".")[0]
+    return prefix if prefix in prefixes else None
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Load `state_dict` into `model` all-or-nothing (see the module doc). CheckpointError lists every problem."""
+    sparse = _sparse_layers(model)
+    problems: list[str] = []
+    installs: dict[str, tuple] = {}
+    for name, layer in sparse.items():
+        prefix = name + "." if name else ""
+        try:
+            installs[name] = layer.state_from_dict(state_dict, prefix)
+        except (CheckpointError, NotTwoFourError, ValueError) as exc:
+            problems.append(str(exc))
+    expected = {k: v for k, v in model.state_dict().items() if _layer_of(k, sparse) is None}
+    missing = [k for k in expected if k not in state_dict]
+    for k, t in expected.items():
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(t.shape):
+            problems.append(f"{k}: checkpoint shape {tuple(state_dict[k].shape)} != model shape {tuple(t.shape)} "
+                            "(truncated or mismatched)")
+    sparse_keys = {"values", "codes", "weight_scale", "bias", "shape", "format_version", "weight"}
+    unexpected = [k for k in state_dict if k not in expected
+                  and not (_layer_of(k, sparse) is not None and k.rpartition(".")[2] in sparse_keys)]
+    if strict and missing:
+        problems.append(f"missing keys: {missing}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    if problems:
+        raise CheckpointError("checkpoint not loaded (the model is unchanged):\n  " + "\n  ".join(problems))
+    rest = {k: v for k, v in state_dict.items() if _layer_of(k, sparse) is None}
+    with torch.no_grad():
+        model.load_state_dict(rest, strict=False)
+    for name, tensors in installs.items():
+        sparse[name]._set_tensors(*tensors)
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors that are views of the same memory with the same shape (tied weights) are stored once:
+    returns (unique tensors, {alias key: stored key})."""
+    seen: dict[tuple, str] = {}
+    unique, tied = {}, {}
+    for k, t in tensors.items():
+        ident = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            tied[k] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = k
+        unique[k] = t.detach().to("cpu").contiguous()
+    return unique, tied
+
+
+def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> dict:
+    """Write model.state_dict() to a safetensors file (atomically: temp file + rename). Returns the tied-key map."""
+    from safetensors.torch import save_file
+
+    tensors, tied = _dedupe(model.state_dict())
+    meta = {"format": "pt", "sparsekern_format_version": str(FILE_FORMAT_VERSION), "tied": json.dumps(tied)}
+    meta.update(metadata or {})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return tied
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file "
+                              "is truncated or corrupt") from exc
+    return tensors, meta
+
+
+def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+    """Load a file written by save_safetensors into `model` (all-or-nothing, see load_state_dict)."""
+    tensors, meta = _read_safetensors(Path(path))
+    version = meta.get("sparsekern_format_version")
+    if version is not None and version != str(FILE_FORMAT_VERSION):
+        raise CheckpointError(f"{path}: unknown sparsekern file format version {version}; this sparsekern reads "
+                              f"version {FILE_FORMAT_VERSION}")
+    for alias, key in json.loads(meta.get("tied", "{}")).items():
+        tensors[alias] = tensors[key]
+    load_state_dict(model, tensors, strict=strict)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn,):
+            return t.dtype
+    return torch.float32
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a (sparsified) Hugging Face model: config + safetensors of the compressed layers + sparsekern metadata.
+
+    model:     a transformers PreTrainedModel (anything with .config.save_pretrained), SparseLinear layers or not.
+    directory: target folder; must not exist unless overwrite=True. Written to a temporary sibling folder first,
+               then renamed into place. Returns the path.
+    """
+    directory = Path(directory)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise TypeError("save_pretrained(model, dir) needs a Hugging Face model (with .config); for other models "
+                        "use sparsekern.serialization.save_safetensors(model, path)")
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        # As transformers' own save_pretrained does: record the class so from_pretrained can rebuild it.
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(str(tmp))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "save_pretrained"):
+            gen.save_pretrained(str(tmp))
+        tied = save_safetensors(model, tmp / WEIGHTS_FILE)
+        meta = {
+            "format": FILE_FORMAT,
+            "format_version": FILE_FORMAT_VERSION,
+            "sparsekern_version": __version__,
+            "portable_format_version": FORMAT_VERSION,
+            "dtype": str(_model_dtype(model)).removeprefix("torch."),
+            "layers": {
+                name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                       "dtype": str(m.dense_dtype).removeprefix("torch."), "quant": m.quant,
+                       "weight_layout": m.weight_layout}
+                for name, m in _sparse_layers(model).items()
+            },
+            "tied": tied,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
+            os.replace(directory, old)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old, directory)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r} in {META_FILE}")
+    return dt
+
+
+def _build_model(directory: Path, model_class, dtype: torch.dtype | None):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    if model_class is None:
+        archs = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, archs[0], None) if archs else None
+        if model_class is None:
+            raise CheckpointError(f"{directory}/config.json names no known architecture ({archs}); pass "
+                                  "model_class=...")
+    return config, model_class, dtype
+
+
+def _fill_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Checkpoints store a tied tensor once (HF drops lm_head.weight when tied to the embeddings): give every key
+    of the model that shares memory with a key present in `sd` that key's tensor."""
+    groups: dict[int, list[str]] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if t is not None and t.numel():
+            groups.setdefault(t.data_ptr(), []).append(k)
+    for keys in groups.values():
+        have = [k for k in keys if k in sd]
+        for k in keys:
+            if k not in sd and have:
+                sd[k] = sd[have[0]]
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> nn.Module:
+    """Rebuild a model saved by save_pretrained (or a compressed-tensors sparse-24-bitmask checkpoint) with its
+    SparseLinear layers; returns it in eval mode on `device` (default CPU).
+
+    model_class: transformers model class; default the config's `architectures[0]`.
+    dtype:       dtype of the model's dense parameters; default the dtype recorded at save time.
+    """
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{directory} holds no config.json: not a saved model")
+    raw_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    sparsity = _ct_sparsity_config(raw_cfg)
+    if sparsity is not None:
+        return _from_compressed_tensors(directory, raw_cfg, sparsity, model_class, dtype, device)
+    meta_path = directory / META_FILE
+    if not meta_path.exists():
+        raise CheckpointError(f"{directory} has no {META_FILE}: not written by sparsekern.save_pretrained")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != FILE_FORMAT:
+        raise CheckpointError(f"{meta_path}: 'format' is {meta.get('format')!r}, expected {FILE_FORMAT!r}")
+    if meta.get("format_version") != FILE_FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: unknown format version {meta.get('format_version')!r}; this "
+                              f"sparsekern ({__version__}) reads version {FILE_FORMAT_VERSION}")
+    if meta.get("portable_format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: unknown 2:4 portable format version "
+                              f"{meta.get('portable_format_version')!r}; this sparsekern reads {FORMAT_VERSION}")
+    tensors, st_meta = _read_safetensors(directory / WEIGHTS_FILE)
+    config, model_class, _ = _build_model(directory, model_class, dtype)
+    dtype = dtype or _dtype_from_name(meta.get("dtype", "float32"))
+    model = model_class(config).to(dtype)
+    for name, spec in meta.get("layers", {}).items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"{META_FILE} names layer {name!r}, which {model_class.__name__} lacks") from exc
+        if not is_convertible(old):
+            raise CheckpointError(f"{META_FILE} names layer {name!r}, a {type(old).__name__}, not a Linear")
+        _replace_module(model, name, SparseLinear(
+            spec["in_features"], spec["out_features"], spec["bias"], dtype=_dtype_from_name(spec["dtype"]),
+            quant=spec["quant"], weight_layout=spec["weight_layout"]))
+    for alias, key in meta.get("tied", {}).items():
+        if key not in tensors:
+            raise CheckpointError(f"{WEIGHTS_FILE}: tied key {alias!r} refers to missing {key!r}")
+        tensors[alias] = tensors[key]
+    load_state_dict(model, tensors, strict=True)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- compressed-tensors
+
+
+def _ct_sparsity_config(raw_cfg: dict) -> dict | None:
+    for key in ("quantization_config", "compression_config"):
+        qc = raw_cfg.get(key)
+        if isinstance(qc, dict) and isinstance(qc.get("sparsity_config"), dict):
+            return qc["sparsity_config"]
+    return None
+
+
+def _ct_weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [directory / f for f in files]
+    if (directory / WEIGHTS_FILE).exists():
+        return [directory / WEIGHTS_FILE]
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def _from_compressed_tensors(directory: Path, raw_cfg: dict, sparsity: dict, model_class, dtype, device):
+    from . import format as skformat
+
+    fmt = sparsity.get("format")
+    if fmt != "sparse-24-bitmask":
+        raise CheckpointError(f"{directory}: compressed-tensors sparsity format {fmt!r} is not supported; sparsekern "
+                              "reads 'sparse-24-bitmask'")
+    qc = raw_cfg.get("quantization_config") or raw_cfg.get("compression_config") or {}
+    if qc.get("config_groups"):
+        raise CheckpointError(f"{directory}: quantised compressed-tensors checkpoints are not supported (only "
+                              "sparse-24-bitmask without quantisation)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _ct_weight_files(directory):
+        part, _ = _read_safetensors(f)
+        tensors.update(part)
+    config, model_class, _ = _build_model(directory, model_class, dtype)
+    # The model no longer is in compressed-tensors form once loaded: drop that config so a later save is plain.
+    for key in ("quantization_config", "compression_config"):
+        if hasattr(config, key):
+            delattr(config, key)
+    layers = sorted(k[: -len(".compressed")] for k in tensors if k.endswith(".compressed"))
+    sd: dict[str, torch.Tensor] = {k: v for k, v in tensors.items()
+                                   if k.rpartition(".")[0] not in layers}
+    first_dtype = next((tensors[n + ".compressed"].dtype for n in layers), None)
+    dtype = dtype or _dtype_from_name(str(raw_cfg.get("torch_dtype") or raw_cfg.get("dtype") or first_dtype
+                                          or "float32").removeprefix("torch."))
+    model = model_class(config).to(dtype)
+    for name in layers:
+        missing = [s for s in ("bitmask", "shape") if f"{name}.{s}" not in tensors]
+        if missing:
+            raise CheckpointError(f"{directory}: layer {name} has .compressed but lacks {missing}")
+        shape = [int(v) for v in tensors[f"{name}.shape"].flatten().tolist()]
+        values, bitmask = tensors[f"{name}.compressed"], tensors[f"{name}.bitmask"]
+        if len(shape) != 2 or tuple(values.shape) != (shape[0], shape[1] // 2) \
+                or tuple(bitmask.shape) != (shape[0], (shape[1] + 7) // 8):
+            raise CheckpointError(f"{directory}: layer {name}: compressed {tuple(values.shape)} / bitmask "
+                                  f"{tuple(bitmask.shape)} do not match shape {shape} (truncated or mismatched)")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"{directory}: checkpoint layer {name!r} is not in {model_class.__name__}") from exc
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(f"{directory}: checkpoint layer {name!r} is a {type(old).__name__}, not nn.Linear")
+        try:
+            c = skformat.from_bitmask(values, bitmask.view(torch.uint8), tuple(shape))
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{directory}: layer {name}: bitmask is not a valid 2:4 pattern ({exc})") from exc
+        layer_dtype = values.dtype if values.is_floating_point() else dtype
+        _replace_module(model, name, SparseLinear(shape[1], shape[0], old.bias is not None, dtype=layer_dtype))
+        sd[f"{name}.values"] = c.values
+        sd[f"{name}.codes"] = c.codes
+        sd[f"{name}.shape"] = torch.tensor(shape, dtype=torch.int64)
+        sd[f"{name}.format_version"] = torch.tensor(getattr(c, "format_version", FORMAT_VERSION), dtype=torch.int64)
+    _fill_tied(model, sd)
+    load_state_dict(model, sd, strict=True)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model

@@ -1,0 +1,324 @@
+"""state_dict / torch.save / safetensors / save_pretrained round trips (exact), loading dense 2:4 checkpoints into
+SparseLinear, compressed-tensors sparse-24-bitmask checkpoints, and every refusal leaving the model unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern import serialization as ser
+from sparsekern.convert import sparsify
+from sparsekern.linear import CheckpointError, SparseLinear
+
+
+def prune_24_ref(w: torch.Tensor) -> torch.Tensor:
+    """Oracle 2:4 magnitude pruning in plain PyTorch: keep the two largest |w| of every aligned group of 4."""
+    n, k = w.shape
+    g = w.reshape(n, k // 4, 4)
+    keep = g.abs().topk(2, dim=-1).indices
+    return (g * torch.zeros_like(g, dtype=torch.bool).scatter_(-1, keep, True)).reshape(n, k)
+
+
+def pruned_mlp(dtype=torch.float32) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(36, 64), nn.ReLU(), nn.Linear(64, 20, bias=False)).to(dtype)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(prune_24_ref(m.weight))
+    return model
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def tiny_llama(tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and "lm_head" not in name:
+                m.weight.copy_(prune_24_ref(m.weight))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- state_dict
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "fp8"])
+def test_state_dict_contents_and_torch_save_round_trip(tmp_path, quant):
+    model = pruned_mlp()
+    sparsify(model, exclude=(), quant=quant)
+    sd = model.state_dict()
+    want = {"0.values", "0.codes", "0.bias", "0.shape", "0.format_version", "2.values", "2.codes", "2.shape",
+            "2.format_version"}
+    if quant:
+        want |= {"0.weight_scale", "2.weight_scale"}
+    assert set(sd) == want
+    assert sd["0.shape"].tolist() == [64, 36] and int(sd["0.format_version"]) == 1
+    torch.save(sd, tmp_path / "sd.pt")
+    fresh = pruned_mlp()
+    with torch.no_grad():
+        for m in fresh:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(2)  # different weights: the load must replace them
+    sparsify(fresh, exclude=(), quant=quant)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    for k, v in sd.items():
+        got = fresh.state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got.view(torch.uint8) if got.dtype.itemsize == 1 else got,
+                                                    v.view(torch.uint8) if v.dtype.itemsize == 1 else v), k
+    x = torch.randn(5, 36)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_dense_24_state_dict_loads_into_sparse_model():
+    dense = pruned_mlp()
+    sparse = pruned_mlp()
+    sparsify(sparse, exclude=())
+    sparse.load_state_dict(dense.state_dict())  # keys "0.weight", "0.bias", "2.weight": compressed on load
+    x = torch.randn(4, 36)
+    torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(sparse[0].to_linear().weight, dense[0].weight)
+
+
+def test_dense_non_24_state_dict_refused_unchanged():
+    sparse = pruned_mlp()
+    sparsify(sparse, exclude=())
+    before = snapshot(sparse)
+    bad = pruned_mlp().state_dict()
+    bad["2.weight"][3, 4:8] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(CheckpointError, match=r"model is unchanged\):\n  2: weight is not 2:4 along in_features: "
+                                              r"row 3, group 1 \(columns 4\.\.7\) has 4 non-zeros"):
+        ser.load_state_dict(sparse, bad)
+    assert_unchanged(sparse, before)
+
+
+def test_unknown_format_version_refused_unchanged(tmp_path):
+    model = pruned_mlp()
+    sparsify(model, exclude=())
+    before = snapshot(model)
+    sd = snapshot(model)
+    sd["2.format_version"] = torch.tensor(7)
+    with pytest.raises(CheckpointError, match=r"2: unknown 2:4 format version 7"):
+        ser.load_state_dict(model, sd)
+    assert_unchanged(model, before)
+    # torch's own load_state_dict path reports it too, and a layer it refuses is not changed
+    with pytest.raises(RuntimeError, match=r"unknown 2:4 format version 7"):
+        model.load_state_dict(sd)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("key,tensor,msg", [
+    ("0.values", lambda sd: sd["0.values"][:, :10], r"0: values has shape \(64, 10\), expected \(64, 18\)"),
+    ("0.codes", lambda sd: sd["0.codes"][:-1], r"0: codes must be uint8 of shape \(64, 5\)"),
+    ("0.shape", lambda sd: torch.tensor([64, 40]), r"0: checkpoint weight shape \[64, 40\] != layer shape"),
+    ("0.codes", lambda sd: torch.full_like(sd["0.codes"], 0x33), r"invalid pattern code 3"),
+    ("0.bias", lambda sd: sd["0.bias"][:-1], r"0: bias has shape \(63,\), expected \(64,\)"),
+])
+def test_truncated_or_mismatched_tensors_refused_unchanged(key, tensor, msg):
+    model = pruned_mlp()
+    sparsify(model, exclude=())
+    before = snapshot(model)
+    sd = snapshot(model)
+    sd["2.values"] = sd["2.values"] * 3  # a valid change to an earlier-checked layer: must not be applied either
+    sd[key] = tensor(sd)
+    with pytest.raises(CheckpointError, match=msg):
+        ser.load_state_dict(model, sd)
+    assert_unchanged(model, before)
+
+
+def test_missing_and_quant_mismatch_refused():
+    model = pruned_mlp()
+    sparsify(model, exclude=())
+    sd = snapshot(model)
+    del sd["0.codes"]
+    with pytest.raises(CheckpointError, match=r"0: state dict lacks 0\.codes"):
+        ser.load_state_dict(model, sd)
+    q = pruned_mlp()
+    sparsify(q, exclude=(), quant="int8")
+    with pytest.raises(CheckpointError, match=r"checkpoint values are torch.int8 \(quant='int8'\) but the layer has "
+                                              r"quant=None"):
+        ser.load_state_dict(model, q.state_dict())
+
+
+def test_safetensors_round_trip_and_truncated_file(tmp_path):
+    model = pruned_mlp(torch.bfloat16)
+    sparsify(model, exclude=(), quant="int8")
+    path = tmp_path / "m.safetensors"
+    ser.save_safetensors(model, path)
+    fresh = pruned_mlp(torch.bfloat16)
+    sparsify(fresh, exclude=(), quant="int8")
+    with torch.no_grad():
+        fresh[0].bias.add_(1)
+    ser.load_safetensors(fresh, path)
+    x = torch.randn(3, 36, dtype=torch.bfloat16)
+    assert torch.equal(fresh(x), model(x))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    before = snapshot(fresh)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ser.load_safetensors(fresh, cut)
+    assert_unchanged(fresh, before)
+
+
+# ------------------------------------------------------------------------------------------------- save_pretrained
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_save_pretrained_from_pretrained_llama_identical(tmp_path, quant):
+    model = tiny_llama()
+    sparsify(model, quant=quant)
+    out = sparsekern.save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "sparsekern_config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
+    meta = json.loads((out / "sparsekern_config.json").read_text())
+    assert meta["format"] == "sparsekern" and meta["format_version"] == 1 and len(meta["layers"]) == 14
+    loaded = sparsekern.from_pretrained(out)
+    assert type(loaded) is type(model) and not loaded.training
+    assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14
+    assert all(m.quant == quant for m in loaded.modules() if isinstance(m, SparseLinear))
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_save_pretrained_tied_gpt2_identical(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "Conv1D":
+                m.weight.copy_(prune_24_ref(m.weight.t()).t())
+    sparsify(model)
+    out = sparsekern.save_pretrained(model, tmp_path / "gpt2")
+    loaded = sparsekern.from_pretrained(out)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_save_pretrained_refuses_existing_dir_unless_overwrite(tmp_path):
+    model = tiny_llama()
+    sparsify(model)
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    with pytest.raises(FileExistsError, match=r"ckpt exists; pass overwrite=True"):
+        sparsekern.save_pretrained(model, target)
+    assert (target / "keep.txt").exists()
+    sparsekern.save_pretrained(model, target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_from_pretrained_unknown_version_and_truncated(tmp_path):
+    model = tiny_llama()
+    sparsify(model)
+    out = sparsekern.save_pretrained(model, tmp_path / "ckpt")
+    meta_path = out / "sparsekern_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 2
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"unknown format version 2; this sparsekern .* reads version 1"):
+        sparsekern.from_pretrained(out)
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    st = out / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        sparsekern.from_pretrained(out)
+
+
+# ------------------------------------------------------------------------------------------------- compressed-tensors
+
+
+def write_compressed_tensors_checkpoint(model, directory):
+    """A sparse-24-bitmask checkpoint as llm-compressor writes it, built here with numpy (the oracle of the layout):
+    for each 2:4 Linear X (not lm_head): X.compressed = kept values row-major [rows, cols/2] (two per group: the
+    non-zeros, topped up with the lowest zero positions), X.bitmask = np.packbits(mask, axis=-1,
+    bitorder="little") [rows, ceil(cols/8)], X.shape = [[rows], [cols]]; everything else dense."""
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    tensors = {}
+    for key, t in model.state_dict().items():
+        layer = key.rpartition(".")[0]
+        if key.endswith(".weight") and "layers" in key and t.dim() == 2:
+            n, k = t.shape
+            g = (t != 0).reshape(n, k // 4, 4).clone()
+            for _ in range(2):  # top up groups with < 2 non-zeros by the lowest zero positions
+                short = g.sum(-1) < 2
+                first_zero = (~g).int().argmax(-1)
+                g[short, first_zero[short]] = True
+            mask = g.reshape(n, k)
+            tensors[layer + ".compressed"] = t[mask].reshape(n, k // 2).contiguous()
+            tensors[layer + ".bitmask"] = torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little"))
+            tensors[layer + ".shape"] = torch.tensor([[n], [k]])
+        else:
+            tensors[key] = t.contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(directory))
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["architectures"] = [type(model).__name__]
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "config_groups": {},
+        "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"],
+                            "ignore": ["lm_head"], "global_sparsity": 0.5},
+    }
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def test_compressed_tensors_sparse24_bitmask_loads(tmp_path):
+    model = tiny_llama()
+    write_compressed_tensors_checkpoint(model, tmp_path / "ct")
+    loaded = sparsekern.from_pretrained(tmp_path / "ct")
+    assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14
+    assert type(loaded.lm_head) is nn.Linear
+    assert torch.equal(loaded.model.layers[1].mlp.down_proj.to_linear().weight, model.model.layers[1].mlp.down_proj.weight)
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compressed_tensors_quantised_refused(tmp_path):
+    model = tiny_llama()
+    write_compressed_tensors_checkpoint(model, tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"] = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8}}}
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantised compressed-tensors checkpoints are not supported"):
+        sparsekern.from_pretrained(tmp_path / "ct")
+
+
+def test_compressed_tensors_truncated_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    write_compressed_tensors_checkpoint(model, tmp_path / "ct")
+    st = tmp_path / "ct" / "model.safetensors"
+    t = load_file(str(st))
+    t["model.layers.0.self_attn.q_proj.compressed"] = t["model.layers.0.self_attn.q_proj.compressed"][:, :-4].clone()
+    save_file(t, str(st))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj: compressed \(64, 28\).*do not "
+                                              r"match shape \[64, 64\]"):
+        sparsekern.from_pretrained(tmp_path / "ct")
