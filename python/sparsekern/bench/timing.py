@@ -1,0 +1,221 @@
+"""The timing discipline shared by every sparsekern benchmark.
+
+GPU (`time_cuda`):
+  * Warm-up calls first: plan caches, algorithm searches, lazy CUDA init and GPU clock ramp-up all happen there.
+  * Every timed call is bracketed by its own pair of CUDA events and the *median* over calls is reported (robust to
+    the odd preemption or clock dip; p10/p90 show the spread).
+  * Before each timed call L2 is flushed by zeroing a buffer of twice the L2 size (outside the events), and the
+    input rotates over several x buffers. At decode sizes the whole cost of a layer is streaming its weight from
+    HBM; a weight or activation left in L2 by the previous call would flatter exactly the cases that matter.
+  * While the host queues a batch of calls, the stream is held by a device-side spin (`torch.cuda._sleep`) sized
+    from the measured host cost per call. The events then measure device time only, never a gap where the GPU
+    waited for a slow host: a contender with 100 us of host setup per call is not charged for it here (host cost
+    is measured separately, in the same pass as `host_us`, and on its own by overhead.py).
+CPU (`time_cpu`): `time.perf_counter` around every call, the same warm-up, median and input rotation. CPU caches
+are not flushed: the weights this is used for (tens of MB) exceed the last-level cache by themselves.
+
+Both take `fn(i)`, a callable that runs the operation on input buffer `i % n_buffers` (the caller owns rotation),
+and return `Stats` in microseconds. The number of timed calls adapts: at most `iters`, at least `min_iters`, and no
+more than about `max_seconds` of measured work per point, so a sweep over 8192-row GEMMs stays bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+Clock = Callable[[], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Per-call times of one measured point, in microseconds."""
+
+    median_us: float
+    p10_us: float
+    p90_us: float
+    min_us: float
+    iters: int
+    host_us: float | None = None  # GPU only: host (CPU) time to enqueue one call, median
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an ascending list (q in [0, 1])."""
+    if not sorted_values:
+        raise ValueError("no samples")
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(samples_us: list[float], host_us: float | None = None) -> Stats:
+    """Stats of per-call samples (microseconds)."""
+    s = sorted(samples_us)
+    return Stats(
+        median_us=statistics.median(s),
+        p10_us=_quantile(s, 0.1),
+        p90_us=_quantile(s, 0.9),
+        min_us=s[0],
+        iters=len(s),
+        host_us=host_us,
+    )
+
+
+def _check_counts(warmup: int, iters: int, min_iters: int, max_seconds: float) -> None:
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if iters < 1 or min_iters < 1:
+        raise ValueError(f"iters and min_iters must be >= 1, got iters={iters}, min_iters={min_iters}")
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+
+
+def _planned_iters(per_call_s: float, iters: int, min_iters: int, max_seconds: float) -> int:
+    """Timed calls for a point: about max_seconds of work, clamped to [min(min_iters, iters), iters]."""
+    if per_call_s <= 0:
+        return iters
+    return max(min(min_iters, iters), min(iters, int(max_seconds / per_call_s)))
+
+
+def time_cpu(
+    fn: Callable[[int], object],
+    *,
+    warmup: int = 3,
+    iters: int = 50,
+    min_iters: int = 5,
+    max_seconds: float = 1.0,
+    clock: Clock = time.perf_counter,
+) -> Stats:
+    """Median wall time of `fn(i)` on the CPU, i = 0, 1, 2, ... (the caller maps i to an input buffer).
+
+    Warm-up stops early once it has used max_seconds / 2 (at least one call is always made when warmup > 0).
+    """
+    _check_counts(warmup, iters, min_iters, max_seconds)
+    i = 0
+    per_call = 0.0
+    start = clock()
+    for _ in range(warmup):
+        t0 = clock()
+        fn(i)
+        per_call = clock() - t0  # the last warm call is the best estimate of a steady call
+        i += 1
+        if clock() - start > max_seconds / 2:
+            break
+    n = _planned_iters(per_call, iters, min_iters, max_seconds)
+    samples = []
+    for _ in range(n):
+        t0 = clock()
+        fn(i)
+        samples.append((clock() - t0) * 1e6)
+        i += 1
+    return summarize(samples)
+
+
+# ----------------------------------------------------------------------------------------------------- CUDA
+
+_SLEEP_CYCLES_PER_US: dict[int, float] = {}
+
+
+def _sleep_cycles_per_us(device: int) -> float:
+    """Calibrate torch.cuda._sleep (a spin of N GPU clock cycles) once per device."""
+    if device not in _SLEEP_CYCLES_PER_US:
+        cycles = 2_000_000
+        torch.cuda._sleep(cycles)  # first call loads the kernel
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_US[device] = cycles / max(start.elapsed_time(end) * 1e3, 1.0)
+    return _SLEEP_CYCLES_PER_US[device]
+
+
+_FLUSH: dict[int, torch.Tensor] = {}
+
+
+def l2_flush_buffer(device: int) -> torch.Tensor:
+    """A buffer of 2x the device's L2 size (at least 64 MiB); zeroing it evicts whatever the last call left."""
+    if device not in _FLUSH:
+        props = torch.cuda.get_device_properties(device)
+        l2 = int(getattr(props, "L2_cache_size", 0) or 0)
+        _FLUSH[device] = torch.empty(max(2 * l2, 64 << 20), dtype=torch.uint8, device=f"cuda:{device}")
+    return _FLUSH[device]
+
+
+def time_cuda(
+    fn: Callable[[int], object],
+    *,
+    warmup: int = 10,
+    iters: int = 100,
+    min_iters: int = 10,
+    max_seconds: float = 0.5,
+    flush_l2: bool = True,
+    batch: int = 32,
+    clock: Clock = time.perf_counter,
+) -> Stats:
+    """Median device time of `fn(i)` on the current CUDA device (see the module docstring for the method).
+
+    `batch` timed calls are queued behind one device spin; 32 keeps the launch queue (about 1000 entries) far
+    from full even for contenders that launch several kernels per call.
+    """
+    _check_counts(warmup, iters, min_iters, max_seconds)
+    dev = torch.cuda.current_device()
+    flush = l2_flush_buffer(dev) if flush_l2 else None
+    i = 0
+    # Warm-up, also measuring the host enqueue time per call (no sync in between: the GPU runs behind).
+    torch.cuda.synchronize()
+    host = []
+    t_start = clock()
+    for _ in range(warmup):
+        t0 = clock()
+        fn(i)
+        host.append(clock() - t0)
+        i += 1
+        if clock() - t_start > max_seconds / 2:
+            break
+    torch.cuda.synchronize()
+    warm_wall = (clock() - t_start) / max(len(host), 1)
+    host_est = statistics.median(host) if host else 1e-4
+    n = _planned_iters(warm_wall, iters, min_iters, max_seconds)
+    cycles_per_us = _sleep_cycles_per_us(dev)
+
+    samples: list[float] = []
+    host_samples: list[float] = []
+    while len(samples) < n:
+        b = min(batch, n - len(samples))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(b)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(b)]
+        # Hold the stream long enough for the host to queue the whole batch (1.5x margin + flush launches),
+        # capped at 200 ms: beyond that the device work itself keeps the queue ahead of the host.
+        spin_us = min(200_000.0, b * (host_est * 1e6 + 10.0) * 1.5 + 50.0)
+        torch.cuda._sleep(int(spin_us * cycles_per_us))
+        for j in range(b):
+            if flush is not None:
+                flush.zero_()
+            starts[j].record()
+            t0 = clock()
+            fn(i)
+            host_samples.append(clock() - t0)
+            ends[j].record()
+            i += 1
+        torch.cuda.synchronize()
+        samples.extend(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+        host_est = statistics.median(host_samples)
+    return summarize(samples, host_us=statistics.median(host_samples) * 1e6)
+
+
+def time_device(device: str, fn: Callable[[int], object], **kw) -> Stats:
+    """time_cuda for a CUDA device, time_cpu otherwise; CUDA-only keywords are dropped on the CPU."""
+    if torch.device(device).type == "cuda":
+        return time_cuda(fn, **kw)
+    kw.pop("flush_l2", None)
+    kw.pop("batch", None)
+    return time_cpu(fn, **kw)
