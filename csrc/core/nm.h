@@ -48,6 +48,29 @@ SK_HOST_DEVICE uint32_t select_keep_mask(const float* scores, int n, int m) {
   return mask;
 }
 
+// Same selection for scores of any real type T (float, double): used where converting to float could create ties
+// the caller's reference does not have (float64 weights / scores). Identical rules to select_keep_mask.
+template <typename T>
+SK_HOST_DEVICE bool keep_before_t(T a, int ia, T b, int ib) {
+  const bool an = a != a, bn = b != b;
+  if (an || bn) return an && (!bn || ia < ib);
+  return a > b || (a == b && ia < ib);
+}
+
+template <typename T>
+SK_HOST_DEVICE uint32_t select_keep_mask_t(const T* scores, int n, int m) {
+  const int keep = m - n;
+  uint32_t mask = 0;
+  for (int j = 0; j < m; ++j) {
+    int rank = 0;
+    for (int i = 0; i < m; ++i) {
+      if (i != j && keep_before_t<T>(scores[i], i, scores[j], j)) ++rank;
+    }
+    if (rank < keep) mask |= (1u << j);
+  }
+  return mask;
+}
+
 // 2:4 specialisation: kept positions (i0 < i1) of the two largest of four scores.
 SK_HOST_DEVICE uint8_t select_keep_24_code(float s0, float s1, float s2, float s3) {
   const float s[4] = {s0, s1, s2, s3};

@@ -1,0 +1,366 @@
+// CPU kernel of spmm_24: y[M, N] = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias), with W [N, K] given
+// in the portable 2:4 format (values [N, K/2], codes uint8 [N, ceil(K/8)], csrc/core/nm.h, docs/format.md).
+//
+// This file holds the driver: argument checks, runtime ISA choice, activation preparation, threading and the fused
+// epilogue, plus the portable scalar tile kernel. The vectorised tile kernels live in spmm_24_avx512.cpp and
+// spmm_24_avx2.cpp (compiled with function target attributes; chosen at run time by cpuid).
+//
+// ISA choice: the best the CPU supports (avx512 > avx2 > scalar), or SPARSEKERN_CPU_ISA=avx512|avx2|scalar (read on
+// every call, so tests can force each path); forcing an ISA the CPU lacks is an error, never a silent fallback.
+//
+// Dtypes: x and values both float32, both bfloat16, both float16 (fp32 accumulation), or both int8 (exact int32
+// accumulation). out_dtype defaults to x's dtype (int32 for int8); allowed: float32/float16/bfloat16 for floating
+// inputs, and additionally int32/int8 for int8 inputs. The epilogue runs in fp32 on the accumulator; int outputs
+// are rounded half-to-even and saturated, except int32 with no epilogue at all, which is the exact accumulator.
+#include "cpu/spmm_24.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/nm.h"
+
+namespace sparsekern {
+namespace cpu {
+namespace spmm {
+namespace {
+
+using at::Tensor;
+
+enum class Act { kNone, kRelu, kGelu };
+
+// ------------------------------------------------------------------------------------------------- scalar kernel
+// Portable reference-speed path (and the fallback on CPUs without AVX2): per output, two multiply-adds per group.
+template <typename wt, typename xt, typename acct>
+void scalar_tile_impl(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, acct* acc, int64_t ld) {
+  const wt* vals = static_cast<const wt*>(p.values);
+  const xt* xs = static_cast<const xt*>(p.x);
+  const int64_t G = p.K / 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    const wt* v = vals + n * (p.K / 2);
+    const uint8_t* c = p.codes + n * p.code_stride;
+    for (int64_t m = m0; m < m1; ++m) {
+      const xt* x = xs + m * p.ldx;
+      acct s = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t code = core::code_of_group(c, g);
+        s += static_cast<acct>(v[2 * g]) * static_cast<acct>(x[4 * g + core::code_index0(code)]) +
+             static_cast<acct>(v[2 * g + 1]) * static_cast<acct>(x[4 * g + core::code_index1(code)]);
+      }
+      acc[(m - m0) * ld + (n - n0)] = s;
+    }
+  }
+}
+
+template <typename wt>
+void scalar_tile_f(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* acc, int64_t ld) {
+  scalar_tile_impl<wt, float, float>(p, m0, m1, n0, n1, static_cast<float*>(acc), ld);
+}
+void scalar_tile_i8(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* acc, int64_t ld) {
+  scalar_tile_impl<int8_t, int32_t, int32_t>(p, m0, m1, n0, n1, static_cast<int32_t*>(acc), ld);
+}
+
+Kernel scalar_kernel(WType w) {
+  switch (w) {
+    case WType::kF32:
+      return {XType::kF32, &scalar_tile_f<float>, "scalar-f32"};
+    case WType::kF16:
+      return {XType::kF32, &scalar_tile_f<c10::Half>, "scalar-f16"};
+    case WType::kBF16:
+      return {XType::kF32, &scalar_tile_f<c10::BFloat16>, "scalar-bf16"};
+    case WType::kI8:
+      return {XType::kI32, &scalar_tile_i8, "scalar-i8"};
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+// ------------------------------------------------------------------------------------------------- ISA choice
+Isa best_isa() {
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+      return Isa::kAvx2;
+    }
+    return Isa::kScalar;
+  }();
+  return best;
+}
+
+Isa requested_isa() {
+  const char* env = std::getenv("SPARSEKERN_CPU_ISA");
+  if (env == nullptr || env[0] == '\0') return best_isa();
+  const std::string v(env);
+  Isa want;
+  if (v == "avx512") {
+    want = Isa::kAvx512;
+  } else if (v == "avx2") {
+    want = Isa::kAvx2;
+  } else if (v == "scalar") {
+    want = Isa::kScalar;
+  } else {
+    TORCH_CHECK(false, "sparsekern.spmm_24: SPARSEKERN_CPU_ISA=", v,
+                " is not understood; use avx512, avx2 or scalar (or unset it for the best the CPU supports)");
+  }
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa()), "sparsekern.spmm_24: SPARSEKERN_CPU_ISA=", v,
+              " but this CPU does not support it (avx512 needs avx512f+bw+vl; avx2 needs avx2+fma+f16c)");
+  return want;
+}
+
+Kernel choose_kernel(WType w) {
+  const Isa isa = requested_isa();
+  Kernel k{};
+  (void)isa;
+  (void)k;  // VECTOR_KERNELS_PENDING
+  return scalar_kernel(w);
+}
+
+// ------------------------------------------------------------------------------------------------- epilogue
+// erf by the rational approximation Eigen uses for float (x clamped to [-4, 4]; |error| < 5e-7, checked against
+// torch.erf in float64): plain arithmetic, so the loop below vectorises, unlike std::erf.
+inline float erf_fast(float x) {
+  x = std::min(std::max(x, -4.f), 4.f);
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  p = p * x;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  return p / q;
+}
+
+struct Epilogue {
+  const float* alpha = nullptr;      // [N] or null
+  const float* bias = nullptr;       // [N] or null
+  const float* row_scale = nullptr;  // [M] or null
+  Act act = Act::kNone;
+  bool any() const { return alpha || bias || row_scale || act != Act::kNone; }
+};
+
+// y[j] = act(rs * alpha[n0 + j] * a[j] + bias[n0 + j]) for j < cnt, in place on fp32.
+void apply_epilogue(float* a, int64_t cnt, int64_t n0, float rs, const Epilogue& e) {
+  if (e.alpha) {
+    for (int64_t j = 0; j < cnt; ++j) a[j] *= rs * e.alpha[n0 + j];
+  } else if (rs != 1.f) {
+    for (int64_t j = 0; j < cnt; ++j) a[j] *= rs;
+  }
+  if (e.bias) {
+    for (int64_t j = 0; j < cnt; ++j) a[j] += e.bias[n0 + j];
+  }
+  if (e.act == Act::kRelu) {
+    for (int64_t j = 0; j < cnt; ++j) a[j] = a[j] > 0.f ? a[j] : 0.f;
+  } else if (e.act == Act::kGelu) {
+    for (int64_t j = 0; j < cnt; ++j) a[j] = 0.5f * a[j] * (1.f + erf_fast(a[j] * 0.70710678118654752f));
+  }
+}
+
+template <typename out_t>
+void store_row(const float* a, int64_t cnt, out_t* y) {
+  if constexpr (std::is_same_v<out_t, int8_t> || std::is_same_v<out_t, int32_t>) {
+    const float lo = std::is_same_v<out_t, int8_t> ? -128.f : -2147483648.f;
+    const float hi = std::is_same_v<out_t, int8_t> ? 127.f : 2147483520.f;  // largest float below 2^31
+    for (int64_t j = 0; j < cnt; ++j) {
+      const float v = a[j] != a[j] ? 0.f : std::min(std::max(std::nearbyint(a[j]), lo), hi);
+      y[j] = static_cast<out_t>(v);
+    }
+  } else {
+    for (int64_t j = 0; j < cnt; ++j) y[j] = static_cast<out_t>(a[j]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------- driver
+WType wtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return WType::kF32;
+    case at::kHalf:
+      return WType::kF16;
+    case at::kBFloat16:
+      return WType::kBF16;
+    case at::kChar:
+      return WType::kI8;
+    default:
+      TORCH_CHECK(false, "sparsekern.spmm_24: x has unsupported dtype ", t,
+                  "; supported: float32, float16, bfloat16 (fp32 accumulation) and int8 (int32 accumulation)");
+  }
+}
+
+at::ScalarType xtype_dtype(XType t) {
+  switch (t) {
+    case XType::kF32:
+      return at::kFloat;
+    case XType::kBF16:
+      return at::kBFloat16;
+    case XType::kI16:
+      return at::kShort;
+    case XType::kI32:
+      return at::kInt;
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+Tensor epilogue_vector(const std::optional<Tensor>& t, const char* name, int64_t len, const char* len_name,
+                       const Tensor& x) {
+  if (!t.has_value()) return Tensor();
+  TORCH_CHECK(t->device() == x.device(), "sparsekern.spmm_24: ", name, " is on ", t->device(), " but x is on ",
+              x.device(), "; all tensors must be on the same device");
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == len, "sparsekern.spmm_24: ", name, " must be 1-D [", len_name,
+              "] = [", len, "] (got ", t->sizes(), ")");
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "sparsekern.spmm_24: ", name,
+              " must be a floating dtype (got ", t->scalar_type(), ")");
+  return t->to(at::kFloat).contiguous();
+}
+
+Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, const std::optional<Tensor>& bias,
+                   const std::optional<Tensor>& alpha, const std::optional<Tensor>& row_scale,
+                   c10::string_view activation, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(values.device() == x.device(), "sparsekern.spmm_24: values is on ", values.device(), " but x is on ",
+              x.device(), "; all tensors must be on the same device");
+  TORCH_CHECK(codes.device() == x.device(), "sparsekern.spmm_24: codes is on ", codes.device(), " but x is on ",
+              x.device(), "; all tensors must be on the same device");
+  TORCH_CHECK(x.dim() == 2, "sparsekern.spmm_24: x must be 2-D [M, K] (got ", x.dim(),
+              " dims; the Python wrapper sparse_linear flattens leading dims)");
+  TORCH_CHECK(values.dim() == 2, "sparsekern.spmm_24: values must be 2-D [N, K/2] (got ", values.dim(), " dims)");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte,
+              "sparsekern.spmm_24: codes must be a 2-D uint8 tensor [N, ceil(K/8)] (got ", codes.scalar_type(), " ",
+              codes.sizes(), ")");
+  const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
+  TORCH_CHECK(K % 4 == 0, "sparsekern.spmm_24: K = x.size(1) (", K,
+              ") must be a multiple of 4 (2:4 groups run along K)");
+  TORCH_CHECK(values.size(1) == K / 2, "sparsekern.spmm_24: values must be [N, K/2] with K = x.size(1) = ", K,
+              ", i.e. [", N, ", ", K / 2, "] (got ", values.sizes(), ")");
+  const int64_t cb = core::code_bytes_per_row(K);
+  TORCH_CHECK(codes.size(0) == N && codes.size(1) == cb, "sparsekern.spmm_24: codes must be [N, ceil(K/8)] = [", N,
+              ", ", cb, "] to match values ", values.sizes(), " (got ", codes.sizes(), ")");
+  const WType wt = wtype_of(x.scalar_type());
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), "sparsekern.spmm_24: values dtype ", values.scalar_type(),
+              " must equal x dtype ", x.scalar_type(), " (float32/float16/bfloat16 pairs, or int8 with int8)");
+  const bool is_int = wt == WType::kI8;
+  const at::ScalarType od = out_dtype.value_or(is_int ? at::kInt : x.scalar_type());
+  const bool od_float = od == at::kFloat || od == at::kHalf || od == at::kBFloat16;
+  TORCH_CHECK(od_float || (is_int && (od == at::kInt || od == at::kChar)), "sparsekern.spmm_24: out_dtype ", od,
+              " is not supported for ", x.scalar_type(),
+              " inputs; use float32, float16 or bfloat16", is_int ? " (or int32 / int8 for int8 inputs)" : "");
+  Epilogue ep;
+  if (activation == "relu") {
+    ep.act = Act::kRelu;
+  } else if (activation == "gelu") {
+    ep.act = Act::kGelu;
+  } else {
+    TORCH_CHECK(activation == "none", "sparsekern.spmm_24: activation must be \"none\", \"relu\" or \"gelu\" (got \"",
+                std::string(activation), "\")");
+  }
+  const Tensor alpha_f = epilogue_vector(alpha, "alpha", N, "N", x);
+  const Tensor bias_f = epilogue_vector(bias, "bias", N, "N", x);
+  const Tensor rs_f = epilogue_vector(row_scale, "row_scale", M, "M", x);
+  ep.alpha = alpha_f.defined() ? alpha_f.data_ptr<float>() : nullptr;
+  ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  ep.row_scale = rs_f.defined() ? rs_f.data_ptr<float>() : nullptr;
+
+  Tensor out = at::empty({M, N}, x.options().dtype(od));
+  if (M == 0 || N == 0) return out;
+  if (K == 0) {
+    // Empty reduction: the epilogue of a zero accumulator.
+    Tensor z = at::zeros({M, N}, x.options().dtype(at::kFloat));
+    if (ep.alpha) z.mul_(alpha_f);
+    if (ep.bias) z.add_(bias_f);
+    if (ep.act == Act::kRelu) z.relu_();
+    if (ep.act == Act::kGelu) z = at::gelu(z);
+    out.copy_(is_int && !od_float ? z.round() : z);
+    return out;
+  }
+
+  const Kernel kern = choose_kernel(wt);
+  const Tensor vc = values.contiguous(), cc = codes.contiguous();
+  // Activations once per call: the kernel's input type, contiguous, zero-padded to whole chunks.
+  const int64_t ldx = (K + kXPad - 1) / kXPad * kXPad;
+  Tensor xp = at::empty({M, ldx}, x.options().dtype(xtype_dtype(kern.xtype)));
+  if (ldx > K) xp.narrow(1, K, ldx - K).zero_();
+  xp.narrow(1, 0, K).copy_(x);
+
+  Problem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.wtype = wt;
+  p.values = vc.data_ptr();
+  p.codes = cc.data_ptr<uint8_t>();
+  p.code_stride = cb;
+  p.xtype = kern.xtype;
+  p.x = xp.data_ptr();
+  p.ldx = ldx;
+
+  // Output tiles: NT weight rows x MT activation rows. Threads split N (each weight row is streamed by one thread);
+  // for M > MT the tile loops over row blocks of x while its NT weight rows stay in cache.
+  constexpr int64_t NT = 32, MT = 64;
+  const int64_t n_tiles = (N + NT - 1) / NT;
+  const bool exact_int = is_int && od == at::kInt && !ep.any();
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> accf(MT * NT);
+    std::vector<int32_t> acci(is_int ? MT * NT : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NT, n1 = std::min(N, n0 + NT), nc = n1 - n0;
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t m1 = std::min(M, m0 + MT);
+        kern.tile(p, m0, m1, n0, n1, is_int ? static_cast<void*>(acci.data()) : accf.data(), NT);
+        for (int64_t m = m0; m < m1; ++m) {
+          float* a = accf.data() + (m - m0) * NT;
+          if (exact_int) {
+            std::memcpy(out.data_ptr<int32_t>() + m * N + n0, acci.data() + (m - m0) * NT, nc * sizeof(int32_t));
+            continue;
+          }
+          if (is_int) {
+            for (int64_t j = 0; j < nc; ++j) a[j] = static_cast<float>(acci[(m - m0) * NT + j]);
+          }
+          apply_epilogue(a, nc, n0, ep.row_scale ? ep.row_scale[m] : 1.f, ep);
+          switch (od) {
+            case at::kFloat:
+              store_row(a, nc, out.data_ptr<float>() + m * N + n0);
+              break;
+            case at::kHalf:
+              store_row(a, nc, out.data_ptr<c10::Half>() + m * N + n0);
+              break;
+            case at::kBFloat16:
+              store_row(a, nc, out.data_ptr<c10::BFloat16>() + m * N + n0);
+              break;
+            case at::kInt:
+              store_row(a, nc, out.data_ptr<int32_t>() + m * N + n0);
+              break;
+            case at::kChar:
+              store_row(a, nc, out.data_ptr<int8_t>() + m * N + n0);
+              break;
+            default:
+              break;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace spmm
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("spmm_24", &spmm::spmm_24_cpu); }
+
+}  // namespace cpu
+}  // namespace sparsekern

@@ -1,0 +1,297 @@
+"""The CPU 2:4 GEMM (op spmm_24, wrapper sparse_linear) against a float64 reference, on every SIMD path this CPU runs.
+
+Tolerance policy (written once, here):
+- int8 x int8 with int32 output and no epilogue: exact.
+- floating inputs: max |ours - ref64| <= 2 * max |torch - ref64| + eps(out_dtype) * max |ref64|, where torch is
+  PyTorch's own F.linear (+ the same epilogue) in the same dtype on the decompressed weight: "no worse than twice
+  PyTorch's own error", with a floor of one output ulp at the output's scale for cases PyTorch happens to get exact.
+- int8 inputs with a floating epilogue: |ours - ref64| <= 2 * eps(out_dtype) * |ref64| + 1e-6 * max |ref64|
+  (the accumulator is exact; only the fp32 epilogue and the final rounding err).
+Each SIMD path is forced with SPARSEKERN_CPU_ISA; paths this CPU cannot run are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsekern  # noqa: F401
+from sparsekern import _ext
+from sparsekern.ops import core
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+_ISA_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl"}}
+ISAS = [
+    pytest.param(isa, marks=[] if need <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {sorted(need - _FLAGS)}")])
+    for isa, need in _ISA_NEEDS.items()
+]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
+    return request.param
+
+
+def random_pruned(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.int8:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int16)
+        w = torch.where(w == 0, torch.ones_like(w), w)
+        mag = w.abs().float() + torch.rand(n, k)  # tie-free scores
+        return core.prune_nm(w.float(), 2, 4, mag)[0].to(torch.int8)
+    return core.prune_nm(torch.randn(n, k, dtype=torch.float32).to(dtype), 2, 4)[0]
+
+
+def random_x(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    return torch.randn(m, k).to(dtype)
+
+
+def reference(x, w, bias=None, alpha=None, row_scale=None, activation="none"):
+    y = x.double() @ w.double().t()
+    if row_scale is not None:
+        y = y * row_scale.double()[:, None]
+    if alpha is not None:
+        y = y * alpha.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    return y
+
+
+def torch_same_dtype(x, w, bias=None, alpha=None, row_scale=None, activation="none"):
+    """PyTorch's own computation in x's dtype: the error budget of the policy."""
+    y = F.linear(x, w)
+    if row_scale is not None:
+        y = y * row_scale.to(y.dtype)[:, None]
+    if alpha is not None:
+        y = y * alpha.to(y.dtype)[None, :]
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    return y
+
+
+def assert_close_policy(ours, x, w, out_dtype=None, **epi):
+    ref = reference(x, w, **epi)
+    out_dtype = out_dtype or x.dtype
+    scale = ref.abs().max().item()
+    floor = torch.finfo(out_dtype).eps * scale
+    err = (ours.double() - ref).abs().max().item()
+    if x.dtype == torch.int8:
+        tol = (2 * torch.finfo(out_dtype).eps * ref.abs() + 1e-6 * scale)
+        assert bool(((ours.double() - ref).abs() <= tol).all()), f"int8 epilogue error {err}"
+        return
+    torch_err = (torch_same_dtype(x, w, **epi).double() - ref).abs().max().item()
+    assert err <= 2 * torch_err + floor, f"error {err:.3g} > 2 x torch's {torch_err:.3g} + {floor:.3g}"
+
+
+FLOAT_TYPES = [torch.float32, torch.bfloat16, torch.float16]
+M_SIZES = [1, 2, 3, 8, 16, 33, 256]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_TYPES)
+@pytest.mark.parametrize("M", M_SIZES)
+@pytest.mark.parametrize("K", [4, 100, 320])
+def test_float_matches_reference(isa, dtype, M, K):
+    N = 37  # odd: partial register / thread tiles
+    w = random_pruned(N, K, dtype)
+    c = core.compress_24(w)
+    x = random_x(M, K, dtype)
+    y = core.sparse_linear(x, c)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert_close_policy(y, x, w)
+
+
+@pytest.mark.parametrize("M", M_SIZES)
+@pytest.mark.parametrize("K", [4, 100, 320])
+def test_int8_exact(isa, M, K):
+    N = 37
+    w = random_pruned(N, K, torch.int8)
+    x = random_x(M, K, torch.int8)
+    y = core.sparse_linear(x, core.compress_24(w))
+    assert y.dtype == torch.int32
+    assert torch.equal(y.long(), x.long() @ w.long().t())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.int8])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_epilogue(isa, dtype, activation):
+    M, N, K = 5, 45, 132
+    w = random_pruned(N, K, dtype)
+    x = random_x(M, K, dtype)
+    c = core.compress_24(w)
+    bias = torch.randn(N)
+    alpha = torch.rand(N) + 0.5
+    row_scale = torch.rand(M) + 0.5
+    if dtype == torch.int8:
+        alpha, row_scale = alpha / 2000, row_scale / 10
+    act = activation or "none"
+    out_dtype = torch.float32 if dtype == torch.int8 else None
+    for kw in [dict(bias=bias), dict(alpha=alpha), dict(bias=bias, alpha=alpha, row_scale=row_scale), {}]:
+        y = core.sparse_linear(x, c, activation=activation, out_dtype=out_dtype, **kw)
+        assert_close_policy(y, x, w, out_dtype=out_dtype, activation=act, **kw)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_out_dtype_float(isa, out_dtype):
+    x = random_x(7, 64, torch.bfloat16)
+    w = random_pruned(19, 64, torch.bfloat16)
+    bias = torch.randn(19)
+    y = core.sparse_linear(x, core.compress_24(w), bias=bias, out_dtype=out_dtype)
+    assert y.dtype == out_dtype
+    ref = reference(x, w, bias=bias)
+    # fp32 accumulation and epilogue, one rounding to out_dtype: half an ulp plus the fp32 accumulation error
+    tol = torch.finfo(out_dtype).eps * ref.abs() + 1e-5 * ref.abs().max()
+    assert bool(((y.double() - ref).abs() <= tol).all())
+
+
+def test_int8_out_dtypes(isa):
+    M, N, K = 6, 23, 96
+    x, w = random_x(M, K, torch.int8), random_pruned(N, K, torch.int8)
+    c = core.compress_24(w)
+    acc = x.long() @ w.long().t()
+    # int8 out: round-half-even of the fp32 epilogue, saturated
+    alpha = torch.full((N,), 1 / 64)
+    y8 = core.sparse_linear(x, c, alpha=alpha, out_dtype=torch.int8)
+    want = torch.round(acc.double() / 64).clamp(-128, 127).to(torch.int8)
+    assert y8.dtype == torch.int8 and torch.equal(y8, want)
+    # int32 out with an epilogue: the rounded fp32 result
+    y32 = core.sparse_linear(x, c, bias=torch.full((N,), 0.25), out_dtype=torch.int32)
+    assert torch.equal(y32.long(), torch.round(acc.double() + 0.25).long())
+    for od in (torch.bfloat16, torch.float16):
+        y = core.sparse_linear(x, c, out_dtype=od)
+        assert torch.equal(y, acc.to(torch.float32).to(od))
+
+
+def test_identity_reproduces_weight_exactly(isa):
+    for dtype in FLOAT_TYPES:
+        w = random_pruned(24, 40, dtype)
+        y = core.sparse_linear(torch.eye(40, dtype=dtype), core.compress_24(w))
+        assert torch.equal(y, w.t())
+    w = random_pruned(24, 40, torch.int8)
+    y = core.sparse_linear(torch.eye(40, dtype=torch.int8), core.compress_24(w))
+    assert torch.equal(y, w.t().int())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.int8])
+def test_non_contiguous_and_3d_input(isa, dtype):
+    K, N = 64, 33
+    w = random_pruned(N, K, dtype)
+    c = core.compress_24(w)
+    big = random_x(9, 2 * K, dtype)
+    x = big[:, ::2]  # strided columns
+    assert not x.is_contiguous()
+    y = core.sparse_linear(x, c)
+    assert torch.equal(y, core.sparse_linear(x.contiguous(), c))
+    xt = random_x(K, 5, dtype).t()  # transposed
+    assert torch.equal(core.sparse_linear(xt, c), core.sparse_linear(xt.contiguous(), c))
+    x3 = random_x(2 * 3 * 4, K, dtype).reshape(2, 3, 4, K)
+    y3 = core.sparse_linear(x3, c)
+    assert y3.shape == (2, 3, 4, N)
+    assert torch.equal(y3.reshape(-1, N), core.sparse_linear(x3.reshape(-1, K), c))
+
+
+def test_all_isas_agree_on_int8_and_on_bit_patterns(monkeypatch):
+    # Exact int8 results must be identical across paths; float paths differ only by summation order.
+    K, N, M = 200, 21, 4
+    w = random_pruned(N, K, torch.int8)
+    x = random_x(M, K, torch.int8)
+    c = core.compress_24(w)
+    outs = []
+    for isa, need in _ISA_NEEDS.items():
+        if need <= _FLAGS:
+            monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa)
+            outs.append(core.sparse_linear(x, c))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_empty_shapes():
+    c = core.compress_24(random_pruned(5, 8, torch.float32))
+    assert core.sparse_linear(torch.randn(0, 8), c).shape == (0, 5)
+    c0 = core.compress_24(torch.zeros(5, 0))
+    y = core.sparse_linear(torch.randn(3, 0), c0, bias=torch.arange(5.0))
+    assert torch.equal(y, torch.arange(5.0).expand(3, 5))
+
+
+def test_errors(monkeypatch):
+    ops = torch.ops.sparsekern
+    w = random_pruned(6, 16, torch.float32)
+    c = core.compress_24(w)
+    x = torch.randn(3, 16)
+    with pytest.raises(RuntimeError, match=r"K = x.size\(1\) \(18\) must be a multiple of 4"):
+        ops.spmm_24(torch.randn(3, 18), c.values, c.codes)
+    with pytest.raises(RuntimeError, match=r"values must be \[N, K/2\] with K = x.size\(1\) = 20"):
+        ops.spmm_24(torch.randn(3, 20), c.values, c.codes)
+    with pytest.raises(RuntimeError, match=r"codes must be \[N, ceil\(K/8\)\] = \[6, 2\]"):
+        ops.spmm_24(x, c.values, c.codes[:, :1])
+    with pytest.raises(RuntimeError, match="values dtype BFloat16 must equal x dtype Float"):
+        ops.spmm_24(x, c.values.bfloat16(), c.codes)
+    with pytest.raises(RuntimeError, match="x has unsupported dtype Double"):
+        ops.spmm_24(x.double(), c.values.double(), c.codes)
+    with pytest.raises(RuntimeError, match=r"bias must be 1-D \[N\] = \[6\]"):
+        ops.spmm_24(x, c.values, c.codes, torch.randn(5))
+    with pytest.raises(RuntimeError, match=r"row_scale must be 1-D \[M\] = \[3\]"):
+        ops.spmm_24(x, c.values, c.codes, None, None, torch.randn(4))
+    with pytest.raises(RuntimeError, match="out_dtype Int is not supported for Float inputs"):
+        ops.spmm_24(x, c.values, c.codes, out_dtype=torch.int32)
+    with pytest.raises(RuntimeError, match='activation must be "none", "relu" or "gelu"'):
+        ops.spmm_24(x, c.values, c.codes, activation="tanh")
+    with pytest.raises(ValueError, match="activation must be one of None, 'relu', 'gelu'"):
+        core.sparse_linear(x, c, activation="silu")
+    with pytest.raises(ValueError, match=r"x's last dim \(12\) must equal the weight's in_features \(16\)"):
+        core.sparse_linear(torch.randn(2, 12), c)
+    with pytest.raises(ValueError, match="the weight is on cpu but x is on meta"):
+        core.sparse_linear(torch.randn(2, 16, device="meta"), c)
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_ISA=sse9 is not understood; use avx512, avx2 or scalar"):
+        ops.spmm_24(x, c.values, c.codes)
+    if not _ISA_NEEDS["avx512"] <= _FLAGS:
+        monkeypatch.setenv("SPARSEKERN_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="this CPU does not support it"):
+            ops.spmm_24(x, c.values, c.codes)
+
+
+@pytest.mark.cuda
+def test_device_mismatch_error():
+    c = core.compress_24(random_pruned(6, 16, torch.float16))
+    with pytest.raises(RuntimeError, match="values is on cuda:0 but x is on cpu"):
+        torch.ops.sparsekern.spmm_24(torch.randn(3, 16).half(), c.values.cuda(), c.codes)
+
+
+OPCHECK_CASES = [
+    lambda: (torch.randn(3, 32), *torch.ops.sparsekern.compress_24(random_pruned(9, 32, torch.float32))),
+    lambda: (torch.randn(5, 40, dtype=torch.bfloat16),
+             *torch.ops.sparsekern.compress_24(random_pruned(7, 40, torch.bfloat16)), torch.randn(7), torch.rand(7),
+             torch.rand(5), "gelu", torch.float32),
+    lambda: (random_x(4, 64, torch.int8), *torch.ops.sparsekern.compress_24(random_pruned(11, 64, torch.int8)), None,
+             torch.rand(11), torch.rand(4), "relu", torch.bfloat16),
+    lambda: (random_x(4, 64, torch.int8), *torch.ops.sparsekern.compress_24(random_pruned(11, 64, torch.int8))),
+]
+
+
+@pytest.mark.parametrize("make", OPCHECK_CASES)
+def test_opcheck(make):
+    torch.library.opcheck(torch.ops.sparsekern.spmm_24.default, make())
