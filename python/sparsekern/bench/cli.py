@@ -87,7 +87,8 @@ def add_commands(subparsers) -> None:
     g.add_argument("--m-max", type=_arg_type(_positive_int), default=None, help="drop sweep values above this M")
     g.add_argument("--warmup", type=_arg_type(_nonneg_int), default=10)
     g.add_argument("--iters", type=_arg_type(_positive_int), default=100, help="timed calls per point, at most")
-    g.add_argument("--min-iters", type=_arg_type(_positive_int), default=10)
+    g.add_argument("--min-iters", type=_arg_type(_positive_int), default=None,
+                   help="timed calls per point, at least, even past --max-seconds (default 10 on cuda, 3 on cpu)")
     g.add_argument("--max-seconds", type=_arg_type(_positive_float), default=0.5,
                    help="bound on measured work per (contender, point); fewer than --iters calls when reached")
     g.add_argument("--rotate", type=_arg_type(_positive_int), default=4, help="x buffers cycled through")
@@ -182,7 +183,9 @@ def run_gemm_command(args) -> int:
             return 2
     cfg = gemm.GemmConfig(
         shapes=shapes, dtypes=dtypes, device=device, m_list=m_list, contenders=args.contenders,
-        warmup=args.warmup, iters=args.iters, min_iters=args.min_iters, max_seconds=args.max_seconds,
+        warmup=args.warmup, iters=args.iters,
+        min_iters=args.min_iters if args.min_iters is not None else (10 if is_cuda else 3),
+        max_seconds=args.max_seconds,
         rotate=args.rotate, flush_l2=not args.no_flush_l2, check=not args.no_check, threads=args.threads,
         seed=args.seed)
     doc = _with_sigterm_stop(lambda: gemm.run_gemm(cfg), gemm.Interrupted)

@@ -271,21 +271,26 @@ def _sk_decompress(p: Problem) -> Prepared:
     )
 
 
-def _cslt_search_helper():
-    """sparsekern's cuSPARSELt algorithm-search helper, or None when this checkout has none.
-
-    Expected: search(x [M, K], compressed, n, k) -> alg id, caching the result for the shape so that cslt_linear
-    with alg_id=-1 (SparseLinear's call) uses it.
-    """
+def _cslt_module():
     try:
-        cslt = importlib.import_module("sparsekern.ops.cslt")
+        return importlib.import_module("sparsekern.ops.cslt")
     except ImportError:
         return None
-    for name in ("search", "search_algorithm", "cslt_search"):
-        fn = getattr(cslt, name, None)
-        if callable(fn):
-            return fn
-    return None
+
+
+def _cslt_search_helper():
+    """sparsekern.ops.cslt.search(x, compressed, n, k, bias, alpha, row_scale, activation, out_dtype), which runs
+    cusparseLtMatmulSearch and remembers the result for cslt_linear(..., alg_id=-1); None when absent."""
+    fn = getattr(_cslt_module(), "search", None)
+    return fn if callable(fn) else None
+
+
+def forget_cslt_searches() -> None:
+    """Drop remembered search results, so that the default-algorithm contenders of the next point run the
+    default algorithm again (the runner calls this before each point when a search contender is measured)."""
+    fn = getattr(_cslt_module(), "clear_search_results", None)
+    if callable(fn):
+        fn()
 
 
 def _sparse_linear(p: Problem, search: bool) -> Prepared:
@@ -331,7 +336,13 @@ def _sparse_linear(p: Problem, search: bool) -> Prepared:
             buf = getattr(layer, "cslt_buffer", None)
             if buf is None:
                 raise Skip("the layer has no cuSPARSELt buffer for this shape: nothing to search")
-            searcher(x if not quant else torch.ops.sparsekern.quantize_per_token(x, p.dtype)[0], buf, p.n, p.k)
+            # The same configuration (epilogue included) as SparseLinear's cslt_linear call, so its alg_id=-1 call
+            # finds the result.
+            if quant:
+                q, row_scale = torch.ops.sparsekern.quantize_per_token(x, p.dtype)
+                searcher(q, buf, p.n, p.k, None, layer.weight_scale, row_scale, "none", x.dtype)
+            else:
+                searcher(x, buf, p.n, p.k)
             searched.add(m)
         return x
 

@@ -30,6 +30,7 @@ from .contenders import (
     Inputs,
     Skip,
     dtype_name,
+    forget_cslt_searches,
     make_inputs,
     make_problem,
     max_rel_error,
@@ -239,6 +240,8 @@ def _run_points(cfg: GemmConfig, names: list[str], arch: str, gen: torch.Generat
                         records.append(_record(c, shape, m, dt, device, arch, status=status, reason=_reason(e)))
                     log(f"[{dt} {shape.label}] {name}: {status}: {_reason(e)}")
             for m in ms:
+                if "sk_linear_search" in prepared:
+                    forget_cslt_searches()  # the default-algorithm contenders must not inherit a search result
                 bufs = [make_inputs(problem, m, gen) for _ in range(max(cfg.rotate, 1))]
                 ref = reference_output(problem, bufs[0]) if cfg.check else None
                 for name, prep in prepared.items():

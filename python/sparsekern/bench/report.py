@@ -142,7 +142,7 @@ def goals(gemm: dict | None, overhead: dict | None = None) -> list[dict]:
     if overhead:
         orecs = overhead["records"]
         for r in orecs:
-            if r["contender"] == "sk_cslt" and r["status"] == "ok" and r.get("mode") == "eager":
+            if r["contender"] == "sk_cslt" and r["status"] == "ok" and r.get("mode") == "eager" and r["m"] <= 256:
                 add(f"host-bound per call M={r['m']} N={r['n']} K={r['k']}: speedup vs torch._cslt_sparse_mm",
                     "sk_cslt", r.get("speedup_vs_torch_cslt"), 1.5)
                 add(f"host overhead per call M={r['m']} N={r['n']} K={r['k']} (eager - graph replay, µs)",
