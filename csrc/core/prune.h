@@ -1,0 +1,76 @@
+// Device-free pieces of the pruning engine (Wanda, SparseGPT), shared by csrc/cpu/prune_*.cpp and
+// csrc/cuda/prune_*.cu so that the CPU and the GPU compute the same floats in the same order.
+//
+// The formulas follow ../shared/ALGORITHMS.md (the reference implementations' exact arithmetic):
+//   * Wanda metric           |w| * sqrt(s_j)                     (float32, sqrt(s) precomputed once per column)
+//   * SparseGPT N:M score    w^2 / d^2 with d = diag(Hinv1)       (float32, as `W1**2 / diag**2` in PyTorch)
+//   * min-max quantiser      scale * (clamp(round(w / scale) + zero, 0, maxq) - zero), round half to even
+// N:M selection itself is csrc/core/nm.h's select_keep_mask (keep the m - n largest; ties keep the lower index).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "core/nm.h"
+
+namespace sparsekern {
+namespace core {
+
+// Wanda score of one weight, with sqrt(act_scale[j]) given. float(|w|) is exact for fp16/bf16/fp32 weights, so the
+// product is rounded once, exactly as PyTorch's `W.abs() * s.sqrt()` after type promotion to float32.
+SK_HOST_DEVICE float wanda_metric(float w, float sqrt_scale) { return fabsf(w) * sqrt_scale; }
+
+// SparseGPT's OBS saliency of pruning w given d = Hinv1[i, i]: (w*w) / (d*d) (the reference evaluates
+// `W1 ** 2 / diag ** 2` elementwise; x ** 2 is x * x in PyTorch, so the rounding is the same).
+template <typename T>
+SK_HOST_DEVICE T obs_score(T w, T d) {
+  return (w * w) / (d * d);
+}
+
+// Round half to even (torch.round). rint honours the default rounding mode, which is to-nearest-even.
+SK_HOST_DEVICE float round_half_even(float x) { return rintf(x); }
+SK_HOST_DEVICE double round_half_even(double x) { return rint(x); }
+
+// Asymmetric min-max quantise-dequantise of one value with a per-row (scale, zero); maxq = 2^bits - 1.
+// Matches SparseGPT/GPTQ's `quantize`: q = clamp(round(x / scale) + zero, 0, maxq); return scale * (q - zero).
+template <typename T>
+SK_HOST_DEVICE T quantize_minmax(T x, T scale, T zero, T maxq) {
+  T q = round_half_even(x / scale) + zero;
+  q = q < T(0) ? T(0) : (q > maxq ? maxq : q);
+  return scale * (q - zero);
+}
+
+// select_keep_mask(s, n, 4) for NaN-free scores, branch-free: six comparisons instead of nm.h's twelve
+// NaN-aware ones (the hot path of 2:4 / 1:4 / 3:4 selection). The rank of j counts the entries kept before it:
+// i < j wins ties (s_i >= s_j), i > j must be strictly larger. Same result as nm.h for every non-NaN input
+// (tests/test_prune_wanda.py checks all tie patterns of small integers against the rule).
+SK_HOST_DEVICE uint32_t select_keep_mask_m4(float s0, float s1, float s2, float s3, int n) {
+  const int c01 = s0 >= s1, c02 = s0 >= s2, c03 = s0 >= s3, c12 = s1 >= s2, c13 = s1 >= s3, c23 = s2 >= s3;
+  const int keep = 4 - n;
+  const int r0 = 3 - c01 - c02 - c03;
+  const int r1 = c01 + 2 - c12 - c13;
+  const int r2 = c02 + c12 + 1 - c23;
+  const int r3 = c03 + c13 + c23;
+  return static_cast<uint32_t>((r0 < keep) | ((r1 < keep) << 1) | ((r2 < keep) << 2) | ((r3 < keep) << 3));
+}
+
+// N:M keep-mask of m scores: the m = 4 fast path when no score is NaN, else nm.h's general rule.
+SK_HOST_DEVICE uint32_t select_keep_mask_fast(const float* s, int n, int m) {
+  if (m == 4 && s[0] == s[0] && s[1] == s[1] && s[2] == s[2] && s[3] == s[3]) {
+    return select_keep_mask_m4(s[0], s[1], s[2], s[3], n);
+  }
+  return select_keep_mask(s, n, m);
+}
+
+// Sort key of a non-negative float score and its column for "stable ascending order": the IEEE bits of a
+// non-negative float are ordered like the floats, and the column in the low half breaks ties towards the lower
+// column (the reference's stable sort). NaN bits sort above +inf, so a NaN score is never among the pruned.
+SK_HOST_DEVICE uint64_t stable_score_key(float score, uint32_t col) {
+  uint32_t bits;
+  memcpy(&bits, &score, sizeof(bits));
+  return (static_cast<uint64_t>(bits) << 32) | col;
+}
+
+}  // namespace core
+}  // namespace sparsekern

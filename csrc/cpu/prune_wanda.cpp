@@ -1,0 +1,185 @@
+// Wanda on the CPU: one fused pass per row computes the metric |w| * sqrt(s_j), selects what to keep, and writes
+// the pruned weight and the keep-mask. Rows are independent and split across threads (at::parallel_for).
+//
+//   N:M (m > 0):  in every aligned group of m along the row, keep the m - n largest metrics (core/nm.h
+//                 select_keep_mask: ties keep the lower column), prune the n others.
+//   unstructured: per row, prune the k = int(cols * sparsity) smallest metrics in stable ascending order (ties:
+//                 the lower column is pruned first), as the reference's `torch.sort(stable=True)[:, :k]`.
+// The reference's `use_variant` (alpha bisection on cumulative metric sums) is done in Python on top of this op's
+// metric definition (python/sparsekern/prune/wanda.py); it is a whole-matrix search, not a per-row kernel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+#include <vector>
+
+#include "core/nm.h"
+#include "core/prune.h"
+
+namespace sparsekern {
+namespace {
+
+static_assert(sizeof(bool) == 1, "the keep bytes are written into bool tensors");
+
+// Metrics of one row into `metric` (float32). A separate, branch-free loop so the compiler vectorises it.
+// Returns whether any metric is NaN (then the row takes nm.h's NaN-aware path).
+template <typename T>
+inline bool row_metric(const T* w, const float* sqrt_scale, float* metric, int64_t cols) {
+  int nan = 0;
+  for (int64_t j = 0; j < cols; ++j) {
+    const float v = core::wanda_metric(static_cast<float>(w[j]), sqrt_scale[j]);
+    metric[j] = v;
+    nan |= (v != v);
+  }
+  return nan != 0;
+}
+
+#if defined(__SSE2__)
+// Keep bytes (0/1) of four groups of four (metric[0..16)): the rank formulas of core::select_keep_mask_m4 on
+// four groups at once. Transposing puts position j of the four groups in one register, so the six comparisons
+// and the rank sums are plain vector ops.
+inline void keep_m4_x4_sse(const float* metric, int keep, uint8_t* out) {
+  __m128 a = _mm_loadu_ps(metric), b = _mm_loadu_ps(metric + 4), c = _mm_loadu_ps(metric + 8),
+         d = _mm_loadu_ps(metric + 12);
+  _MM_TRANSPOSE4_PS(a, b, c, d);  // a = s0 of groups 0..3, b = s1, c = s2, d = s3
+  // Comparison masks are -1 where true, so "- c_ij" is "+ m_ij".
+  const __m128i m01 = _mm_castps_si128(_mm_cmpge_ps(a, b)), m02 = _mm_castps_si128(_mm_cmpge_ps(a, c)),
+                m03 = _mm_castps_si128(_mm_cmpge_ps(a, d)), m12 = _mm_castps_si128(_mm_cmpge_ps(b, c)),
+                m13 = _mm_castps_si128(_mm_cmpge_ps(b, d)), m23 = _mm_castps_si128(_mm_cmpge_ps(c, d));
+  const __m128i k = _mm_set1_epi32(keep);
+  const __m128i r0 = _mm_add_epi32(_mm_set1_epi32(3), _mm_add_epi32(m01, _mm_add_epi32(m02, m03)));
+  const __m128i r1 = _mm_add_epi32(_mm_sub_epi32(_mm_set1_epi32(2), m01), _mm_add_epi32(m12, m13));
+  const __m128i r2 = _mm_add_epi32(_mm_sub_epi32(_mm_sub_epi32(_mm_set1_epi32(1), m02), m12), m23);
+  const __m128i r3 = _mm_sub_epi32(_mm_sub_epi32(_mm_sub_epi32(_mm_setzero_si128(), m03), m13), m23);
+  __m128 k0 = _mm_castsi128_ps(_mm_cmplt_epi32(r0, k)), k1 = _mm_castsi128_ps(_mm_cmplt_epi32(r1, k)),
+         k2 = _mm_castsi128_ps(_mm_cmplt_epi32(r2, k)), k3 = _mm_castsi128_ps(_mm_cmplt_epi32(r3, k));
+  _MM_TRANSPOSE4_PS(k0, k1, k2, k3);  // back to memory order: k0 = the four positions of group 0
+  const __m128i lo = _mm_packs_epi32(_mm_castps_si128(k0), _mm_castps_si128(k1));
+  const __m128i hi = _mm_packs_epi32(_mm_castps_si128(k2), _mm_castps_si128(k3));
+  const __m128i bytes = _mm_and_si128(_mm_packs_epi16(lo, hi), _mm_set1_epi8(1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+}
+#endif
+
+// Keep bytes of one row for m = 4 and NaN-free metrics.
+inline void row_keep_m4(const float* metric, int64_t cols, int n, uint8_t* keep) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  for (; j + 16 <= cols; j += 16) keep_m4_x4_sse(metric + j, 4 - n, keep + j);
+#endif
+  for (; j < cols; j += 4) {
+    const uint32_t bits = core::select_keep_mask_m4(metric[j], metric[j + 1], metric[j + 2], metric[j + 3], n);
+    for (int k = 0; k < 4; ++k) keep[j + k] = (bits >> k) & 1u;
+  }
+}
+
+// Keep bytes of one row, any m <= kMaxGroup, nm.h's NaN-aware rule.
+inline void row_keep_nm(const float* metric, int64_t cols, int n, int m, uint8_t* keep) {
+  for (int64_t g0 = 0; g0 < cols; g0 += m) {
+    const uint32_t bits = core::select_keep_mask(metric + g0, n, m);
+    for (int k = 0; k < m; ++k) keep[g0 + k] = (bits >> k) & 1u;
+  }
+}
+
+template <typename T>
+inline void row_apply_keep(const T* w, const uint8_t* keep, T* out, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) out[j] = keep[j] ? w[j] : T(0);
+}
+
+// Unstructured selection of one row: the k smallest (metric, column) keys are pruned. nth_element on unique
+// 64-bit keys is O(cols) and reproduces the stable sort's tie order exactly.
+template <typename T>
+inline void row_select_unstructured(const T* w, const float* metric, T* out, bool* keep_mask, int64_t cols,
+                                    int64_t k, uint64_t* keys) {
+  if (k == 0) {
+    for (int64_t j = 0; j < cols; ++j) {
+      keep_mask[j] = true;
+      out[j] = w[j];
+    }
+    return;
+  }
+  for (int64_t j = 0; j < cols; ++j) keys[j] = core::stable_score_key(metric[j], static_cast<uint32_t>(j));
+  std::nth_element(keys, keys + (k - 1), keys + cols);
+  const uint64_t last_pruned = keys[k - 1];
+  for (int64_t j = 0; j < cols; ++j) {
+    const bool kept = core::stable_score_key(metric[j], static_cast<uint32_t>(j)) > last_pruned;
+    keep_mask[j] = kept;
+    out[j] = kept ? w[j] : T(0);
+  }
+}
+
+template <typename T>
+void wanda_kernel(const T* w, const float* sqrt_scale, T* out, bool* keep_mask, int64_t rows, int64_t cols, int n,
+                  int m, int64_t k) {
+  // ~32k elements per task keeps the per-task overhead small next to the work.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> metric(cols);
+    std::vector<uint64_t> keys(m > 0 ? 0 : cols);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* wr = w + r * cols;
+      T* outr = out + r * cols;
+      bool* mr = keep_mask + r * cols;
+      const bool has_nan = row_metric(wr, sqrt_scale, metric.data(), cols);
+      if (m > 0) {
+        // bool is one byte holding 0 / 1: the keep bytes are written straight into the mask row.
+        uint8_t* keep = reinterpret_cast<uint8_t*>(mr);
+        if (m == 4 && !has_nan) {
+          row_keep_m4(metric.data(), cols, n, keep);
+        } else {
+          row_keep_nm(metric.data(), cols, n, m, keep);
+        }
+        row_apply_keep(wr, keep, outr, cols);
+      } else {
+        row_select_unstructured(wr, metric.data(), outr, mr, cols, k, keys.data());
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> wanda_prune_cpu(const at::Tensor& w, const at::Tensor& act_scale, int64_t n,
+                                                   int64_t m, double sparsity) {
+  TORCH_CHECK(w.dim() == 2, "wanda_prune: w must be 2-D [out_features, in_features], got shape ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
+              "wanda_prune: w must be float32, float16 or bfloat16, got ", w.scalar_type());
+  const int64_t rows = w.size(0), cols = w.size(1);
+  TORCH_CHECK(act_scale.dim() == 1 && act_scale.size(0) == cols, "wanda_prune: act_scale must be [in_features] = [",
+              cols, "], got shape ", act_scale.sizes());
+  TORCH_CHECK(act_scale.scalar_type() == at::kFloat, "wanda_prune: act_scale must be float32, got ",
+              act_scale.scalar_type());
+  TORCH_CHECK(act_scale.device() == w.device(), "wanda_prune: act_scale is on ", act_scale.device(),
+              " but w is on ", w.device());
+  int64_t k = 0;
+  if (m > 0) {
+    TORCH_CHECK(m <= core::kMaxGroup && n >= 1 && n < m, "wanda_prune: N:M needs 1 <= n < m <= ",
+                core::kMaxGroup, ", got n=", n, " m=", m);
+    TORCH_CHECK(cols % m == 0, "wanda_prune: in_features (", cols, ") must be divisible by m (", m, ")");
+  } else {
+    TORCH_CHECK(m == 0, "wanda_prune: m must be 0 (unstructured) or the N:M group size, got ", m);
+    TORCH_CHECK(sparsity >= 0.0 && sparsity < 1.0, "wanda_prune: sparsity must be in [0, 1), got ", sparsity);
+    TORCH_CHECK(cols < (int64_t{1} << 32), "wanda_prune: in_features must be < 2^32");
+    k = static_cast<int64_t>(static_cast<double>(cols) * sparsity);  // Python's int(cols * sparsity)
+  }
+  auto wc = w.contiguous();
+  // sqrt once per column, by torch (correctly rounded, as the reference's torch.sqrt).
+  auto sqrt_scale = act_scale.sqrt().contiguous();
+  auto out = at::empty_like(wc, at::MemoryFormat::Contiguous);
+  auto keep_mask = at::empty({rows, cols}, wc.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wc.scalar_type(), "wanda_prune", [&] {
+    wanda_kernel<scalar_t>(wc.const_data_ptr<scalar_t>(), sqrt_scale.const_data_ptr<float>(),
+                           out.data_ptr<scalar_t>(), keep_mask.data_ptr<bool>(), rows, cols, static_cast<int>(n),
+                           static_cast<int>(m), k);
+  });
+  return {out, keep_mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("wanda_prune", &wanda_prune_cpu); }
+
+}  // namespace sparsekern

@@ -1,0 +1,26 @@
+"""The pruning engine: magnitude, Wanda and SparseGPT for N:M ("2:4", "4:8", any "n:m") and unstructured sparsity.
+
+    from sparsekern.prune import magnitude, wanda, sparsegpt, HessianStats, ActScaleStats
+    r = sparsegpt(layer.weight, stats.value, "2:4")        # PruneResult(weight, mask, loss)
+
+W is [out_features, in_features]; N:M groups run along in_features; masks are bool with True = kept. The math
+and the reference behaviour reproduced here are in docs/pruning.md; the kernels are sparsekern.ops.prune.
+"""
+
+from .magnitude import magnitude
+from .pattern import Pattern, PruneResult, parse_pattern
+from .sparsegpt import minmax_quantizer, sparsegpt
+from .stats import ActScaleStats, HessianStats
+from .wanda import wanda
+
+__all__ = [
+    "ActScaleStats",
+    "HessianStats",
+    "Pattern",
+    "PruneResult",
+    "magnitude",
+    "minmax_quantizer",
+    "parse_pattern",
+    "sparsegpt",
+    "wanda",
+]

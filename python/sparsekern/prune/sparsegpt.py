@@ -1,0 +1,197 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune with the OBS weight update, optionally quantising jointly.
+
+Steps (ALGORITHMS.md, the reference's exact arithmetic in float32):
+  1. dead input features (diag(H) == 0): H[j, j] = 1, W[:, j] = 0
+  2. H += percdamp * mean(diag(H)) * I
+  3. U = upper Cholesky factor of H^-1 (the reference's cholesky(cholesky_inverse(cholesky(H)), upper=True); computed
+     here as the inverse of the reversed-order Cholesky factor: same matrix, half the flops, in place)
+  4. per block of `blocksize` columns: the fused kernel sparsegpt_prune_block_ runs the block's column loop
+     (N:M chosen inside the loop; unstructured from a block-global threshold chosen here), then one GEMM
+     W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+  5. cast back to w's dtype.
+
+Memory: besides the inputs and the outputs (weight, mask, loss), one [cols, cols] float32 buffer (H's copy, turned
+into U in place by the Cholesky and the triangular inverse; their temporaries are [cols, 128]) and a few [rows, blocksize] blocks (the kernel's err and
+mask; the unstructured scores). The trailing update writes into W through a view, without a temporary.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..ops import prune as _ops
+from .pattern import PruneResult, check_divisible, check_finite, check_weight, parse_pattern
+
+_QUANT_BITS = {"int8": 8, "int4": 4}
+_MAX_DAMP_RETRIES = 3  # percdamp, x10, x100, x1000
+
+
+def minmax_quantizer(W: torch.Tensor, bits: int):
+    """Per-output-row asymmetric min-max quantiser of SparseGPT/GPTQ (`Quantizer.find_params(weight=True)`).
+
+    W: float32 [rows, cols]. Returns (scale [rows], zero [rows], maxq) with q = scale * (clamp(round(w / scale) +
+    zero, 0, maxq) - zero); the range always contains 0, so a pruned 0 stays exactly 0.
+    """
+    maxq = 2**bits - 1
+    zeros = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+    xmin = torch.minimum(W.min(dim=1).values, zeros)
+    xmax = torch.maximum(W.max(dim=1).values, zeros)
+    flat = (xmin == 0) & (xmax == 0)
+    xmin[flat] = -1
+    xmax[flat] = +1
+    scale = (xmax - xmin) / maxq
+    zero = torch.round(-xmin / scale)
+    return scale, zero, maxq
+
+
+_CHUNK = 128  # columns / rows per temporary in the in-place helpers below: temporaries stay [cols, 128]
+
+
+def _reverse_(A: torch.Tensor) -> torch.Tensor:
+    """In place A <- A.flip(0, 1) for a contiguous square A (= reversing its flat storage), in chunk swaps."""
+    flat = A.view(-1)
+    total = flat.numel()
+    step = _CHUNK * A.shape[0]
+    i = 0
+    while i < total // 2:
+        length = min(step, total // 2 - i)
+        a = flat[i : i + length]
+        b = flat[total - i - length : total - i]
+        head = a.flip(0)
+        a.copy_(b.flip(0))
+        b.copy_(head)
+        i += length
+    return A
+
+
+def _triangular_inverse_upper_(R: torch.Tensor, base: int = _CHUNK) -> torch.Tensor:
+    """In place R <- R^-1 for an upper-triangular R (zeros below the diagonal), by recursive halving:
+    [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]. The products run as GEMMs on 128-wide slices of B,
+    so no temporary is larger than [n, 128]. 2/3 n^3 flops, all in BLAS."""
+    n = R.shape[0]
+    if n <= base:
+        eye = torch.eye(n, dtype=R.dtype, device=R.device)
+        R.copy_(torch.linalg.solve_triangular(R, eye, upper=True))
+        return R
+    h = max(base, (n // 2) // base * base)
+    A, B, C = R[:h, :h], R[:h, h:], R[h:, h:]
+    _triangular_inverse_upper_(A, base)
+    _triangular_inverse_upper_(C, base)
+    for c0 in range(0, n - h, _CHUNK):
+        part = B[:, c0 : c0 + _CHUNK]
+        part.copy_(torch.mm(A, part))  # A^-1 B, column slice by column slice
+    for r0 in range(0, h, _CHUNK):
+        part = B[r0 : r0 + _CHUNK, :]
+        part.copy_(torch.mm(part, C)).neg_()  # -(A^-1 B) C^-1, row slice by row slice
+    return R
+
+
+def _upper_inverse_cholesky_(Hd: torch.Tensor, H: torch.Tensor, dead: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Turn Hd (a float32 copy of H with dead columns fixed) into U = cholesky(H^-1, upper=True) in place.
+
+    With P the reversal permutation, cholesky(P H P) = L gives H = R R^T with R = P L P upper-triangular, and then
+    H^-1 = R^-T R^-1, so U = R^-1 (the Cholesky factor is unique). One Cholesky and one triangular inverse
+    (2/3 n^3 flops) instead of the reference's Cholesky, cholesky_inverse and second Cholesky (4/3 n^3), all in
+    place in Hd. On failure: retry with 10x the damping, and warn with the value that worked."""
+    info = torch.empty((), dtype=torch.int32, device=Hd.device)
+    damp_pct = percdamp
+    for attempt in range(_MAX_DAMP_RETRIES + 1):
+        if attempt > 0:
+            Hd.copy_(H)
+            Hd.diagonal()[dead] = 1
+        damp = damp_pct * torch.mean(torch.diagonal(Hd))
+        Hd.diagonal().add_(damp)
+        _reverse_(Hd)
+        torch.linalg.cholesky_ex(Hd, out=(Hd, info))  # L of P H P, written over Hd
+        if int(info) == 0:
+            _reverse_(Hd)  # R = P L P
+            _triangular_inverse_upper_(Hd)  # U = R^-1
+            if attempt > 0:
+                warnings.warn(
+                    f"sparsegpt: Cholesky of the damped Hessian failed with percdamp={percdamp:g}; succeeded with "
+                    f"percdamp={damp_pct:g} (damp={float(damp):.4g} added to the diagonal)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return Hd
+        damp_pct *= 10
+    raise RuntimeError(
+        f"sparsegpt: the Hessian is not positive definite even with percdamp={damp_pct / 10:g} "
+        f"({_MAX_DAMP_RETRIES} retries from percdamp={percdamp:g}, x10 each); check the calibration data "
+        "(enough samples, no degenerate inputs). sparsekern does not fall back to an identity inverse."
+    )
+
+
+def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 128, percdamp: float = 0.01,
+              quant: str | None = None) -> PruneResult:
+    """SparseGPT pruning of one Linear weight; w and hessian are not modified.
+
+    w: floating [out_features, in_features] (computed in float32; the result is cast back to w.dtype).
+    hessian: [in_features, in_features] float (HessianStats.value: 2/N sum x x^T), on w's device.
+    pattern: "n:m" (n pruned in each aligned group of m along in_features, chosen inside the column loop) or a
+      float s in (0, 1) (per block of columns, prune the scores w^2 / diag(U)^2 <= the block's k-th smallest).
+    blocksize: columns per fused block (a multiple of m for n:m; the last block may be narrower).
+    percdamp: damping as a fraction of mean(diag(H)); multiplied by 10 (with a warning) when Cholesky fails.
+    quant: None, "int8" or "int4": joint per-output-row asymmetric min-max quantisation inside the column loop
+      (the returned weight holds the dequantised values; the quantiser is fitted on the row before pruning).
+    Returns PruneResult(weight (w's dtype), mask (bool, True = kept), loss (float32 [out_features])).
+    """
+    check_weight(w)
+    rows, cols = w.shape
+    if not isinstance(hessian, torch.Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(f"hessian must be a square 2-D tensor [in_features, in_features], got {shape}")
+    if hessian.shape[0] != cols:
+        raise ValueError(f"hessian is {tuple(hessian.shape)} but w has in_features = {cols}; H must be [{cols}, {cols}]")
+    if hessian.device != w.device:
+        raise ValueError(f"hessian is on {hessian.device} but w is on {w.device}")
+    check_finite(hessian, "hessian")
+    p = parse_pattern(pattern)
+    check_divisible(p, cols)
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if p.structured and blocksize % p.m != 0:
+        raise ValueError(f"blocksize ({blocksize}) must be a multiple of m = {p.m} for pattern {p.n}:{p.m}")
+    if not percdamp > 0:
+        raise ValueError(f"percdamp must be > 0, got {percdamp!r}")
+    if quant is not None and quant not in _QUANT_BITS:
+        raise ValueError(f"quant must be None, 'int8' or 'int4', got {quant!r}")
+
+    W = torch.empty((rows, cols), dtype=torch.float32, device=w.device)
+    W.copy_(w.detach())
+    qscale = qzero = None
+    maxq = 0
+    if quant is not None:
+        qscale, qzero, maxq = minmax_quantizer(W, _QUANT_BITS[quant])  # before dead columns are zeroed, as the ref
+
+    Hd = torch.empty((cols, cols), dtype=torch.float32, device=w.device)
+    Hd.copy_(hessian.detach())
+    dead = torch.diagonal(Hd) == 0
+    Hd.diagonal()[dead] = 1
+    W[:, dead] = 0
+    U = _upper_inverse_cholesky_(Hd, hessian.detach(), dead, percdamp)
+
+    keep = torch.empty((rows, cols), dtype=torch.bool, device=w.device)
+    loss = torch.zeros(rows, dtype=torch.float32, device=w.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2]
+        Hinv1 = U[i1:i2, i1:i2]
+        prune_mask = None
+        if not p.structured:
+            score = W1.square() / torch.diagonal(Hinv1).square().reshape(1, -1)
+            k = int(score.numel() * p.sparsity)
+            thresh = torch.kthvalue(score.flatten(), k + 1).values  # sorted(score.flatten())[k]
+            prune_mask = score <= thresh
+            del score
+        err, block_loss, block_keep = _ops.sparsegpt_prune_block_(W1, Hinv1, p.n, p.m, prune_mask, qscale, qzero,
+                                                                  maxq)
+        keep[:, i1:i2] = block_keep
+        loss += block_loss
+        if i2 < cols:
+            W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
+        del err, block_keep, prune_mask
+    weight = W if w.dtype == torch.float32 else W.to(w.dtype)
+    return PruneResult(weight, keep, loss)

@@ -1,0 +1,180 @@
+"""Wanda and magnitude pruning (sparsekern.prune.wanda / magnitude, op sparsekern::wanda_prune) against the
+plain-PyTorch oracles of test_prune_oracles.py. Masks and pruned weights are exact: the metric is one rounded
+float32 product in both, and the selection rule is defined (N:M ties keep the lower column; unstructured ties
+prune the lower column first)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsekern.prune as P
+from sparsekern.ops import prune as ops
+from test_prune_oracles import act_scale_oracle, nm_keep_oracle, realistic_activations, wanda_oracle, wanda_variant_oracle
+
+
+def _layer(rows, cols, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+    s = act_scale_oracle([realistic_activations(4, 16, cols, seed=seed)]).float()
+    return w, s
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:4", "4:8", "2:8", "3:6"])
+@pytest.mark.parametrize("rows,cols", [(1, 24), (33, 48), (64, 96)])
+def test_wanda_nm_matches_oracle(device, pattern, rows, cols):
+    n, m = map(int, pattern.split(":"))
+    w, s = _layer(rows, cols, seed=rows + cols)
+    ref_w, ref_keep = wanda_oracle(w, s, n, m, 0.0)
+    r = P.wanda(w.to(device), s.to(device), pattern)
+    assert torch.equal(r.mask.cpu(), ref_keep)
+    assert torch.equal(r.weight.cpu(), ref_w)
+    assert r.loss is None
+    assert (r.mask.view(rows, -1, m).sum(-1) == m - n).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wanda_half_weights(device, dtype):
+    w, s = _layer(37, 64, seed=3, dtype=dtype)
+    ref_w, ref_keep = wanda_oracle(w, s, 2, 4, 0.0)
+    r = P.wanda(w.to(device), s.to(device), "2:4")
+    assert r.weight.dtype == dtype
+    assert torch.equal(r.mask.cpu(), ref_keep) and torch.equal(r.weight.cpu(), ref_w)
+
+
+def test_nm_tie_rule_on_all_small_integer_groups(device):
+    # Every group of four values in {0, 1, 2} (81 groups, ties everywhere): the fast m = 4 path and the generic
+    # path must both follow core/nm.h's rule, keep the largest, ties keep the lower column.
+    vals = torch.cartesian_prod(*[torch.arange(3.0)] * 4).reshape(1, -1)  # 81 groups in one row
+    w = vals + 0.0  # |w| = value, act_scale = 1 -> metric = value exactly
+    ones = torch.ones(w.shape[1])
+    for n in (1, 2, 3):
+        _, keep = ops.wanda_prune(w.to(device), ones.to(device), n, 4, 0.0)
+        assert torch.equal(keep.cpu(), nm_keep_oracle(w, n, 4)), n
+    w8 = vals[:, :320]
+    _, keep8 = ops.wanda_prune(w8.to(device), torch.ones(w8.shape[1], device=device), 4, 8, 0.0)
+    assert torch.equal(keep8.cpu(), nm_keep_oracle(w8, 4, 8))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3, 0.75])
+@pytest.mark.parametrize("rows,cols", [(1, 40), (33, 100), (64, 128)])
+def test_wanda_unstructured_matches_oracle(device, sparsity, rows, cols):
+    w, s = _layer(rows, cols, seed=7)
+    ref_w, ref_keep = wanda_oracle(w, s, 0, 0, sparsity)
+    r = P.wanda(w.to(device), s.to(device), sparsity)
+    assert torch.equal(r.mask.cpu(), ref_keep) and torch.equal(r.weight.cpu(), ref_w)
+    assert (r.mask.sum(1) == cols - int(cols * sparsity)).all()
+
+
+def test_wanda_op_nan_is_never_pruned(device):
+    # The op itself follows core/nm.h for NaN (scored as the largest), on the fast m = 4 path's fallback too;
+    # the Python API rejects NaN before it gets here.
+    w = torch.tensor([[0.5, float("nan"), 0.25, 1.0] * 5])
+    _, keep = ops.wanda_prune(w.to(device), torch.ones(20, device=device), 2, 4, 0.0)
+    assert keep.cpu().tolist() == [[False, True, False, True] * 5]
+
+
+def test_wanda_unstructured_ties_prune_lower_column_first(device):
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 0.5]])
+    _, keep = ops.wanda_prune(w.to(device), torch.ones(6, device=device), 0, 0, 0.5)  # k = 3
+    assert keep.cpu().tolist() == [[False, False, True, True, True, False]]
+
+
+def test_wanda_variant_matches_oracle(device):
+    w, s = _layer(45, 160, seed=11)
+    ref_w, ref_keep = wanda_variant_oracle(w, s, 0.5)
+    r = P.wanda(w.to(device), s.to(device), 0.5, use_variant=True)
+    assert torch.equal(r.mask.cpu(), ref_keep) and torch.equal(r.weight.cpu(), ref_w)
+    assert abs(1 - r.mask.float().mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8)])
+def test_magnitude_nm_is_exact(device, pattern, n, m):
+    w, _ = _layer(33, 64, seed=5)
+    keep = nm_keep_oracle(w.abs(), n, m)
+    r = P.magnitude(w.to(device), pattern)
+    assert torch.equal(r.mask.cpu(), keep) and torch.equal(r.weight.cpu(), w * keep)
+
+
+def test_magnitude_unstructured_reference_threshold(device):
+    w, _ = _layer(33, 64, seed=6)
+    thresh = torch.sort(w.abs().flatten())[0][int(w.numel() * 0.5)]
+    keep = ~(w.abs() <= thresh)
+    r = P.magnitude(w.to(device), 0.5)
+    assert torch.equal(r.mask.cpu(), keep) and torch.equal(r.weight.cpu(), w * keep)
+    assert r.mask.sum().item() == w.numel() - int(w.numel() * 0.5) - 1  # the reference prunes k + 1
+
+
+def test_wanda_does_not_modify_inputs():
+    w, s = _layer(8, 16)
+    w0, s0 = w.clone(), s.clone()
+    P.wanda(w, s, "2:4")
+    P.magnitude(w, 0.5)
+    assert torch.equal(w, w0) and torch.equal(s, s0)
+
+
+# ---------------------------------------------------------------- patterns and bad input
+
+
+@pytest.mark.parametrize(
+    "pattern,expected",
+    [("2:4", (2, 4, 0.5)), (" 4 : 8 ", (4, 8, 0.5)), ("1:32", (1, 32, 1 / 32)), (0.5, (0, 0, 0.5)), ("0.7", (0, 0, 0.7))],
+)
+def test_parse_pattern(pattern, expected):
+    assert tuple(P.parse_pattern(pattern)) == expected
+
+
+@pytest.mark.parametrize(
+    "pattern,msg",
+    [("3:2", "1 <= n < m"), ("4:4", "1 <= n < m"), ("0:4", "1 <= n < m"), ("2:64", "m must be <= 32"),
+     ("abc", "'n:m' string"), ("2-4", "'n:m' string"), (1.5, "float in \\(0, 1\\)"), (0.0, "float in \\(0, 1\\)"),
+     (True, "'n:m' string"), (None, "'n:m' string")],
+)
+def test_parse_pattern_rejects(pattern, msg):
+    with pytest.raises(ValueError, match=msg):
+        P.parse_pattern(pattern)
+
+
+def test_wanda_bad_inputs():
+    w, s = _layer(4, 20)
+    with pytest.raises(ValueError, match="divisible by m = 8"):
+        P.wanda(w, s, "4:8")
+    with pytest.raises(ValueError, match="divisible by m = 5"):
+        P.wanda(w[:, :16], s[:16], "2:5")
+    with pytest.raises(ValueError, match=r"act_scale must be a 1-D tensor \[in_features\] = \[20\]"):
+        P.wanda(w, s[:16], "2:4")
+    bad = w.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="w contains NaN or Inf"):
+        P.wanda(bad, s, "2:4")
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="w contains NaN or Inf"):
+        P.magnitude(bad, "2:4")
+    with pytest.raises(ValueError, match="act_scale contains NaN or Inf"):
+        P.wanda(w, torch.full((20,), float("nan")), "2:4")
+    with pytest.raises(ValueError, match="act_scale must be >= 0"):
+        P.wanda(w, -s, "2:4")
+    with pytest.raises(ValueError, match="does not apply to n:m"):
+        P.wanda(w, s, "2:4", use_variant=True)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        P.wanda(w[0], s, "2:4")
+
+
+def test_wanda_op_errors():
+    w, s = _layer(4, 20)
+    with pytest.raises(RuntimeError, match=r"in_features \(20\) must be divisible by m \(8\)"):
+        ops.wanda_prune(w, s, 4, 8)
+    with pytest.raises(RuntimeError, match="1 <= n < m"):
+        ops.wanda_prune(w, s, 4, 4)
+    with pytest.raises(RuntimeError, match=r"sparsity must be in \[0, 1\)"):
+        ops.wanda_prune(w, s, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="act_scale must be float32"):
+        ops.wanda_prune(w, s.double(), 2, 4)
+    with pytest.raises(RuntimeError, match="w must be float32, float16 or bfloat16"):
+        ops.wanda_prune(w.double(), s, 2, 4)
+
+
+@pytest.mark.parametrize("n,m,sparsity", [(2, 4, 0.0), (4, 8, 0.0), (0, 0, 0.5)])
+def test_opcheck_wanda_prune(device, n, m, sparsity):
+    w, s = _layer(9, 32)
+    torch.library.opcheck(torch.ops.sparsekern.wanda_prune.default, (w.to(device), s.to(device), n, m, sparsity))
