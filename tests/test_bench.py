@@ -102,6 +102,13 @@ def test_gemm_cli_bad_input_messages(capsys, argv, needles):
         assert n in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.parametrize("bench", ["gemm", "overhead"])
+def test_cuda_requested_without_gpu(capsys, bench):
+    assert cli_main(["bench", bench, "--device", "cuda", "--shapes", "16x64x64"]) == 2
+    assert "--device cuda, but torch sees no CUDA GPU" in capsys.readouterr().err
+
+
 def test_overhead_cli_needs_fixed_m(capsys):
     assert cli_main(["bench", "overhead", "--device", "cpu", "--shapes", "256x256"]) == 2
     assert "256x256 needs a fixed M (MxNxK)" in capsys.readouterr().err

@@ -55,6 +55,18 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _no_gpu(command: str, device: str) -> bool:
+    """Print the error and return True when --device cuda was asked for on a machine without a visible GPU."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"sparsekern bench {command}: error: --device cuda, but torch sees no CUDA GPU "
+              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); use --device cpu",
+              file=sys.stderr)
+        return True
+    return False
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to run (default: cuda when a GPU is visible, else cpu)")
@@ -168,6 +180,8 @@ def run_gemm_command(args) -> int:
     from . import gemm, report
 
     device = args.device or _default_device()
+    if _no_gpu("gemm", device):
+        return 2
     is_cuda = device == "cuda"
     dtypes = args.dtype or (["bf16"] if is_cuda else ["fp32", "bf16"])
     shapes = []
@@ -213,6 +227,8 @@ def run_overhead_command(args) -> int:
     from . import overhead, report
 
     device = args.device or _default_device()
+    if _no_gpu("overhead", device):
+        return 2
     cfg = overhead.OverheadConfig(device=device, calls=args.calls, reps=args.reps, seed=args.seed)
     if args.shapes:
         for s in args.shapes:
