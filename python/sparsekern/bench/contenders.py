@@ -245,6 +245,8 @@ def _sk_spmm24(p: Problem) -> Prepared:
     """sparsekern's 2:4 matmul reading the portable format (the CPU kernel; on CUDA the own small-M kernel)."""
     _need_sparsekern_op("compress_24", p)
     _need_sparsekern_op("spmm_24", p)
+    if p.dtype == torch.float8_e4m3fn and p.device.type == "cpu":
+        raise Skip("spmm_24 has no fp8 path on the CPU (SparseLinear emulates fp8 there in float32: see sk_linear)")
     values, codes = _compress_24(p.w)
     out = torch.bfloat16 if p.is_8bit else None
     return Prepared(
