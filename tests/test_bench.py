@@ -163,6 +163,74 @@ def test_time_cpu_bounds_work_by_max_seconds():
     assert st.median_us == pytest.approx(0.5e6)
 
 
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls time_cuda makes, driven by a FakeClock: lets the CPU test check the
+    control flow (batches, one L2 flush before every timed call, events around the call only, the spin before
+    each batch) that otherwise only a GPU could run."""
+
+    def __init__(self, clock):
+        self.clock, self.log = clock, []
+        outer = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = outer.clock.t
+                outer.log.append("event")
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3  # ms, as torch.cuda.Event does
+
+        self.Event = Event
+
+    def _sleep(self, cycles):
+        self.log.append("spin")
+
+    def synchronize(self):
+        pass
+
+    def current_device(self):
+        return 0
+
+
+class _FakeFlush:
+    def __init__(self, log):
+        self.log = log
+
+    def zero_(self):
+        self.log.append("flush")
+
+
+def test_time_cuda_control_flow_with_fake_cuda(monkeypatch):
+    clock = FakeClock()
+    fake = _FakeCuda(clock)
+    for name in ("Event", "_sleep", "synchronize", "current_device"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(timing, "l2_flush_buffer", lambda dev: _FakeFlush(fake.log))
+    monkeypatch.setitem(timing._SLEEP_CYCLES_PER_US, 0, 1000.0)
+    durations = [0.002, 0.001, 0.004, 0.003, 0.001, 0.005, 0.002, 0.006, 0.001, 0.002]
+
+    def fn(i):
+        fake.log.append(f"call{i}")
+        clock.t += durations[i]
+
+    st = timing.time_cuda(fn, warmup=2, iters=8, min_iters=2, max_seconds=10.0, batch=5, clock=clock)
+    assert st.iters == 8
+    assert st.median_us == pytest.approx(statistics.median(d * 1e6 for d in durations[2:]))
+    timed = fake.log[2:]  # after the two warm-up calls
+    # batch of 5 then of 3, each behind one spin; every timed call: flush, event, call, event
+    per_call = lambda i: ["flush", "event", f"call{i}", "event"]  # noqa: E731
+    expect = ["spin"] + sum((per_call(i) for i in range(2, 7)), []) + ["spin"] + sum(
+        (per_call(i) for i in range(7, 10)), [])
+    assert timed == expect
+    assert st.host_us == pytest.approx(statistics.median(d * 1e6 for d in durations[2:]))
+
+
 @pytest.mark.parametrize("kw,needle", [
     ({"warmup": -1}, "warmup must be >= 0"),
     ({"iters": 0}, "iters and min_iters must be >= 1"),
