@@ -521,6 +521,23 @@ def test_goals_for_the_cpu_issue():
                    "CPU bf16 M=1": True, "CPU bf16 M=16": False, "CPU bf16 M=256": True}
 
 
+def test_goals_for_the_gpu_issue():
+    def r(contender, dtype, m, sp, model="llama3-8b"):
+        return dict(contender=contender, status="ok", dtype=dtype, m=m, n=4096, k=4096, model=model,
+                    speedup_vs_dense=sp)
+
+    recs = [r("sk_linear", "bf16", 512, 1.1), r("sk_linear", "bf16", 1024, 1.4), r("sk_linear", "bf16", 4096, 1.5),
+            r("sk_linear", "bf16", 256, 9.0),  # below the prefill range: ignored
+            r("sk_linear", "bf16", 4096, 0.1, model=None),  # custom shape: not a Llama shape, ignored
+            r("sk_cslt", "int8", 2048, 2.5), r("sk_cslt", "int8", 8192, 1.9), r("sk_cslt", "int8", 1024, 0.5)]
+    ov = {"records": [dict(contender="sk_cslt", status="ok", mode="eager", m=16, n=256, k=256,
+                           speedup_vs_torch_cslt=4.0, overhead_us=6.5)]}
+    gs = report.goals({"env": {"device": "cuda"}, "records": recs}, ov)
+    got = [(g["contender"], g["measured"], g["met"]) for g in gs]
+    assert got == [("sk_linear", pytest.approx(1.4), True), ("sk_cslt", pytest.approx(1.9), False),
+                   ("sk_cslt", 4.0, True), ("sk_cslt", 6.5, False)]
+
+
 def test_summary_of_the_cpu_run(cpu_run):
     _, out, _ = cpu_run
     steps = out / "steps.tsv"
