@@ -91,7 +91,7 @@ def _triangular_inverse_upper_(R: torch.Tensor, base: int = _CHUNK) -> torch.Ten
 def _upper_inverse_cholesky_(Hd: torch.Tensor, H: torch.Tensor, dead: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Turn Hd (a float32 copy of H with dead columns fixed) into U = cholesky(H^-1, upper=True) in place.
 
-    With P the reversal permutation, cholesky(P H P) = L gives H = R R^T with R = P L P upper-triangular, and then
+    With P the reversal permutation, P H P = U'^T U' gives H = R R^T with R = P U'^T P upper-triangular, and then
     H^-1 = R^-T R^-1, so U = R^-1 (the Cholesky factor is unique). One Cholesky and one triangular inverse
     (2/3 n^3 flops) instead of the reference's Cholesky, cholesky_inverse and second Cholesky (4/3 n^3), all in
     place in Hd. On failure: retry with 10x the damping, and warn with the value that worked."""
@@ -103,10 +103,12 @@ def _upper_inverse_cholesky_(Hd: torch.Tensor, H: torch.Tensor, dead: torch.Tens
             Hd.diagonal()[dead] = 1
         damp = damp_pct * torch.mean(torch.diagonal(Hd))
         Hd.diagonal().add_(damp)
-        _reverse_(Hd)
-        torch.linalg.cholesky_ex(Hd, out=(Hd, info))  # L of P H P, written over Hd
+        _reverse_(Hd)  # P H P
+        # Factorise through the transposed (column-major) view: LAPACK works in place there, while a row-major
+        # argument makes torch copy the whole matrix. Hd^T = U' with P H P = U'^T U', so Hd = U'^T afterwards.
+        torch.linalg.cholesky_ex(Hd.t(), upper=True, out=(Hd.t(), info))
         if int(info) == 0:
-            _reverse_(Hd)  # R = P L P
+            _reverse_(Hd)  # R = P U'^T P, upper-triangular, H = R R^T
             _triangular_inverse_upper_(Hd)  # U = R^-1
             if attempt > 0:
                 warnings.warn(
