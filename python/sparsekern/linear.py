@@ -19,7 +19,7 @@ Storage (all buffers, none a Parameter: no optimizer step can touch the weight, 
   N = out_features, K = in_features (a multiple of 4; 2:4 groups run along K).
 
 state_dict() holds values, codes, weight_scale (quantised), bias, shape (int64 [2] = [N, K]) and format_version
-(int64 scalar); loading accepts that or a dense `weight` ([N, K]; [K, N] for a Conv1D-born layer) that is 2:4.
+(int64 [1]); loading accepts that or a dense `weight` ([N, K]; [K, N] for a Conv1D-born layer) that is 2:4.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ext, policy
+from .format import FORMAT_VERSION  # portable 2:4 format version: one source of truth
 from .quant import (
     QuantUnsupportedError,
     check_quant_supported,
@@ -38,8 +39,7 @@ from .quant import (
     quantize_weight,
 )
 
-FORMAT_VERSION = 1  # portable 2:4 format version (csrc/registration.cpp); bump with the format
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -349,14 +349,15 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ device moves
 
-    def _refresh_device_state(self) -> None:
+    def _refresh_device_state(self, rebuild_cslt: bool = True) -> None:
         """Recompute what depends on the device: arch, kernels available, the cuSPARSELt buffer."""
         dev = self.codes.device
         self._device_type = dev.type
         self._arch = policy.arch_of(dev) if dev.type == "cuda" else dev.type
         self._policy_dtype = policy.dtype_name(self.values.dtype)
         self._has_cuda_spmm24 = dev.type == "cuda" and policy.cuda_kernel_compiled("spmm_24")
-        self._buffers["cslt_buffer"] = self._build_cslt_buffer()
+        if rebuild_cslt:
+            self._buffers["cslt_buffer"] = self._build_cslt_buffer()
         policy.active_table()  # read the table file now, not inside a traced forward
 
     def _build_cslt_buffer(self) -> torch.Tensor | None:
@@ -385,6 +386,8 @@ class SparseLinear(nn.Module):
             values = self.values.to(dev)
         scale = self.weight_scale.to(dev) if self.weight_scale is not None else None
         bias = fn(self.bias) if self.bias is not None else None
+        # A no-op move (model.to(device) on a model already there) keeps the cuSPARSELt buffer: no recompression.
+        same_weight = values is self.values and codes is self.codes
         old = dict(self._buffers)
         try:
             self._buffers.update(values=values, codes=codes, weight_scale=scale, bias=bias)
@@ -392,7 +395,7 @@ class SparseLinear(nn.Module):
                 self.dense_dtype = values.dtype
             elif bias is not None:
                 self.dense_dtype = bias.dtype
-            self._refresh_device_state()
+            self._refresh_device_state(rebuild_cslt=not same_weight)
         except BaseException:
             self._buffers.update(old)
             self._refresh_device_state()
@@ -415,7 +418,8 @@ class SparseLinear(nn.Module):
             if t is not None:
                 destination[prefix + name] = t if keep_vars else t.detach()
         destination[prefix + "shape"] = torch.tensor([self.out_features, self.in_features], dtype=torch.int64)
-        destination[prefix + "format_version"] = torch.tensor(FORMAT_VERSION, dtype=torch.int64)
+        # Same layout as Compressed24.state_dict(): shape int64 [2], format_version int64 [1].
+        destination[prefix + "format_version"] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
 
     def state_from_dict(self, state_dict, prefix: str = ""):
         """Validate this layer's entries of `state_dict` and return the tensors to install
@@ -456,7 +460,7 @@ class SparseLinear(nn.Module):
             raise CheckpointError(f"{where}: state dict lacks {', '.join(prefix + m for m in missing)} (neither the "
                                   "portable 2:4 entries nor a dense weight)")
         version = get(prefix + "format_version")
-        if version.numel() != 1 or int(version) not in SUPPORTED_FORMAT_VERSIONS:
+        if version.numel() != 1 or int(version.reshape(-1)[0]) not in SUPPORTED_FORMAT_VERSIONS:
             raise CheckpointError(f"{where}: unknown 2:4 format version {version.tolist()}; this sparsekern reads "
                                   f"versions {SUPPORTED_FORMAT_VERSIONS} (upgrade sparsekern)")
         shape = get(prefix + "shape").tolist()
