@@ -20,8 +20,9 @@ def _pyplot():
         raise PlotUnavailable(f"matplotlib is not installed ({e}); pip install matplotlib for the PNG plot") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker as ticker
 
-    return plt
+    return plt, ticker
 
 
 def plot_speedup(records: list[dict], path: str, title: str = "") -> str:
@@ -33,7 +34,7 @@ def plot_speedup(records: list[dict], path: str, title: str = "") -> str:
     pts = [r for r in records if r["status"] == "ok" and r["contender"] != "dense" and r.get("speedup_vs_dense")]
     if not pts:
         raise ValueError("no measured speedup vs dense to plot (was the dense contender measured?)")
-    plt = _pyplot()
+    plt, ticker = _pyplot()
     shapes = list(dict.fromkeys(r["shape"] for r in pts))
     cols = min(4, len(shapes))
     rows = math.ceil(len(shapes) / cols)
@@ -48,6 +49,7 @@ def plot_speedup(records: list[dict], path: str, title: str = "") -> str:
             ax.plot([m for m, _ in xy], [s for _, s in xy], marker="o", markersize=3, label=f"{contender} {dtype}")
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 16, 256: not 2^4
         ax.set_title(shape, fontsize=9)
         ax.set_xlabel("M (tokens)")
         ax.set_ylabel("speedup vs dense (×)")
