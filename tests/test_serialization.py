@@ -325,3 +325,31 @@ def test_compressed_tensors_truncated_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj: compressed \(64, 28\).*do not "
                                               r"match shape \[64, 64\]"):
         sparsekern.from_pretrained(tmp_path / "ct")
+
+
+def test_compressed_tensors_export_round_trip(tmp_path):
+    model = tiny_llama()
+    sparsify(model)
+    out = ser.save_compressed_tensors(model, tmp_path / "ct")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    assert cfg["quantization_config"]["sparsity_config"]["ignore"] == ["lm_head"]
+    from safetensors.torch import load_file
+
+    t = load_file(str(out / "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj"
+    assert t[q + ".shape"].flatten().tolist() == [64, 64] and t[q + ".bitmask"].shape == (64, 8)
+    # the oracle: the bitmask unpacks (little-endian bits) to the non-zero pattern of the weight, 2 per group
+    dense = model.model.layers[0].self_attn.q_proj.dense_weight()
+    mask = torch.from_numpy(np.unpackbits(t[q + ".bitmask"].numpy(), axis=-1, bitorder="little")).bool()
+    assert bool(((dense != 0) <= mask).all()) and bool((mask.reshape(64, 16, 4).sum(-1) == 2).all())
+    assert torch.equal(t[q + ".compressed"], dense[mask].reshape(64, 32))
+    loaded = sparsekern.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    qmodel = tiny_llama()
+    sparsify(qmodel, quant="int8")
+    with pytest.raises(ValueError, match="quantised SparseLinear layers cannot be exported"):
+        ser.save_compressed_tensors(qmodel, tmp_path / "q")
+    assert not (tmp_path / "q").exists()

@@ -25,7 +25,7 @@ from_pretrained(dir) also reads compressed-tensors checkpoints whose config.json
 format "sparse-24-bitmask" (as written by llm-compressor): per 2:4 layer X the safetensors hold X.compressed
 [rows, cols/2], X.bitmask uint8 [rows, ceil(cols/8)] (bit j of byte b = column 8b + j kept, little-endian bit
 order) and X.shape ([rows, cols]); those layers become SparseLinear, the rest loads dense. Quantised
-compressed-tensors checkpoints are refused with a message.
+compressed-tensors checkpoints are refused with a message. save_compressed_tensors(model, dir) writes that layout.
 """
 
 from __future__ import annotations
@@ -157,6 +157,22 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
 # ---------------------------------------------------------------------------------------------- Hugging Face
 
 
+def _publish(tmp: Path, directory: Path) -> None:
+    """Rename the finished temporary folder to `directory`; an existing one is moved aside first and deleted only
+    after the new one is in place (restored if the rename fails)."""
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
+        os.replace(directory, old)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            os.replace(old, directory)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn,):
@@ -204,17 +220,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite
             "tied": tied,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
-            os.replace(directory, old)
-            try:
-                os.replace(tmp, directory)
-            except BaseException:
-                os.replace(old, directory)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _publish(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -387,10 +393,74 @@ def _from_compressed_tensors(directory: Path, raw_cfg: dict, sparsity: dict, mod
         sd[f"{name}.values"] = c.values
         sd[f"{name}.codes"] = c.codes
         sd[f"{name}.shape"] = torch.tensor(shape, dtype=torch.int64)
-        sd[f"{name}.format_version"] = torch.tensor(getattr(c, "format_version", FORMAT_VERSION), dtype=torch.int64)
+        sd[f"{name}.format_version"] = torch.tensor([c.format_version], dtype=torch.int64)
     _fill_tied(model, sd)
     load_state_dict(model, sd, strict=True)
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+def save_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Export a sparsified Hugging Face model as a compressed-tensors "sparse-24-bitmask" checkpoint (the layout
+    llm-compressor writes and vLLM reads), atomically like save_pretrained.
+
+    Every unquantised SparseLinear born from an nn.Linear is stored as X.compressed / X.bitmask / X.shape
+    (format.to_bitmask: the values are shared, the codes become bitmasks); everything else is stored dense (a
+    Conv1D-born layer as its dense [in, out] weight: compressed-tensors targets Linear layers). Quantised
+    SparseLinear layers are refused: their int8/fp8 scheme is not compressed-tensors' quantisation config.
+    """
+    from safetensors.torch import save_file
+
+    from . import format as skformat
+
+    directory = Path(directory)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise TypeError("save_compressed_tensors(model, dir) needs a Hugging Face model (with .config)")
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    sparse = _sparse_layers(model)
+    quantised = [n for n, m in sparse.items() if m.quant is not None]
+    if quantised:
+        raise ValueError(f"save_compressed_tensors: quantised SparseLinear layers cannot be exported as "
+                         f"sparse-24-bitmask: {quantised}")
+    tensors: dict[str, torch.Tensor] = {}
+    compressed_layers = []
+    for key, t in model.state_dict().items():
+        layer = _layer_of(key, sparse)
+        if layer is None:
+            tensors[key] = t
+            continue
+        m, leaf = sparse[layer], key.rpartition(".")[2]
+        if leaf == "bias":
+            tensors[key] = t
+        elif leaf == "values" and m.weight_layout == "linear":
+            c = skformat.Compressed24(m.values, m.codes, (m.out_features, m.in_features))
+            values, bitmask, shape = skformat.to_bitmask(c)
+            tensors.update({f"{layer}.compressed": values, f"{layer}.bitmask": bitmask, f"{layer}.shape": shape})
+            compressed_layers.append(layer)
+        elif leaf == "values":
+            tensors[f"{layer}.weight"] = m.dense_weight().t()
+    tensors, _ = _dedupe(tensors)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        ignore = sorted(n for n, mod in model.named_modules() if isinstance(mod, nn.Linear))
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "dense", "config_groups": {},
+            "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"],
+                                "ignore": ignore, "global_sparsity": None},
+        }
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        _publish(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
