@@ -55,13 +55,15 @@ def assert_close_to_ref(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: to
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(20, 36), (64, 128)])  # odd sizes (36/8 is not whole: an odd group count) + aligned
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_linear_2d_and_3d(dtype, n, k, bias):
-    lin = linear_24(k, n, bias, dtype)
+def test_matches_linear_2d_and_3d(dtype, n, k, bias, device):
+    # device: cpu always; cuda on a GPU machine (conftest), where (64, 128) 16-bit runs cuSPARSELt and the odd
+    # shape the fallback the policy picks for it.
+    lin = linear_24(k, n, bias, dtype).to(device)
     layer = SparseLinear.from_linear(lin)
     for shape in [(1, k), (3, k), (33, k), (2, 5, k)]:
-        x = torch.randn(*shape, dtype=torch.float64).to(dtype)
+        x = torch.randn(*shape, dtype=torch.float64).to(dtype=dtype, device=device)
         y = layer(x)
-        assert y.shape == (*shape[:-1], n) and y.dtype == dtype
+        assert y.shape == (*shape[:-1], n) and y.dtype == dtype and y.device == x.device
         assert_close_to_ref(y.reshape(-1, n), x.reshape(-1, k), lin.weight.detach(),
                             lin.bias.detach() if bias else None)
 
@@ -127,11 +129,11 @@ def test_dtype_moves_keep_codes_exact():
 # ------------------------------------------------------------------------------------------------- autograd
 
 
-def test_grad_x_matches_dense_and_weight_frozen():
-    lin = linear_24(36, 20)
+def test_grad_x_matches_dense_and_weight_frozen(device):
+    lin = linear_24(36, 20).to(device)
     layer = SparseLinear.from_linear(lin)
-    x = torch.randn(2, 7, 36, requires_grad=True)
-    gy = torch.randn(2, 7, 20)
+    x = torch.randn(2, 7, 36, device=device, requires_grad=True)
+    gy = torch.randn(2, 7, 20, device=device)
     layer(x).backward(gy)
     ref = (gy.double().reshape(-1, 20) @ lin.weight.detach().double()).reshape(2, 7, 36)
     torch.testing.assert_close(x.grad.double(), ref, rtol=1e-5, atol=1e-5)
