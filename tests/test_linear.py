@@ -23,6 +23,15 @@ from sparsekern.linear import NotTwoFourError, SparseLinear
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True)
+def _isolated_policy(tmp_path, monkeypatch):
+    # Never read a policy table a benchmark left in ~/.cache on this machine: every test starts from the defaults.
+    monkeypatch.setenv(policy.ENV_TABLE, str(tmp_path / "no-policy.json"))
+    policy.set_table(None)
+    yield
+    policy.set_table(None)
+
+
 def random_24(n: int, k: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """A random [n, k] weight with exactly two non-zeros in every aligned group of 4 along k (random positions),
     built without any sparsekern code: the oracle's own 2:4 construction."""
@@ -212,6 +221,30 @@ def test_policy_override_and_unrunnable_choice_falls_back():
     layer.set_kernel("cslt")  # cuSPARSELt cannot run on the CPU: the safe default is used instead
     assert layer.kernel_for(4) == "spmm24"
     layer.set_kernel(None)
+
+
+def test_policy_cuda_choices_without_gpu():
+    # choose_kernel is pure: the CUDA rules are checked here with the layer's facts given explicitly.
+    def pick(m, has_cslt, has_spmm, table=None, override=None):
+        policy.set_table(table if table is not None else policy.PolicyTable())
+        try:
+            return policy.choose_kernel(device_type="cuda", arch="sm90", dtype="float16", n=4096, k=4096, m=m,
+                                        has_cslt=has_cslt, has_cuda_spmm24=has_spmm, layer_override=override)
+        finally:
+            policy.set_table(None)
+
+    assert pick(1, True, False) == "cslt"
+    assert pick(1, False, True) == "spmm24"
+    assert pick(1, False, False) == "dense_fallback"  # e.g. a shape cuSPARSELt refuses, no CUDA spmm24 built
+    table = policy.table_from_entries([{"arch": "sm90", "dtype": "float16", "n": 4096, "k": 4096, "m": 8,
+                                        "kernel": "decode24"},
+                                       {"arch": "sm90", "dtype": "float16", "n": 4096, "k": 4096, "m": 512,
+                                        "kernel": "cslt"}])
+    assert [pick(m, True, True, table) for m in (1, 8, 64, 4096)] == ["spmm24", "spmm24", "cslt", "cslt"]
+    assert pick(4, True, False, table) == "cslt"  # measured spmm24 is not built here: the default instead
+    assert pick(4096, True, True, table, override="dense_fallback") == "dense_fallback"
+    assert policy.choose_kernel(device_type="cuda", arch="sm80", dtype="float16", n=4096, k=4096, m=8,
+                                has_cslt=True, has_cuda_spmm24=True) == "cslt"  # other arch: not measured
 
 
 def test_policy_bad_inputs(tmp_path):
