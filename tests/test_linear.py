@@ -210,6 +210,16 @@ def test_policy_table_written_read_and_used(tmp_path):
         policy.set_table(None)
 
 
+def test_default_table_file_is_read_and_refreshed(tmp_path, monkeypatch):
+    monkeypatch.setenv(policy.ENV_TABLE, str(tmp_path / "default.json"))
+    policy.set_table(None)
+    layer = SparseLinear.from_linear(linear_24(32, 16))
+    assert layer.kernel_for(2) == "spmm24"  # no file yet: the default
+    assert policy.write_table([{"arch": "cpu", "dtype": "float32", "n": 16, "k": 32, "m": 2,
+                                "kernel": "dense_fallback"}]) == tmp_path / "default.json"
+    assert layer.kernel_for(2) == "dense_fallback"  # the file written in this process is picked up
+
+
 def test_policy_override_and_unrunnable_choice_falls_back():
     lin = linear_24(32, 16)
     layer = SparseLinear.from_linear(lin)

@@ -191,8 +191,10 @@ def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = Non
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    if _state.table is not None and _state.table.source == str(path):
-        _state.table = None  # re-read on next use
+    # Re-read on next use when this file is the one in use (set_table(path), or the default file).
+    if (_state.table is not None and _state.table.source == str(path)) or \
+            (not _state.explicit and path == default_table_path()):
+        _state.table = None
     return path
 
 
