@@ -220,6 +220,19 @@ def test_llama_greedy_generation_identical_after_sparsify():
     assert torch.equal(sparse_tokens, dense_tokens)
 
 
+@pytest.mark.slow
+def test_compile_fullgraph_sparsified_llama():
+    # The whole HF model with 14 SparseLinear layers traces as one graph (aot_eager: fake kernels, no C++ build).
+    torch._dynamo.reset()
+    model = tiny_llama()
+    sparsify(model)
+    ids = torch.tensor([[1, 17, 42, 5, 88, 23]])
+    with torch.no_grad():
+        ref = model(ids).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(ids).logits, ref)
+
+
 def test_gpt2_conv1d_sparsify_and_densify():
     from transformers.pytorch_utils import Conv1D
 
