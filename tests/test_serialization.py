@@ -161,6 +161,20 @@ def test_missing_and_quant_mismatch_refused():
         ser.load_state_dict(model, q.state_dict())
 
 
+def test_non_strict_load_skips_absent_layers():
+    model = pruned_mlp()
+    sparsify(model, exclude=())
+    before = snapshot(model)
+    other = pruned_mlp()
+    sparsify(other, exclude=())
+    partial = {k: v for k, v in other.state_dict().items() if k.startswith("2.")}
+    with pytest.raises(CheckpointError, match=r"0: the state dict has no weight for this layer \(expected 0\.values"):
+        ser.load_state_dict(model, partial)
+    assert_unchanged(model, before)
+    ser.load_state_dict(model, partial, strict=False)
+    assert torch.equal(model[0].values, before["0.values"]) and torch.equal(model[2].values, other[2].values)
+
+
 def test_safetensors_round_trip_and_truncated_file(tmp_path):
     model = pruned_mlp(torch.bfloat16)
     sparsify(model, exclude=(), quant="int8")

@@ -428,6 +428,9 @@ class SparseLinear(nn.Module):
         n, k = self.out_features, self.in_features
         where = prefix.rstrip(".") or "SparseLinear"
         get = state_dict.get
+        if not any(prefix + key in state_dict for key in ("values", "codes", "weight", "shape", "format_version")):
+            raise CheckpointError(f"{where}: the state dict has no weight for this layer (expected {prefix}values, "
+                                  f"{prefix}codes, ... or a dense {prefix}weight)")
         bias = get(prefix + "bias")
         if (bias is None) != (self.bias is None):
             raise CheckpointError(f"{where}: the layer {'has' if self.bias is not None else 'has no'} bias but the "

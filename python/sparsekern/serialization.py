@@ -67,8 +67,11 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     sparse = _sparse_layers(model)
     problems: list[str] = []
     installs: dict[str, tuple] = {}
+    sparse_keys = {"values", "codes", "weight_scale", "bias", "shape", "format_version", "weight"}
     for name, layer in sparse.items():
         prefix = name + "." if name else ""
+        if not strict and not any(prefix + key in state_dict for key in sparse_keys):
+            continue  # strict=False: a layer absent from the dict keeps its weights
         try:
             installs[name] = layer.state_from_dict(state_dict, prefix)
         except (CheckpointError, NotTwoFourError, ValueError) as exc:
@@ -79,7 +82,6 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         if k in state_dict and tuple(state_dict[k].shape) != tuple(t.shape):
             problems.append(f"{k}: checkpoint shape {tuple(state_dict[k].shape)} != model shape {tuple(t.shape)} "
                             "(truncated or mismatched)")
-    sparse_keys = {"values", "codes", "weight_scale", "bias", "shape", "format_version", "weight"}
     unexpected = [k for k in state_dict if k not in expected
                   and not (_layer_of(k, sparse) is not None and k.rpartition(".")[2] in sparse_keys)]
     if strict and missing:
