@@ -217,6 +217,19 @@ def test_save_pretrained_from_pretrained_llama_identical(tmp_path, quant):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_from_pretrained_dtype_override(tmp_path):
+    model = tiny_llama()
+    sparsify(model)
+    out = sparsekern.save_pretrained(model, tmp_path / "ckpt")
+    loaded = sparsekern.from_pretrained(out, dtype=torch.bfloat16)
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert q.values.dtype == torch.bfloat16 and loaded.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(q.to_linear().weight, model.model.layers[0].self_attn.q_proj.to_linear().weight.bfloat16())
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.no_grad():  # the same as casting the saved model: values cast once, the same kernels run
+        assert torch.equal(loaded(ids).logits, model.to(torch.bfloat16)(ids).logits)
+
+
 def test_save_pretrained_tied_gpt2_identical(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -299,6 +299,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: to
                               f"{meta.get('portable_format_version')!r}; this sparsekern reads {FORMAT_VERSION}")
     tensors, st_meta = _read_safetensors(directory / WEIGHTS_FILE)
     config, model_class, _ = _build_model(directory, model_class, dtype)
+    requested = dtype
     dtype = dtype or _dtype_from_name(meta.get("dtype", "float32"))
     model = model_class(config).to(dtype)
     for name, spec in meta.get("layers", {}).items():
@@ -309,7 +310,10 @@ def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: to
         if not is_convertible(old):
             raise CheckpointError(f"{META_FILE} names layer {name!r}, a {type(old).__name__}, not a Linear")
         _replace_module(model, name, SparseLinear(
-            spec["in_features"], spec["out_features"], spec["bias"], dtype=_dtype_from_name(spec["dtype"]),
+            # An explicit dtype applies to the sparse layers too (their values are cast on load; quantised values
+            # keep int8/fp8 and only the bias follows).
+            spec["in_features"], spec["out_features"], spec["bias"],
+            dtype=requested or _dtype_from_name(spec["dtype"]),
             quant=spec["quant"], weight_layout=spec["weight_layout"]))
     for alias, key in meta.get("tied", {}).items():
         if key not in tensors:
