@@ -117,6 +117,7 @@ def test_compressed_size_and_storage():
     assert layer.values.shape == (32, 32) and layer.values.dtype == torch.float16
     assert layer.codes.shape == (32, 8) and layer.codes.dtype == torch.uint8
     assert layer.weight_nbytes() == 32 * 32 * 2 + 32 * 8  # 56.25% of the dense 4096 bytes
+    assert layer.device_nbytes() == layer.weight_nbytes()  # no cuSPARSELt buffer on the CPU
     # The weight is never a Parameter: an optimizer over model.parameters() cannot touch it.
     assert list(layer.parameters()) == []
     assert {n for n, _ in layer.named_buffers()} == {"values", "codes", "bias"}
@@ -335,6 +336,7 @@ def test_cuda_move_recompresses_and_matches():
     layer = SparseLinear.from_linear(lin).cuda()
     assert layer.values.is_cuda and layer.codes.is_cuda
     assert layer.cslt_buffer is not None and layer.kernel_for(256) == "cslt"
+    assert layer.device_nbytes() == layer.weight_nbytes() + layer.cslt_buffer.numel()
     x = torch.randn(37, 128, dtype=torch.float16, device="cuda")
     w = lin.weight.detach().cuda()
     b = lin.bias.detach().cuda()

@@ -307,6 +307,12 @@ class SparseLinear(nn.Module):
         return (self.values.numel() * self.values.element_size() + self.codes.numel()
                 + (ws.numel() * ws.element_size() if ws is not None else 0))
 
+    def device_nbytes(self) -> int:
+        """Bytes the weight occupies on its device: weight_nbytes() plus the cuSPARSELt buffer on CUDA (the
+        portable values are kept there too, see the module doc)."""
+        buf = self.cslt_buffer
+        return self.weight_nbytes() + (buf.numel() * buf.element_size() if buf is not None else 0)
+
     # ------------------------------------------------------------------ dispatch
 
     def kernel_for(self, m: int) -> str:
