@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sparsekern
 from sparsekern import policy
 from sparsekern.linear import NotTwoFourError, SparseLinear
 

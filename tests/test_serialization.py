@@ -324,7 +324,8 @@ def test_compressed_tensors_sparse24_bitmask_loads(tmp_path):
     loaded = sparsekern.from_pretrained(tmp_path / "ct")
     assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14
     assert type(loaded.lm_head) is nn.Linear
-    assert torch.equal(loaded.model.layers[1].mlp.down_proj.to_linear().weight, model.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(loaded.model.layers[1].mlp.down_proj.to_linear().weight,
+                       model.model.layers[1].mlp.down_proj.weight)
     ids = torch.tensor([[1, 5, 9, 33, 70]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
