@@ -253,6 +253,9 @@ struct PlanEntry {
   size_t workspace_size = 0;
   size_t compressed_size = 0;  // cusparseLtSpMMACompressedSize for this plan
   at::Tensor workspace;        // held here: a call allocates nothing
+  // FP8 output only: C is FP16 while D is FP8. beta = 0, so C should never be read, but handing cuSPARSELt a
+  // buffer of C's real size (zeroed, owned by the entry) keeps a read in bounds whatever the kernel does.
+  at::Tensor c_buffer;
 
   PlanEntry() = default;
   PlanEntry(const PlanEntry&) = delete;
@@ -369,6 +372,7 @@ std::shared_ptr<PlanEntry> make_entry(const cusparseLtHandle_t* h, const GemmCon
                   ? "; this combination of dtypes / epilogue / shape is not supported by cuSPARSELt on this GPU"
                   : "");
   e->search_epoch = epoch;
+  if (cfg.c != cfg.d) e->c_buffer = at::zeros({cfg.mp, cfg.n}, opts.dtype(cfg.c));
   if (e->workspace_size > 0) {
     e->workspace = at::empty({static_cast<int64_t>(e->workspace_size)}, opts.dtype(at::kByte));
   }
@@ -538,7 +542,7 @@ at::Tensor as_float32(const at::Tensor& t) {
   return aligned16(r.data_ptr()) ? r : r.clone();
 }
 
-// Runs the prepared GEMM. `searching`: run cusparseLtMatmulSearch on a fresh plan and fill *record.
+// Runs the prepared GEMM. With `record`: run cusparseLtMatmulSearch on a fresh plan instead and fill *record.
 at::Tensor run(const Prepared& p, const at::Tensor& x_in, const at::Tensor& compressed,
                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& alpha,
                const std::optional<at::Tensor>& row_scale, SearchRecord* record) {
@@ -587,9 +591,10 @@ at::Tensor run(const Prepared& p, const at::Tensor& x_in, const at::Tensor& comp
   if (cfg.alpha_vector) alpha_vec = as_float32(*alpha);  // read at call time: a per-call copy is fine
   const void* alpha_ptr = cfg.alpha_vector ? alpha_vec.data_ptr() : static_cast<const void*>(&one);
   void* ws = entry->workspace.defined() ? entry->workspace.data_ptr() : nullptr;
+  void* c_ptr = entry->c_buffer.defined() ? entry->c_buffer.data_ptr() : d.data_ptr();
   if (record != nullptr) {
     SK_CSLT_CHECK(cusparseLtMatmulSearch(&slot.handle, &entry->plan, alpha_ptr, compressed.data_ptr(), x.data_ptr(),
-                                         &zero, d.data_ptr(), d.data_ptr(), ws, &raw_stream, 1),
+                                         &zero, c_ptr, d.data_ptr(), ws, &raw_stream, 1),
                   describe(cfg));
     ++g_searches;
     int alg = 0, sk = 1, skb = 1, max_alg = 0;
@@ -613,7 +618,7 @@ at::Tensor run(const Prepared& p, const at::Tensor& x_in, const at::Tensor& comp
     record->split_k_buffers = skb;
   } else {
     SK_CSLT_CHECK(cusparseLtMatmul(&slot.handle, &entry->plan, alpha_ptr, compressed.data_ptr(), x.data_ptr(), &zero,
-                                   d.data_ptr(), d.data_ptr(), ws, &raw_stream, 1),
+                                   c_ptr, d.data_ptr(), ws, &raw_stream, 1),
                   describe(cfg));
   }
 
