@@ -327,8 +327,13 @@ def _sparse_linear(p: Problem, search: bool) -> Prepared:
         dense.weight.copy_(p.w_float)
     layer = sl.from_linear(dense, quant=quant) if quant else sl.from_linear(dense)
     del dense
+    # Bytes the layer's kernel reads: cuSPARSELt's buffer where it has one (CUDA), else the portable format.
+    cslt_buf = getattr(layer, "cslt_buffer", None)
     nbytes = getattr(layer, "weight_nbytes", None)
-    weight_bytes = nbytes() if callable(nbytes) else sum(_nbytes(t) for t in layer.buffers())
+    if cslt_buf is not None:
+        weight_bytes = _nbytes(cslt_buf)
+    else:
+        weight_bytes = nbytes() if callable(nbytes) else sum(_nbytes(t) for t in layer.buffers())
     searched: set[int] = set()
 
     def adapt(inp: Inputs) -> torch.Tensor:
