@@ -35,7 +35,7 @@ def _cpu_flags() -> set[str]:
 
 
 _FLAGS = _cpu_flags()
-_ISA_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl"}}
+_ISA_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 ISAS = [
     pytest.param(isa, marks=[] if need <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {sorted(need - _FLAGS)}")])
     for isa, need in _ISA_NEEDS.items()

@@ -86,7 +86,7 @@ Isa best_isa() {
   static const Isa best = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       return Isa::kAvx512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
@@ -113,15 +113,15 @@ Isa requested_isa() {
                 " is not understood; use avx512, avx2 or scalar (or unset it for the best the CPU supports)");
   }
   TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa()), "sparsekern.spmm_24: SPARSEKERN_CPU_ISA=", v,
-              " but this CPU does not support it (avx512 needs avx512f+bw+vl; avx2 needs avx2+fma+f16c)");
+              " but this CPU does not support it (avx512 needs avx512f+bw+vl+dq; avx2 needs avx2+fma+f16c)");
   return want;
 }
 
 Kernel choose_kernel(WType w) {
   const Isa isa = requested_isa();
   Kernel k{};
-  (void)isa;
-  (void)k;  // VECTOR_KERNELS_PENDING
+  if (isa == Isa::kAvx512 && avx512_kernel(w, &k)) return k;
+  if (isa >= Isa::kAvx2 && avx2_kernel(w, &k)) return k;
   return scalar_kernel(w);
 }
 

@@ -7,7 +7,10 @@
 // computes raw dot products acc[m][n] = sum_k x[m, k] * W[n, k] from the portable format.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 
 namespace sparsekern {
 namespace cpu {
@@ -44,6 +47,34 @@ struct Kernel {
   TileFn tile;
   const char* name;  // for error messages / debugging
 };
+
+// Runs a tile as register tiles of NB weight rows x MB activation rows: Micro<nb, mb>::run(p, n, m, acc, ld) for
+// nb <= NB, mb <= MB computes acc[j * ld + i] for the nb x mb block at (n, m). Edge blocks use the smaller
+// instantiations through a table built at compile time.
+template <typename acc_t>
+using MicroFn = void (*)(const Problem&, int64_t, int64_t, acc_t*, int64_t);
+
+template <typename acc_t, template <int, int> class Micro, int NB, int MB>
+struct MicroTable {
+  template <int... Is>
+  static constexpr std::array<MicroFn<acc_t>, sizeof...(Is)> make(std::integer_sequence<int, Is...>) {
+    return {&Micro<Is / MB + 1, Is % MB + 1>::run...};
+  }
+  static constexpr std::array<MicroFn<acc_t>, NB * MB> table = make(std::make_integer_sequence<int, NB * MB>{});
+};
+
+template <typename acc_t, template <int, int> class Micro, int NB, int MB>
+void tile_loop(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* accv, int64_t ld) {
+  acc_t* acc = static_cast<acc_t*>(accv);
+  const auto& table = MicroTable<acc_t, Micro, NB, MB>::table;
+  for (int64_t n = n0; n < n1; n += NB) {
+    const int nb = static_cast<int>(std::min<int64_t>(NB, n1 - n));
+    for (int64_t m = m0; m < m1; m += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, m1 - m));
+      table[(nb - 1) * MB + (mb - 1)](p, n, m, acc + (m - m0) * ld + (n - n0), ld);
+    }
+  }
+}
 
 // Each returns false when the running CPU lacks the ISA (the kernel is then not callable).
 bool avx512_kernel(WType w, Kernel* out);

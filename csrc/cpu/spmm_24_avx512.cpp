@@ -1,0 +1,316 @@
+// AVX-512 tile kernels of the CPU 2:4 GEMM (driver: spmm_24.cpp). Compiled with function target attributes (the
+// build has no per-file flags) and only called after cpuid says the CPU has the features.
+//
+// The idea: a weight row in the portable format is a stream of kept values plus 2 bits per value (the column of the
+// value inside its group of 4). A chunk of kept values is multiplied with the activations gathered from exactly
+// those columns, and the gather is one in-register two-source permute (vpermt2ps / vpermt2w) of an aligned chunk of
+// the activation row, whose lane indices come straight from the packed codes:
+//   value lane l of a chunk belongs to group l/2 of the chunk and sits at column 4*(l/2) + ((codes >> 2l) & 3),
+// because the code of group t is i0 | i1 << 2 and two codes share a byte, low nibble first — so the chunk's code
+// bits, read as one little-endian word, hold lane l's 2-bit position at bit 2l. Half the multiply-adds of the dense
+// product, no decompression pass, and the weight is read once per activation row block.
+//
+//   fp32 lanes (float32 weights; float16 / bfloat16 weights widened on load): 16 values = 8 groups = 32 columns per
+//     chunk, 32 code bits; vpermt2ps gathers from two zmm of x; one FMA.
+//   16-bit lanes: 32 values = 16 groups = 64 columns per chunk, 64 code bits; vpermt2w gathers from two zmm of x.
+//     bfloat16 (AVX512_BF16): vdpbf16ps multiplies the pair of a group (the two kept values are adjacent) and adds
+//     both into one fp32 lane. int8 (x and values widened to int16): vpdpwssd (AVX512_VNNI) or vpmaddwd + vpaddd,
+//     exact int32.
+// Register tiles of NB weight rows x MB activation rows share each index vector and each activation load.
+#include <immintrin.h>
+
+// GCC 12 reports the deliberately undefined lanes inside its own AVX-512 intrinsics (_mm512_undefined_*) as
+// uninitialised once they are inlined into target-attributed functions: a known false positive.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/spmm_24.h"
+
+#define SK_AVX512_BASE "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"
+#define SK_AVX512 __attribute__((target(SK_AVX512_BASE)))
+#define SK_AVX512_BF16 __attribute__((target(SK_AVX512_BASE ",avx512bf16")))
+#define SK_AVX512_VNNI __attribute__((target(SK_AVX512_BASE ",avx512vnni")))
+
+namespace sparsekern {
+namespace cpu {
+namespace spmm {
+namespace {
+
+// ------------------------------------------------------------------------------------------------- index vectors
+// fp32 lanes: lane l -> 4*(l/2) + ((word >> 2l) & 3), word = 32 code bits of 8 groups.
+SK_AVX512 inline __m512i idx32_from_codes(uint32_t word) {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i w = _mm512_set1_epi32(static_cast<int>(word));
+  return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32(3)), base);
+}
+
+// 16-bit lanes: lane l (0..31) -> 4*(l/2) + ((word >> 2l) & 3), word = 64 code bits of 16 groups. Lane l needs the
+// 16-bit slice l/8 of the word, shifted by 2*(l%8).
+SK_AVX512 inline __m512i idx16_from_codes(uint64_t word) {
+  const __m512i slice = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0,
+                                         0, 0, 0, 0, 0, 0);
+  const __m512i shifts = _mm512_set_epi16(14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4,
+                                          2, 0, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i base = _mm512_set_epi16(60, 60, 56, 56, 52, 52, 48, 48, 44, 44, 40, 40, 36, 36, 32, 32, 28, 28, 24,
+                                        24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+  const __m512i w = _mm512_permutexvar_epi16(slice, _mm512_set1_epi64(static_cast<long long>(word)));
+  return _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(w, shifts), _mm512_set1_epi16(3)), base);
+}
+
+// Code bits of `groups` (< chunk) groups starting at an even group g: whole bytes, the rest zero (code 0 = column 0
+// of a zero-padded area of x, times a zero value).
+inline __attribute__((always_inline)) uint64_t tail_code_bits(const uint8_t* crow, int64_t g, int64_t groups) {
+  uint64_t word = 0;
+  for (int64_t b = 0; b < (groups + 1) / 2; ++b) word |= static_cast<uint64_t>(crow[g / 2 + b]) << (8 * b);
+  if (groups & 1) word &= (uint64_t{1} << (4 * groups)) - 1;  // drop the padding nibble
+  return word;
+}
+
+// ------------------------------------------------------------------------------------------------- lane policies
+// A policy describes one kernel flavour: value / activation element types, groups per chunk (kGroups; a chunk spans
+// 4 * kGroups columns of x and 2 * kGroups values), how to load values, build indices, gather-and-accumulate, and
+// reduce an accumulator to a scalar.
+
+// fp32 lanes: 8 groups per chunk.
+template <WType W>
+struct F32Lanes;
+struct F32Common {
+  using xt = float;
+  using vec = __m512;
+  using word_t = uint32_t;
+  using mask_t = __mmask16;
+  using acc_t = float;
+  static constexpr int kGroups = 8;
+  SK_AVX512 static inline vec zero() { return _mm512_setzero_ps(); }
+  SK_AVX512 static inline __m512i idx(word_t word) { return idx32_from_codes(word); }
+  SK_AVX512 static inline vec step(vec s, __m512 w, const xt* x, __m512i idx) {
+    return _mm512_fmadd_ps(w, _mm512_permutex2var_ps(_mm512_loadu_ps(x), idx, _mm512_loadu_ps(x + 16)), s);
+  }
+  SK_AVX512 static inline float reduce(vec s) { return _mm512_reduce_add_ps(s); }
+};
+template <>
+struct F32Lanes<WType::kF32> : F32Common {
+  using wt = float;
+  using wvec = __m512;
+  SK_AVX512 static inline wvec load(const wt* v, mask_t k) { return _mm512_maskz_loadu_ps(k, v); }
+};
+template <>
+struct F32Lanes<WType::kF16> : F32Common {
+  using wt = uint16_t;
+  using wvec = __m512;
+  SK_AVX512 static inline wvec load(const wt* v, mask_t k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, v)); }
+};
+template <>
+struct F32Lanes<WType::kBF16> : F32Common {
+  using wt = uint16_t;
+  using wvec = __m512;
+  SK_AVX512 static inline wvec load(const wt* v, mask_t k) {
+    // bfloat16 -> float32 is a 16-bit left shift of the bits.
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, v)), 16));
+  }
+};
+
+// 16-bit lanes: 16 groups per chunk; the two kept values of a group are adjacent lanes and are summed into one
+// 32-bit lane by the pair dot products.
+struct Pairs16Common {
+  using xt = uint16_t;
+  using word_t = uint64_t;
+  using mask_t = __mmask32;
+  static constexpr int kGroups = 16;
+  SK_AVX512 static inline __m512i idx(word_t word) { return idx16_from_codes(word); }
+  SK_AVX512 static inline __m512i gather(const xt* x, __m512i idx) {
+    return _mm512_permutex2var_epi16(_mm512_loadu_si512(x), idx, _mm512_loadu_si512(x + 32));
+  }
+};
+// bfloat16 x bfloat16 pairs -> fp32 (vdpbf16ps).
+struct BF16Pairs : Pairs16Common {
+  using wt = uint16_t;
+  using vec = __m512;
+  using wvec = __m512i;
+  using acc_t = float;
+  SK_AVX512_BF16 static inline vec zero() { return _mm512_setzero_ps(); }
+  SK_AVX512_BF16 static inline wvec load(const wt* v, mask_t k) { return _mm512_maskz_loadu_epi16(k, v); }
+  SK_AVX512_BF16 static inline vec step(vec s, wvec w, const xt* x, __m512i idx) {
+    return _mm512_dpbf16_ps(s, (__m512bh)w, (__m512bh)gather(x, idx));
+  }
+  SK_AVX512_BF16 static inline float reduce(vec s) { return _mm512_reduce_add_ps(s); }
+};
+// int8 values (widened to int16) x int16 activations -> exact int32: vpdpwssd (VNNI) ...
+struct I8PairsVnni : Pairs16Common {
+  using wt = int8_t;
+  using vec = __m512i;
+  using wvec = __m512i;
+  using acc_t = int32_t;
+  SK_AVX512_VNNI static inline vec zero() { return _mm512_setzero_si512(); }
+  SK_AVX512_VNNI static inline wvec load(const wt* v, mask_t k) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, v));
+  }
+  SK_AVX512_VNNI static inline vec step(vec s, wvec w, const xt* x, __m512i idx) {
+    return _mm512_dpwssd_epi32(s, w, gather(x, idx));
+  }
+  SK_AVX512_VNNI static inline int32_t reduce(vec s) { return _mm512_reduce_add_epi32(s); }
+};
+// ... or vpmaddwd + vpaddd without VNNI.
+struct I8Pairs : Pairs16Common {
+  using wt = int8_t;
+  using vec = __m512i;
+  using wvec = __m512i;
+  using acc_t = int32_t;
+  SK_AVX512 static inline vec zero() { return _mm512_setzero_si512(); }
+  SK_AVX512 static inline wvec load(const wt* v, mask_t k) { return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, v)); }
+  SK_AVX512 static inline vec step(vec s, wvec w, const xt* x, __m512i idx) {
+    return _mm512_add_epi32(s, _mm512_madd_epi16(w, gather(x, idx)));
+  }
+  SK_AVX512 static inline int32_t reduce(vec s) { return _mm512_reduce_add_epi32(s); }
+};
+
+// ------------------------------------------------------------------------------------------------- micro kernel
+// NB weight rows x MB activation rows over the whole K. One chunk step: per weight row build the index vector and
+// load the values once, per activation row load x's chunk once (inside Ops::step) and feed all NB rows. Whole
+// chunks run without masks; a last partial chunk uses masked value loads (masked lanes are 0 and their indices hit
+// x's zero padding past K). The step is force-inlined so the NB x MB accumulators stay in registers.
+#define SK_DEFINE_MICRO(NAME, ATTR)                                                                                 \
+  template <class Ops, int NB, int MB>                                                                              \
+  ATTR inline __attribute__((always_inline)) void NAME##_step(                                                      \
+      const typename Ops::wt* const* v, const typename Ops::xt* const* x, typename Ops::vec (&s)[NB][MB], int64_t ch, \
+      const typename Ops::word_t* words, typename Ops::mask_t k) {                                                  \
+    __m512i idx[NB];                                                                                                \
+    typename Ops::wvec w[NB];                                                                                       \
+    _Pragma("GCC unroll 8")                                                                                         \
+    for (int i = 0; i < NB; ++i) {                                                                                  \
+      idx[i] = Ops::idx(words[i]);                                                                                  \
+      w[i] = Ops::load(v[i] + 2 * Ops::kGroups * ch, k);                                                            \
+    }                                                                                                               \
+    _Pragma("GCC unroll 8")                                                                                         \
+    for (int j = 0; j < MB; ++j) {                                                                                  \
+      const typename Ops::xt* xc = x[j] + 4 * Ops::kGroups * ch;                                                    \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int i = 0; i < NB; ++i) s[i][j] = Ops::step(s[i][j], w[i], xc, idx[i]);                                  \
+    }                                                                                                               \
+  }                                                                                                                 \
+  template <class Ops, int NB, int MB>                                                                              \
+  ATTR void NAME(const Problem& p, int64_t n, int64_t m, typename Ops::acc_t* acc, int64_t ld) {                    \
+    using wt = typename Ops::wt;                                                                                    \
+    using xt = typename Ops::xt;                                                                                    \
+    using word_t = typename Ops::word_t;                                                                            \
+    constexpr int kG = Ops::kGroups;                                                                                \
+    const int64_t G = p.K / 4, full = G / kG, rem = G - kG * full, half_k = p.K / 2;                                \
+    const wt* v[NB];                                                                                                \
+    const uint8_t* c[NB];                                                                                           \
+    const xt* x[MB];                                                                                                \
+    _Pragma("GCC unroll 8")                                                                                         \
+    for (int i = 0; i < NB; ++i) {                                                                                  \
+      v[i] = static_cast<const wt*>(p.values) + (n + i) * half_k;                                                   \
+      c[i] = p.codes + (n + i) * p.code_stride;                                                                     \
+    }                                                                                                               \
+    _Pragma("GCC unroll 8")                                                                                         \
+    for (int j = 0; j < MB; ++j) x[j] = static_cast<const xt*>(p.x) + (m + j) * p.ldx;                              \
+    typename Ops::vec s[NB][MB];                                                                                    \
+    _Pragma("GCC unroll 8")                                                                                         \
+    for (int i = 0; i < NB; ++i)                                                                                    \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int j = 0; j < MB; ++j) s[i][j] = Ops::zero();                                                           \
+    const auto all = static_cast<typename Ops::mask_t>(~uint64_t{0});                                               \
+    for (int64_t ch = 0; ch < full; ++ch) {                                                                         \
+      word_t words[NB];                                                                                             \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int i = 0; i < NB; ++i) std::memcpy(&words[i], c[i] + (kG / 2) * ch, sizeof(word_t));                    \
+      NAME##_step<Ops, NB, MB>(v, x, s, ch, words, all);                                                            \
+    }                                                                                                               \
+    if (rem > 0) {                                                                                                  \
+      word_t words[NB];                                                                                             \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int i = 0; i < NB; ++i) words[i] = static_cast<word_t>(tail_code_bits(c[i], kG * full, rem));            \
+      NAME##_step<Ops, NB, MB>(v, x, s, full, words,                                                                \
+                               static_cast<typename Ops::mask_t>((uint64_t{1} << (2 * rem)) - 1));                  \
+    }                                                                                                               \
+    _Pragma("GCC unroll 8")                                                                                         \
+    for (int i = 0; i < NB; ++i)                                                                                    \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int j = 0; j < MB; ++j) acc[j * ld + i] = Ops::reduce(s[i][j]);                                          \
+  }
+
+SK_DEFINE_MICRO(micro_base, SK_AVX512)
+SK_DEFINE_MICRO(micro_bf16, SK_AVX512_BF16)
+SK_DEFINE_MICRO(micro_vnni, SK_AVX512_VNNI)
+#undef SK_DEFINE_MICRO
+
+// ------------------------------------------------------------------------------------------------- tiles
+// Register tile 4 weight rows x 4 activation rows: 16 accumulators + 4 index + 4 value + 2 activation registers fit
+// the 32 zmm; edge tiles use the smaller instantiations (tile_loop in spmm_24.h).
+constexpr int kNB = 4, kMB = 4;
+
+template <WType W>
+struct F32Micro {
+  template <int NB, int MB>
+  struct At {
+    static void run(const Problem& p, int64_t n, int64_t m, float* acc, int64_t ld) {
+      micro_base<F32Lanes<W>, NB, MB>(p, n, m, acc, ld);
+    }
+  };
+};
+template <int NB, int MB>
+struct BF16Micro {
+  static void run(const Problem& p, int64_t n, int64_t m, float* acc, int64_t ld) {
+    micro_bf16<BF16Pairs, NB, MB>(p, n, m, acc, ld);
+  }
+};
+template <int NB, int MB>
+struct I8VnniMicro {
+  static void run(const Problem& p, int64_t n, int64_t m, int32_t* acc, int64_t ld) {
+    micro_vnni<I8PairsVnni, NB, MB>(p, n, m, acc, ld);
+  }
+};
+template <int NB, int MB>
+struct I8Micro {
+  static void run(const Problem& p, int64_t n, int64_t m, int32_t* acc, int64_t ld) {
+    micro_base<I8Pairs, NB, MB>(p, n, m, acc, ld);
+  }
+};
+
+}  // namespace
+
+bool avx512_kernel(WType w, Kernel* out) {
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))) {
+    return false;
+  }
+  const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  const bool vnni = __builtin_cpu_supports("avx512vnni");
+  switch (w) {
+    case WType::kF32:
+      *out = {XType::kF32, &tile_loop<float, F32Micro<WType::kF32>::At, kNB, kMB>, "avx512-f32"};
+      return true;
+    case WType::kF16:
+      *out = {XType::kF32, &tile_loop<float, F32Micro<WType::kF16>::At, kNB, kMB>, "avx512-f16"};
+      return true;
+    case WType::kBF16:
+      if (bf16) {
+        *out = {XType::kBF16, &tile_loop<float, BF16Micro, kNB, kMB>, "avx512-bf16-dp"};
+      } else {
+        *out = {XType::kF32, &tile_loop<float, F32Micro<WType::kBF16>::At, kNB, kMB>, "avx512-bf16-f32"};
+      }
+      return true;
+    case WType::kI8:
+      if (vnni) {
+        *out = {XType::kI16, &tile_loop<int32_t, I8VnniMicro, kNB, kMB>, "avx512-i8-vnni"};
+      } else {
+        *out = {XType::kI16, &tile_loop<int32_t, I8Micro, kNB, kMB>, "avx512-i8"};
+      }
+      return true;
+  }
+  return false;
+}
+
+}  // namespace spmm
+}  // namespace cpu
+}  // namespace sparsekern
