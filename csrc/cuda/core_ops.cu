@@ -557,7 +557,8 @@ void linear_postop(const at::Tensor& in, at::Tensor& out, const std::optional<at
     case at::kBFloat16: launch_postop_out<at::BFloat16>(in, out, rs, al, bias, M, N, a, stream); break;
     case at::kFloat: launch_postop_out<float>(in, out, rs, al, bias, M, N, a, stream); break;
     case at::kInt: launch_postop_out<int32_t>(in, out, rs, al, bias, M, N, a, stream); break;
-    default: TORCH_CHECK(false, "linear_postop: in must be float16, bfloat16, float32 or int32, got ", in.scalar_type());
+    default:
+      TORCH_CHECK(false, "linear_postop: in must be float16, bfloat16, float32 or int32, got ", in.scalar_type());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -176,7 +176,8 @@ def _flatten(x: torch.Tensor, row_scale: Optional[torch.Tensor]) -> tuple[torch.
     if row_scale is not None:
         if tuple(row_scale.shape) != tuple(x.shape[:-1]):
             raise ValueError(
-                f"cslt_linear: row_scale must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(row_scale.shape)}"
+                f"cslt_linear: row_scale must have x's leading shape {tuple(x.shape[:-1])}, "
+                f"got {tuple(row_scale.shape)}"
             )
         row_scale = row_scale.reshape(-1).contiguous()
     return x2, row_scale
@@ -285,7 +286,8 @@ def _parse_records(doc: Any, path: str) -> list[dict[str, Any]]:
         raise ValueError(f"{path}: not a sparsekern cuSPARSELt search file (format != {_SEARCH_FORMAT!r})")
     if doc.get("version") != _SEARCH_FORMAT_VERSION:
         raise ValueError(
-            f"{path}: search file version {doc.get('version')!r}; this sparsekern reads version {_SEARCH_FORMAT_VERSION}"
+            f"{path}: search file version {doc.get('version')!r}; "
+            f"this sparsekern reads version {_SEARCH_FORMAT_VERSION}"
         )
     records = doc.get("records")
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
