@@ -66,12 +66,13 @@ def test_wanda_unstructured_matches_oracle(device, sparsity, rows, cols):
     assert (r.mask.sum(1) == cols - int(cols * sparsity)).all()
 
 
-def test_wanda_op_nan_is_never_pruned(device):
-    # The op itself follows core/nm.h for NaN (scored as the largest), on the fast m = 4 path's fallback too;
-    # the Python API rejects NaN before it gets here.
-    w = torch.tensor([[0.5, float("nan"), 0.25, 1.0] * 5])
-    _, keep = ops.wanda_prune(w.to(device), torch.ones(20, device=device), 2, 4, 0.0)
-    assert keep.cpu().tolist() == [[False, True, False, True] * 5]
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (0, 0)])
+def test_wanda_op_refuses_non_finite_scores(device, bad, n, m):
+    w = torch.rand(5, 16)
+    w[3, 9] = bad
+    with pytest.raises(RuntimeError, match="w contains NaN or Inf .* first in row 3"):
+        ops.wanda_prune(w.to(device), torch.ones(16, device=device), n, m, 0.5 if m == 0 else 0.0)
 
 
 def test_wanda_unstructured_ties_prune_lower_column_first(device):

@@ -12,7 +12,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <type_traits>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -27,16 +32,17 @@ namespace {
 static_assert(sizeof(bool) == 1, "the keep bytes are written into bool tensors");
 
 // Metrics of one row into `metric` (float32). A separate, branch-free loop so the compiler vectorises it.
-// Returns whether any metric is NaN (then the row takes nm.h's NaN-aware path).
+// Returns whether any metric is not finite (v - v is 0 only for finite v): NaN / Inf in w or act_scale, or an
+// overflowing product. The op refuses such input (after the pass, so the check costs no extra read of w).
 template <typename T>
 inline bool row_metric(const T* w, const float* sqrt_scale, float* metric, int64_t cols) {
-  int nan = 0;
+  int bad = 0;
   for (int64_t j = 0; j < cols; ++j) {
     const float v = core::wanda_metric(static_cast<float>(w[j]), sqrt_scale[j]);
     metric[j] = v;
-    nan |= (v != v);
+    bad |= !(v - v == 0.f);
   }
-  return nan != 0;
+  return bad != 0;
 }
 
 #if defined(__SSE2__)
@@ -66,7 +72,7 @@ inline void keep_m4_x4_sse(const float* metric, int keep, uint8_t* out) {
 }
 #endif
 
-// Keep bytes of one row for m = 4 and NaN-free metrics.
+// Keep bytes of one row for m = 4 (finite metrics: rows with NaN / Inf are refused before this).
 inline void row_keep_m4(const float* metric, int64_t cols, int n, uint8_t* keep) {
   int64_t j = 0;
 #if defined(__SSE2__)
@@ -78,7 +84,7 @@ inline void row_keep_m4(const float* metric, int64_t cols, int n, uint8_t* keep)
   }
 }
 
-// Keep bytes of one row, any m <= kMaxGroup, nm.h's NaN-aware rule.
+// Keep bytes of one row, any m <= kMaxGroup, nm.h's rule.
 inline void row_keep_nm(const float* metric, int64_t cols, int n, int m, uint8_t* keep) {
   for (int64_t g0 = 0; g0 < cols; g0 += m) {
     const uint32_t bits = core::select_keep_mask(metric + g0, n, m);
@@ -86,36 +92,52 @@ inline void row_keep_nm(const float* metric, int64_t cols, int n, int m, uint8_t
   }
 }
 
+// out = keep ? w : +0, on the bit patterns: branch-free (a 50 % unpredictable branch per weight costs more than
+// the rest of the kernel) and vectorisable; +0 exactly, as the reference's W[mask] = 0.
 template <typename T>
 inline void row_apply_keep(const T* w, const uint8_t* keep, T* out, int64_t cols) {
-  for (int64_t j = 0; j < cols; ++j) out[j] = keep[j] ? w[j] : T(0);
+  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+  static_assert(sizeof(Bits) == sizeof(T), "weight type of unexpected size");
+  const Bits* wb = reinterpret_cast<const Bits*>(w);
+  Bits* ob = reinterpret_cast<Bits*>(out);
+  for (int64_t j = 0; j < cols; ++j) ob[j] = wb[j] & static_cast<Bits>(Bits(0) - static_cast<Bits>(keep[j]));
 }
 
 // Unstructured selection of one row: the k smallest (metric, column) keys are pruned. nth_element on unique
 // 64-bit keys is O(cols) and reproduces the stable sort's tie order exactly.
-template <typename T>
-inline void row_select_unstructured(const T* w, const float* metric, T* out, bool* keep_mask, int64_t cols,
-                                    int64_t k, uint64_t* keys) {
+inline void row_keep_unstructured(const float* metric, int64_t cols, int64_t k, uint64_t* keys, uint8_t* keep) {
   if (k == 0) {
-    for (int64_t j = 0; j < cols; ++j) {
-      keep_mask[j] = true;
-      out[j] = w[j];
-    }
+    std::fill(keep, keep + cols, uint8_t{1});
     return;
   }
   for (int64_t j = 0; j < cols; ++j) keys[j] = core::stable_score_key(metric[j], static_cast<uint32_t>(j));
   std::nth_element(keys, keys + (k - 1), keys + cols);
   const uint64_t last_pruned = keys[k - 1];
   for (int64_t j = 0; j < cols; ++j) {
-    const bool kept = core::stable_score_key(metric[j], static_cast<uint32_t>(j)) > last_pruned;
-    keep_mask[j] = kept;
-    out[j] = kept ? w[j] : T(0);
+    keep[j] = core::stable_score_key(metric[j], static_cast<uint32_t>(j)) > last_pruned;
   }
 }
 
+// Fresh outputs of a large layer (64 MiB + 16 MiB at 4096 x 4096 fp32) are new anonymous pages, and faulting them
+// in 4 KiB at a time costs as much as the pruning itself. Where the kernel leaves transparent huge pages to
+// madvise, ask for them on the 2 MiB-aligned interior before the first write (a hint: failure changes nothing).
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 template <typename T>
-void wanda_kernel(const T* w, const float* sqrt_scale, T* out, bool* keep_mask, int64_t rows, int64_t cols, int n,
-                  int m, int64_t k) {
+int64_t wanda_kernel(const T* w, const float* sqrt_scale, T* out, bool* keep_mask, int64_t rows, int64_t cols,
+                     int n, int m, int64_t k) {
+  std::atomic<int64_t> first_bad_row{rows};
   // ~32k elements per task keeps the per-task overhead small next to the work.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
@@ -125,21 +147,25 @@ void wanda_kernel(const T* w, const float* sqrt_scale, T* out, bool* keep_mask, 
       const T* wr = w + r * cols;
       T* outr = out + r * cols;
       bool* mr = keep_mask + r * cols;
-      const bool has_nan = row_metric(wr, sqrt_scale, metric.data(), cols);
-      if (m > 0) {
-        // bool is one byte holding 0 / 1: the keep bytes are written straight into the mask row.
-        uint8_t* keep = reinterpret_cast<uint8_t*>(mr);
-        if (m == 4 && !has_nan) {
-          row_keep_m4(metric.data(), cols, n, keep);
-        } else {
-          row_keep_nm(metric.data(), cols, n, m, keep);
+      if (row_metric(wr, sqrt_scale, metric.data(), cols)) {
+        int64_t seen = first_bad_row.load();
+        while (r < seen && !first_bad_row.compare_exchange_weak(seen, r)) {
         }
-        row_apply_keep(wr, keep, outr, cols);
-      } else {
-        row_select_unstructured(wr, metric.data(), outr, mr, cols, k, keys.data());
+        continue;
       }
+      // bool is one byte holding 0 / 1: the keep bytes are written straight into the mask row.
+      uint8_t* keep = reinterpret_cast<uint8_t*>(mr);
+      if (m == 4) {
+        row_keep_m4(metric.data(), cols, n, keep);
+      } else if (m > 0) {
+        row_keep_nm(metric.data(), cols, n, m, keep);
+      } else {
+        row_keep_unstructured(metric.data(), cols, k, keys.data(), keep);
+      }
+      row_apply_keep(wr, keep, outr, cols);
     }
   });
+  return first_bad_row.load();
 }
 
 std::tuple<at::Tensor, at::Tensor> wanda_prune_cpu(const at::Tensor& w, const at::Tensor& act_scale, int64_t n,
@@ -170,11 +196,16 @@ std::tuple<at::Tensor, at::Tensor> wanda_prune_cpu(const at::Tensor& w, const at
   auto sqrt_scale = act_scale.sqrt().contiguous();
   auto out = at::empty_like(wc, at::MemoryFormat::Contiguous);
   auto keep_mask = at::empty({rows, cols}, wc.options().dtype(at::kBool));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  advise_huge_pages(keep_mask.data_ptr(), keep_mask.nbytes());
+  int64_t bad_row = rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wc.scalar_type(), "wanda_prune", [&] {
-    wanda_kernel<scalar_t>(wc.const_data_ptr<scalar_t>(), sqrt_scale.const_data_ptr<float>(),
+    bad_row = wanda_kernel<scalar_t>(wc.const_data_ptr<scalar_t>(), sqrt_scale.const_data_ptr<float>(),
                            out.data_ptr<scalar_t>(), keep_mask.data_ptr<bool>(), rows, cols, static_cast<int>(n),
                            static_cast<int>(m), k);
   });
+  TORCH_CHECK(bad_row == rows, "wanda_prune: w contains NaN or Inf (or |w| * sqrt(act_scale) overflows), first in row ",
+              bad_row, "; pruning needs finite scores");
   return {out, keep_mask};
 }
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..ops import prune as _ops
-from .pattern import PruneResult, check_divisible, check_weight, parse_pattern
+from .pattern import (PruneResult, call_checking_finite, check_divisible, check_finite, check_weight,
+                      parse_pattern)
 
 
 def magnitude(w: torch.Tensor, pattern) -> PruneResult:
@@ -18,15 +19,16 @@ def magnitude(w: torch.Tensor, pattern) -> PruneResult:
       Wanda repo's magnitude baseline: prunes k + 1 entries plus ties).
     Returns PruneResult(weight (w's dtype), mask (bool, True = kept), loss=None).
     """
-    check_weight(w)
+    check_weight(w, finite=False)
     p = parse_pattern(pattern)
     if p.structured:
         check_divisible(p, w.shape[1])
         # Wanda's metric with a unit activation scale is |w| exactly (float(|w|) * sqrt(1.0)), so the fused Wanda
         # kernel is the magnitude N:M kernel; the selection is core/nm.h's, as in prune_nm.
         ones = torch.ones(w.shape[1], dtype=torch.float32, device=w.device)
-        weight, mask = _ops.wanda_prune(w.detach(), ones, p.n, p.m, 0.0)
+        weight, mask = call_checking_finite(_ops.wanda_prune, w.detach(), ones, p.n, p.m, 0.0)
         return PruneResult(weight, mask, None)
+    check_finite(w, "w")
     a = w.detach().abs()
     k = int(a.numel() * p.sparsity)
     thresh = torch.kthvalue(a.flatten(), k + 1).values  # sorted(...)[k], 0-based

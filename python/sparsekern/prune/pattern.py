@@ -75,13 +75,14 @@ def parse_pattern(pattern) -> Pattern:
     )
 
 
-def check_weight(w: torch.Tensor, what: str = "w") -> None:
+def check_weight(w: torch.Tensor, what: str = "w", finite: bool = True) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
         raise ValueError(f"{what} must be a 2-D tensor [out_features, in_features], got {shape}")
     if not w.is_floating_point():
         raise ValueError(f"{what} must be a floating tensor, got {w.dtype}")
-    check_finite(w, what)
+    if finite:
+        check_finite(w, what)
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -99,3 +100,14 @@ def check_divisible(p: Pattern, cols: int) -> None:
             f"pattern {p.n}:{p.m} needs in_features divisible by m = {p.m} (groups are aligned at column 0), "
             f"got in_features = {cols}"
         )
+
+
+def call_checking_finite(op, w: torch.Tensor, *args):
+    """Run a pruning op that refuses non-finite scores itself (the Wanda kernel checks during its single pass over
+    w) and turn that refusal into the package's ValueError."""
+    try:
+        return op(w, *args)
+    except RuntimeError as e:
+        if "NaN or Inf" in str(e):
+            raise ValueError("w contains NaN or Inf; pruning needs finite values") from None
+        raise

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..ops import prune as _ops
-from .pattern import PruneResult, check_divisible, check_finite, check_weight, parse_pattern
+from .pattern import (PruneResult, call_checking_finite, check_divisible, check_finite, check_weight,
+                      parse_pattern)
 
 
 def wanda(w: torch.Tensor, act_scale: torch.Tensor, pattern, use_variant: bool = False) -> PruneResult:
@@ -21,7 +22,7 @@ def wanda(w: torch.Tensor, act_scale: torch.Tensor, pattern, use_variant: bool =
       of s (at most ~10 halvings, as the reference).
     Returns PruneResult(weight (w's dtype), mask (bool, True = kept), loss=None).
     """
-    check_weight(w)
+    check_weight(w, finite=False)  # the kernel refuses NaN / Inf in its single pass over w (no extra read)
     cols = w.shape[1]
     if not isinstance(act_scale, torch.Tensor) or act_scale.dim() != 1 or act_scale.shape[0] != cols:
         shape = tuple(act_scale.shape) if isinstance(act_scale, torch.Tensor) else type(act_scale).__name__
@@ -33,10 +34,11 @@ def wanda(w: torch.Tensor, act_scale: torch.Tensor, pattern, use_variant: bool =
     p = parse_pattern(pattern)
     check_divisible(p, cols)
     if use_variant:
+        check_finite(w, "w")
         if p.structured:
             raise ValueError("use_variant is the reference's unstructured variant; it does not apply to n:m patterns")
         return _wanda_variant(w.detach(), s, p.sparsity)
-    weight, mask = _ops.wanda_prune(w.detach(), s, p.n, p.m, p.sparsity)
+    weight, mask = call_checking_finite(_ops.wanda_prune, w.detach(), s, p.n, p.m, p.sparsity)
     return PruneResult(weight, mask, None)
 
 
