@@ -44,9 +44,11 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("hessian_update_(Tensor(a!) H, Tensor x, int nsamples, int batch) -> ()");
   m.def("act_scale_update_(Tensor(a!) s, Tensor x, int nsamples, int batch) -> ()");
   // Wanda: score |w| * sqrt(act_scale); N:M when m > 0, else per-row unstructured at `sparsity`.
+  // Returns (pruned w, bool keep mask: True = kept). Refuses NaN / Inf scores.
   m.def("wanda_prune(Tensor w, Tensor act_scale, int n, int m, float sparsity) -> (Tensor, Tensor)");
   // SparseGPT column-block OBS update, in place on w1 [rows, bs]; hinv1 [bs, bs] upper Cholesky factor block.
-  // Returns (err [rows, bs], loss [rows], mask [rows, bs]).
+  // Returns (err [rows, bs], loss [rows] = sum (w - q)^2 / d^2 / 2, keep mask bool [rows, bs]: True = kept).
+  // prune_mask (True = prune) is the unstructured mode (n = m = 0); qscale / qzero [rows] + maxq: joint quantisation.
   m.def(
       "sparsegpt_prune_block_(Tensor(a!) w1, Tensor hinv1, int n, int m, Tensor? prune_mask, "
       "Tensor? qscale, Tensor? qzero, int maxq) -> (Tensor, Tensor, Tensor)");
