@@ -581,6 +581,26 @@ def test_cslt_search_is_remembered_and_used():
 
 
 @pytest.mark.cuda
+def test_cslt_explicit_algorithm_and_split_k_and_empty_input():
+    n, k, M = 64, 256, 24
+    gen = torch.Generator().manual_seed(16)
+    w = rand_24(n, k, torch.float16, "cuda", gen)
+    c = cslt.compress(w)
+    x = torch.randn(M, k, generator=gen).half().cuda()
+    max_alg = cslt.search(x, c, n, k)["max_alg_id"]
+    ref, torch_y = ref_linear(x, w), F.linear(x, w)
+    for alg_id, split_k in [(0, 1), (max_alg, 1), (0, 2)]:
+        y = cslt.linear(x, c, n, k, alg_id=alg_id, split_k=split_k)
+        # split-K adds its partial sums in another order: one more rounding allowed
+        extra = ulp(torch.float16, ref.abs().max().item()) if split_k > 1 else 0.0
+        assert_matches_reference(y, ref, torch_y, extra=extra)
+    empty = cslt.linear(x[:0], c, n, k)
+    assert empty.shape == (0, n) and empty.dtype == torch.float16
+    stats = cslt.cache_stats()
+    assert 0 < stats["entries"] <= stats["max_entries"]
+
+
+@pytest.mark.cuda
 def test_cslt_linear_from_several_threads():
     n, k = 64, 128
     gen = torch.Generator().manual_seed(14)
