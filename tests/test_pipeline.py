@@ -498,9 +498,10 @@ def test_interrupted_save_leaves_nothing_half_written(model_dir, tmp_path, monke
 def test_prune_cli_skip_sensitive_keeps_k_linears_dense(model_dir, capsys):
     d, text = model_dir
     rc = _cli("prune", "--model", d, "--text", text, "--method", "wanda", "--nsamples", 2, "--seqlen", 32,
-              "--skip-sensitive", 3, "--scan-nsamples", 2, "--scan-eval-tokens", 64, "--json")
+              "--skip-sensitive", 3, "--scan-nsamples", 2, "--scan-eval-tokens", 64, "--eval-tokens", 64, "--json")
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["eval_tokens"] == 64 and result["perplexity"] > 1
     assert len(result["skip_sensitive"]) == 3
     assert sorted(result["report"]["kept_dense"]) == sorted(result["skip_sensitive"])
     ranked = [r["name"] for r in result["sensitivity"]["rows"]][:3]
@@ -511,3 +512,20 @@ def test_cli_rejects_bad_pattern(capsys):
     with pytest.raises(SystemExit):
         _cli("prune", "--pattern", "2:2")
     assert "pattern '2:2'" in capsys.readouterr().err
+
+
+def test_demo_flow_on_a_tiny_model(monkeypatch, capsys):
+    # The demo's stages (dense ppl, SparseGPT, ppl, sparsify, outputs check, summary) on a stand-in for the bundled
+    # pair; the real bundled run takes minutes and is measured in docs/pipeline.md.
+    import sparsekern.data as data
+
+    model, tok = _llama(2), _word_tokenizer()
+    monkeypatch.setattr(data, "load_model", lambda spec, device="cpu", dtype=None: (model, tok))
+    monkeypatch.setattr(data, "load_text", lambda source="bundled": _words(600))
+    rc = _cli("demo", "--nsamples", 4, "--seqlen", 32, "--eval-tokens", 128, "--json")
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0 and result["outputs_match"] is True
+    assert result["sparsity"] == pytest.approx(0.5) and result["converted"] == 14
+    assert result["dense_ppl"] > 1 and result["pruned_ppl"] > 1
+    assert 0.5 < result["sparse_weight_bytes"] / result["dense_weight_bytes"] < 0.6
+    assert "first 4 windows of 32 tokens" in result["protocol"]

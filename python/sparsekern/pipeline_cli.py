@@ -167,6 +167,10 @@ def _cmd_prune(args) -> int:
         skip = scan.most_sensitive(args.skip_sensitive)
         times["sensitivity"] = time.perf_counter() - t0
         _log(args, str(scan))
+    eval_ids = None
+    if args.eval_tokens:
+        # Evaluation on the end of the text, disjoint from the calibration windows (checked).
+        _, eval_ids = data.split_calibration_eval(ids, args.nsamples, args.seqlen, args.eval_tokens)
     # Magnitude pruning is data-free: no calibration windows are cut (nor required).
     calib = None if args.method == "magnitude" else data.calibration_windows(ids, args.nsamples, args.seqlen)
     t0 = time.perf_counter()
@@ -177,6 +181,16 @@ def _cmd_prune(args) -> int:
     _log(args, report.table(per_linear=args.verbose))
     result = {"command": "prune", "model": args.model, "text": args.text, "report": report.to_dict(),
               "seconds": times, "skip_sensitive": skip}
+    if eval_ids is not None:
+        from .eval import perplexity
+
+        t0 = time.perf_counter()
+        ppl = perplexity(model, eval_ids, args.seqlen, progress=not args.json)
+        times["eval"] = time.perf_counter() - t0
+        result["perplexity"] = ppl
+        result["eval_tokens"] = (args.eval_tokens // args.seqlen) * args.seqlen
+        _log(args, f"perplexity after pruning {ppl:.3f} (last {result['eval_tokens']} tokens in windows of "
+                   f"{args.seqlen}; {times['eval']:.1f} s)")
     if scan is not None:
         result["sensitivity"] = scan.to_dict()
     if out is not None:
@@ -228,21 +242,6 @@ def _cmd_eval(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------- demo
-
-
-def _weight_bytes(model) -> int:
-    from .pipeline import find_decoder_layers
-
-    _, layers = find_decoder_layers(model)
-    total = 0
-    for mod in layers.modules():
-        if hasattr(mod, "compressed_nbytes"):
-            total += int(mod.compressed_nbytes())
-            continue
-        w = getattr(mod, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2:
-            total += w.numel() * w.element_size()
-    return total
 
 
 def _sparse_layer_bytes(model) -> int:
@@ -370,6 +369,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--scan-nsamples", type=_positive, default=8, help="calibration windows for the scan (default 8)")
     p.add_argument("--scan-eval-tokens", type=_positive, default=2048,
                    help="evaluation tokens for the scan, taken from the end of the text (default 2048)")
+    p.add_argument("--eval-tokens", type=int, default=0, metavar="N",
+                   help="after pruning, perplexity on the last N tokens of the text (disjoint from calibration)")
     p.add_argument("--out", default=None, help="write the pruned model here (sparsekern format; see --dense)")
     p.add_argument("--dense", action="store_true", help="with --out: plain Hugging Face checkpoint, dense weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -387,7 +388,7 @@ def add_commands(subparsers) -> None:
                                            "sparsify, summary")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--pattern", type=_pattern, default="2:4")
-    p.add_argument("--nsamples", type=_positive, default=32, help="calibration windows (default 32)")
+    p.add_argument("--nsamples", type=_positive, default=16, help="calibration windows (default 16)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     p.add_argument("--eval-tokens", type=_positive, default=8192, help="evaluation tokens (default 8192)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
