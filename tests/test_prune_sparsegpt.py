@@ -299,3 +299,23 @@ def test_sparsegpt_peak_extra_memory():
     assert extra["0.5"] <= bound, (extra, bound)
     # The instrument does see H-sized temporaries: the reference chain holds two H at its peak and breaks the bound.
     assert extra["reference_chain"] >= 1.8 * h_bytes and extra["reference_chain"] > bound, (extra, bound)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,bs", [(torch.float32, 128), (torch.float32, 256), (torch.float64, 256)])
+def test_block_kernel_cuda_matches_cpu(dtype, bs):
+    # The CUDA kernel (shared-memory tile; bs = 256 needs the opt-in shared memory size) against the CPU kernel on
+    # the same block, rows not a multiple of the 32-row CTA, with joint quantisation.
+    g = torch.Generator().manual_seed(8)
+    rows = 45
+    A = torch.randn(bs, bs, generator=g, dtype=torch.float64)
+    U = torch.linalg.cholesky(A @ A.t() + bs * torch.eye(bs, dtype=torch.float64), upper=True).to(dtype)
+    W = torch.randn(rows, bs + 8, generator=g, dtype=torch.float64).to(dtype)
+    scale, zero, maxq = P.minmax_quantizer(W.float(), 4)
+    scale, zero = scale.to(dtype), zero.to(dtype)
+    Wc = W.clone().cuda()
+    out_cpu = ops.sparsegpt_prune_block_(W[:, 4 : 4 + bs], U, 2, 4, None, scale, zero, maxq)
+    out_gpu = ops.sparsegpt_prune_block_(Wc[:, 4 : 4 + bs], U.cuda(), 2, 4, None, scale.cuda(), zero.cuda(), maxq)
+    assert torch.equal(out_gpu[2].cpu(), out_cpu[2])
+    assert _rel(Wc.cpu(), W) <= W_RTOL and _rel(out_gpu[0].cpu(), out_cpu[0]) <= W_RTOL
+    assert _rel(out_gpu[1].cpu(), out_cpu[1]) <= LOSS_RTOL

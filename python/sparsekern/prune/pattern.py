@@ -34,7 +34,7 @@ class Pattern(NamedTuple):
 
 class PruneResult(NamedTuple):
     """weight: pruned weight, w's dtype/shape; mask: bool, w's shape, True = kept; loss: float32 [rows] (SparseGPT's
-    per-row OBS loss sum_i (w - q)^2 / d_i^2 / 2) or None."""
+    per-row OBS loss sum_i (w - q)^2 / d_i^2 / 2; float64 for float64 w) or None."""
 
     weight: torch.Tensor
     mask: torch.Tensor

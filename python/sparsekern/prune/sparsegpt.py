@@ -130,7 +130,7 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
               quant: str | None = None) -> PruneResult:
     """SparseGPT pruning of one Linear weight; w and hessian are not modified.
 
-    w: floating [out_features, in_features] (computed in float32; the result is cast back to w.dtype).
+    w: floating [out_features, in_features] (computed in float32, float64 for float64 w; the result has w.dtype).
     hessian: [in_features, in_features] float (HessianStats.value: 2/N sum x x^T), on w's device.
     pattern: "n:m" (n pruned in each aligned group of m along in_features, chosen inside the column loop) or a
       float s in (0, 1) (per block of columns, prune the scores w^2 / diag(U)^2 <= the block's k-th smallest).
@@ -138,7 +138,8 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
     percdamp: damping as a fraction of mean(diag(H)); multiplied by 10 (with a warning) when Cholesky fails.
     quant: None, "int8" or "int4": joint per-output-row asymmetric min-max quantisation inside the column loop
       (the returned weight holds the dequantised values; the quantiser is fitted on the row before pruning).
-    Returns PruneResult(weight (w's dtype), mask (bool, True = kept), loss (float32 [out_features])).
+    Returns PruneResult(weight (w's dtype), mask (bool, True = kept), loss ([out_features], float32; float64 for
+    float64 w)).
     """
     check_weight(w)
     rows, cols = w.shape
@@ -161,14 +162,16 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
     if quant is not None and quant not in _QUANT_BITS:
         raise ValueError(f"quant must be None, 'int8' or 'int4', got {quant!r}")
 
-    W = torch.empty((rows, cols), dtype=torch.float32, device=w.device)
+    # float32 working copy as the references (W.float()); float64 weights are processed in float64 throughout.
+    work = torch.float64 if w.dtype == torch.float64 else torch.float32
+    W = torch.empty((rows, cols), dtype=work, device=w.device)
     W.copy_(w.detach())
     qscale = qzero = None
     maxq = 0
     if quant is not None:
         qscale, qzero, maxq = minmax_quantizer(W, _QUANT_BITS[quant])  # before dead columns are zeroed, as the ref
 
-    Hd = torch.empty((cols, cols), dtype=torch.float32, device=w.device)
+    Hd = torch.empty((cols, cols), dtype=work, device=w.device)
     Hd.copy_(hessian.detach())
     dead = torch.diagonal(Hd) == 0
     Hd.diagonal()[dead] = 1
@@ -176,7 +179,7 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
     U = _upper_inverse_cholesky_(Hd, hessian.detach(), dead, percdamp)
 
     keep = torch.empty((rows, cols), dtype=torch.bool, device=w.device)
-    loss = torch.zeros(rows, dtype=torch.float32, device=w.device)
+    loss = torch.zeros(rows, dtype=work, device=w.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2]
@@ -195,5 +198,5 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
         if i2 < cols:
             W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
         del err, block_keep, prune_mask
-    weight = W if w.dtype == torch.float32 else W.to(w.dtype)
+    weight = W if w.dtype == work else W.to(w.dtype)
     return PruneResult(weight, keep, loss)
