@@ -87,7 +87,7 @@ STEPS=(
   "gemm_fp16_fp8|570|$GEMM --preset llama3-8b --dtype fp16,fp8 --out \"$R/gemm-fp16-fp8\" --policy \"$R/policy.json\""
   "gemm_llama2|570|$GEMM --preset llama2-7b --dtype bf16 --out \"$R/gemm-llama2-7b\" --policy \"$R/policy.json\""
   "overhead|570|\"$PY\" -m sparsekern bench overhead --device cuda --dtype bf16,fp16 --out \"$R/overhead\""
-  "prune|570|if \"$PY\" -m sparsekern bench prune --help 2>&1 | grep -q -- '--out'; then \"$PY\" -m sparsekern bench prune --out \"$R/prune\"; else \"$PY\" -m sparsekern bench prune; fi"
+  "prune|570|mkdir -p \"$R/prune\" && \"$PY\" -m sparsekern bench prune --devices cuda --budget 20 --json \"$R/prune/prune.json\""
   "summary|120|\"$PY\" -m sparsekern.bench.report summarize \"$R\" --steps \"$R/steps.tsv\" > \"$R/summary.md\" && \"$PY\" bench/render_readme.py --results \"$R\" > \"$R/readme-section.md\""
 )
 

@@ -41,7 +41,8 @@ def newest_per_device(results_root: str) -> dict[str, str]:
         docs = report.find_docs(d)
         for ds in docs.values():
             for doc in ds:
-                out[doc["env"]["device"]] = d
+                if "env" in doc:  # gemm / overhead (the pruning benchmark's file has no env)
+                    out[doc["env"]["device"]] = d
     return out
 
 
@@ -108,7 +109,7 @@ def render(results_root: str, only: str | None = None, rel_to: str = ROOT) -> st
              "do not edit by hand. Method and file format: [docs/benchmarks.md](docs/benchmarks.md)._", ""]
     if only:
         docs = report.find_docs(only)
-        devices = list(dict.fromkeys(doc["env"]["device"] for ds in docs.values() for doc in ds))
+        devices = list(dict.fromkeys(doc["env"]["device"] for ds in docs.values() for doc in ds if "env" in doc))
         runs = {dev: only for dev in devices}
     else:
         runs = newest_per_device(results_root)

@@ -576,6 +576,17 @@ def test_render_readme_block(cpu_run, tmp_path, capsys):
         run("--write")
 
 
+def test_summary_includes_the_pruning_benchmark(tmp_path):
+    (tmp_path / "prune").mkdir()
+    doc = {"benchmark": "prune", "results": [{"method": "wanda", "pattern": "2:4", "shape": "64x128",
+                                              "device": "cuda", "ours_s": 0.0012, "reference_s": 0.06,
+                                              "speedup": 50.0}]}
+    (tmp_path / "prune" / "prune.json").write_text(json.dumps(doc))
+    md = report.summarize(str(tmp_path))
+    assert "| wanda | 2:4 | 64x128 | cuda | 0.0012 | 0.0600 | 50.0 |" in md
+    assert "No benchmark results" in _render_module().render(str(tmp_path.parent), str(tmp_path))
+
+
 def test_render_readme_without_results(tmp_path):
     r = subprocess.run([sys.executable, RENDER, "--root", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0 and "No benchmark results are committed yet" in r.stdout

@@ -187,7 +187,8 @@ def find_docs(results_dir: str) -> dict[str, list[dict]]:
                 doc = _load(os.path.join(root, fn))
             except (OSError, ValueError):
                 continue
-            if isinstance(doc, dict) and "benchmark" in doc and "records" in doc:
+            # gemm / overhead documents hold "records"; the pruning benchmark's (bench/prune.py) "results"
+            if isinstance(doc, dict) and "benchmark" in doc and ("records" in doc or "results" in doc):
                 doc["_path"] = os.path.relpath(os.path.join(root, fn), results_dir)
                 out.setdefault(doc["benchmark"], []).append(doc)
     return out
@@ -235,6 +236,13 @@ def summarize(results_dir: str, steps_tsv: str | None = None) -> str:
         parts += ["## Host overhead (per call)", "",
                   markdown_table(["contender", "mode", "MxNxK", "dtype", "status", "µs/call", "host µs",
                                   "overhead µs", "×torch_cslt", "reason"], rows), ""]
+    prune_rows = [[r.get("method", "-"), r.get("pattern", "-"), r.get("shape", "-"), r.get("device", "-"),
+                   _fmt(r.get("ours_s"), ".4f"), _fmt(r.get("reference_s"), ".4f"), _fmt(r.get("speedup"), ".1f")]
+                  for d in docs.get("prune", []) for r in d.get("results", [])]
+    if prune_rows:
+        parts += ["## Pruning kernels (per layer, sparsekern vs reference-structured PyTorch)", "",
+                  markdown_table(["method", "pattern", "shape", "device", "ours s", "reference s", "speedup"],
+                                 prune_rows), ""]
     files = sorted(d["_path"] for ds in docs.values() for d in ds)
     if files:
         parts += ["## Files", ""] + [f"- `{p}`" for p in files] + [""]
