@@ -49,7 +49,8 @@ SK_AVX512 inline __m512i idx32_from_codes(uint32_t word) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i w = _mm512_set1_epi32(static_cast<int>(word));
-  return _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32(3)), base);
+  // (shifted & 3) | base in one vpternlogd (imm 0xEA = (A & B) | C): base is a multiple of 4.
+  return _mm512_ternarylogic_epi32(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32(3), base, 0xEA);
 }
 
 // 16-bit lanes: lane l (0..31) -> 4*(l/2) + ((word >> 2l) & 3), word = 64 code bits of 16 groups. Lane l needs the
@@ -62,7 +63,7 @@ SK_AVX512 inline __m512i idx16_from_codes(uint64_t word) {
   const __m512i base = _mm512_set_epi16(60, 60, 56, 56, 52, 52, 48, 48, 44, 44, 40, 40, 36, 36, 32, 32, 28, 28, 24,
                                         24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
   const __m512i w = _mm512_permutexvar_epi16(slice, _mm512_set1_epi64(static_cast<long long>(word)));
-  return _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(w, shifts), _mm512_set1_epi16(3)), base);
+  return _mm512_ternarylogic_epi32(_mm512_srlv_epi16(w, shifts), _mm512_set1_epi16(3), base, 0xEA);
 }
 
 // Code bits of `groups` (< chunk) groups starting at an even group g: whole bytes, the rest zero (code 0 = column 0
