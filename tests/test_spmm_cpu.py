@@ -35,7 +35,9 @@ def _cpu_flags() -> set[str]:
 
 
 _FLAGS = _cpu_flags()
-_ISA_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+# avx512-base: the AVX-512 kernels of CPUs without AVX512_BF16 / AVX512_VNNI (bf16 widened to fp32, int8 by vpmaddwd)
+_ISA_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512-base": _AVX512, "avx512": _AVX512}
 ISAS = [
     pytest.param(isa, marks=[] if need <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {sorted(need - _FLAGS)}")])
     for isa, need in _ISA_NEEDS.items()
@@ -228,6 +230,27 @@ def test_all_isas_agree_on_int8_and_on_bit_patterns(monkeypatch):
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 
+def test_forcing_an_isa_changes_the_code_that_runs(monkeypatch):
+    # Each path sums the kept products in its own order (scalar: sequential; avx2: 8 lanes; avx512-base: 16 fp32
+    # lanes; avx512: bf16 pair dot products), so with a long K the float32 results differ in the last bits between
+    # paths while each stays within the tolerance: proof that the variable really switches kernels.
+    K, N, M = 1024, 16, 3
+    w = random_pruned(N, K, torch.bfloat16)
+    x = random_x(M, K, torch.bfloat16)
+    c = core.compress_24(w)
+    outs = {}
+    for isa, need in _ISA_NEEDS.items():
+        if need <= _FLAGS:
+            monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa)
+            outs[isa] = core.sparse_linear(x, c, out_dtype=torch.float32)
+            assert_close_policy(outs[isa], x, w, out_dtype=torch.float32)
+    names = sorted(outs)
+    for a in names:
+        for b in names:
+            if a < b:
+                assert not torch.equal(outs[a], outs[b]), f"{a} and {b} gave bit-identical float32 sums"
+
+
 def test_empty_shapes():
     c = core.compress_24(random_pruned(5, 8, torch.float32))
     assert core.sparse_linear(torch.randn(0, 8), c).shape == (0, 5)
@@ -266,7 +289,7 @@ def test_errors(monkeypatch):
     with pytest.raises(ValueError, match="the weight is on cpu but x is on meta"):
         core.sparse_linear(torch.randn(2, 16, device="meta"), c)
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_ISA=sse9 is not understood; use avx512, avx2 or scalar"):
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_ISA=sse9 is not understood; use avx512, avx512-base"):
         ops.spmm_24(x, c.values, c.codes)
     if not _ISA_NEEDS["avx512"] <= _FLAGS:
         monkeypatch.setenv("SPARSEKERN_CPU_ISA", "avx512")

@@ -5,8 +5,9 @@
 // epilogue, plus the portable scalar tile kernel. The vectorised tile kernels live in spmm_24_avx512.cpp and
 // spmm_24_avx2.cpp (compiled with function target attributes; chosen at run time by cpuid).
 //
-// ISA choice: the best the CPU supports (avx512 > avx2 > scalar), or SPARSEKERN_CPU_ISA=avx512|avx2|scalar (read on
-// every call, so tests can force each path); forcing an ISA the CPU lacks is an error, never a silent fallback.
+// ISA choice: the best the CPU supports (avx512 > avx2 > scalar), or SPARSEKERN_CPU_ISA=avx512|avx512-base|avx2|scalar
+// (read on every call, so tests can force each path; avx512-base skips the AVX512_BF16 / AVX512_VNNI kernels); forcing
+// an ISA the CPU lacks is an error, never a silent fallback.
 //
 // Dtypes: x and values both float32, both bfloat16, both float16 (fp32 accumulation), or both int8 (exact int32
 // accumulation). out_dtype defaults to x's dtype (int32 for int8); allowed: float32/float16/bfloat16 for floating
@@ -97,31 +98,39 @@ Isa best_isa() {
   return best;
 }
 
-Isa requested_isa() {
+struct IsaChoice {
+  Isa isa;
+  bool extensions;  // AVX512_BF16 / AVX512_VNNI kernels allowed (where the CPU has them)
+};
+
+IsaChoice requested_isa() {
   const char* env = std::getenv("SPARSEKERN_CPU_ISA");
-  if (env == nullptr || env[0] == '\0') return best_isa();
+  if (env == nullptr || env[0] == '\0') return {best_isa(), true};
   const std::string v(env);
-  Isa want;
+  IsaChoice want{Isa::kScalar, true};
   if (v == "avx512") {
-    want = Isa::kAvx512;
+    want.isa = Isa::kAvx512;
+  } else if (v == "avx512-base") {
+    want = {Isa::kAvx512, false};
   } else if (v == "avx2") {
-    want = Isa::kAvx2;
+    want.isa = Isa::kAvx2;
   } else if (v == "scalar") {
-    want = Isa::kScalar;
+    want.isa = Isa::kScalar;
   } else {
     TORCH_CHECK(false, "sparsekern.spmm_24: SPARSEKERN_CPU_ISA=", v,
-                " is not understood; use avx512, avx2 or scalar (or unset it for the best the CPU supports)");
+                " is not understood; use avx512, avx512-base (no BF16/VNNI kernels), avx2 or scalar (or unset it for "
+                "the best the CPU supports)");
   }
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa()), "sparsekern.spmm_24: SPARSEKERN_CPU_ISA=", v,
+  TORCH_CHECK(static_cast<int>(want.isa) <= static_cast<int>(best_isa()), "sparsekern.spmm_24: SPARSEKERN_CPU_ISA=", v,
               " but this CPU does not support it (avx512 needs avx512f+bw+vl+dq; avx2 needs avx2+fma+f16c)");
   return want;
 }
 
 Kernel choose_kernel(WType w) {
-  const Isa isa = requested_isa();
+  const IsaChoice c = requested_isa();
   Kernel k{};
-  if (isa == Isa::kAvx512 && avx512_kernel(w, &k)) return k;
-  if (isa >= Isa::kAvx2 && avx2_kernel(w, &k)) return k;
+  if (c.isa == Isa::kAvx512 && avx512_kernel(w, c.extensions, &k)) return k;
+  if (c.isa >= Isa::kAvx2 && avx2_kernel(w, &k)) return k;
   return scalar_kernel(w);
 }
 

@@ -77,7 +77,9 @@ void tile_loop(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
 }
 
 // Each returns false when the running CPU lacks the ISA (the kernel is then not callable).
-bool avx512_kernel(WType w, Kernel* out);
+// extensions = false: only AVX-512 F/BW/VL/DQ kernels, even where the CPU has AVX512_BF16 / AVX512_VNNI (the paths
+// such CPUs take; forced with SPARSEKERN_CPU_ISA=avx512-base so they are tested on any AVX-512 machine).
+bool avx512_kernel(WType w, bool extensions, Kernel* out);
 bool avx2_kernel(WType w, Kernel* out);
 
 }  // namespace spmm

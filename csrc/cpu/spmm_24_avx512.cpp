@@ -279,14 +279,14 @@ struct I8Micro {
 
 }  // namespace
 
-bool avx512_kernel(WType w, Kernel* out) {
+bool avx512_kernel(WType w, bool extensions, Kernel* out) {
   __builtin_cpu_init();
   if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))) {
     return false;
   }
-  const bool bf16 = __builtin_cpu_supports("avx512bf16");
-  const bool vnni = __builtin_cpu_supports("avx512vnni");
+  const bool bf16 = extensions && __builtin_cpu_supports("avx512bf16");
+  const bool vnni = extensions && __builtin_cpu_supports("avx512vnni");
   switch (w) {
     case WType::kF32:
       *out = {XType::kF32, &tile_loop<float, F32Micro<WType::kF32>::At, kNB, kMB>, "avx512-f32"};
