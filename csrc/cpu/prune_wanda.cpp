@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -84,10 +85,11 @@ inline void row_keep_m4(const float* metric, int64_t cols, int n, uint8_t* keep)
   }
 }
 
-// Keep bytes of one row, any m <= kMaxGroup, nm.h's rule.
+// Keep bytes of one row, any m <= kMaxGroup, nm.h's rule (m = 8 unrolled: the scores are finite here).
 inline void row_keep_nm(const float* metric, int64_t cols, int n, int m, uint8_t* keep) {
   for (int64_t g0 = 0; g0 < cols; g0 += m) {
-    const uint32_t bits = core::select_keep_mask(metric + g0, n, m);
+    const uint32_t bits = m == 8 ? core::select_keep_mask_finite<8>(metric + g0, n)
+                                 : core::select_keep_mask(metric + g0, n, m);
     for (int k = 0; k < m; ++k) keep[g0 + k] = (bits >> k) & 1u;
   }
 }
@@ -121,10 +123,15 @@ inline void row_keep_unstructured(const float* metric, int64_t cols, int64_t k, 
 // Fresh outputs of a large layer (64 MiB + 16 MiB at 4096 x 4096 fp32) are new anonymous pages, and faulting them
 // in 4 KiB at a time costs as much as the pruning itself. Where the kernel leaves transparent huge pages to
 // madvise, ask for them on the 2 MiB-aligned interior before the first write (a hint: failure changes nothing).
+// SPARSEKERN_NO_HUGEPAGE_HINT=1 turns the hint off (where direct compaction stalls cost more than it saves).
 void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool disabled = [] {
+    const char* v = std::getenv("SPARSEKERN_NO_HUGEPAGE_HINT");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes < 2 * kHuge) return;
+  if (disabled || bytes < 2 * kHuge) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
