@@ -151,6 +151,38 @@ def test_time_cpu_median_rotation_and_adaptive_count():
     assert st.p10_us <= st.median_us <= st.p90_us
 
 
+def test_time_cpu_interleaved_alternates_contenders():
+    clock = FakeClock()
+    calls = []
+    cost = {"a": [0.010, 0.001, 0.002, 0.003, 0.004], "b": [0.020, 0.005, 0.006, 0.007, 0.008]}
+
+    def make(name):
+        def fn(i):
+            calls.append((name, i))
+            clock.t += cost[name][i]
+        return fn
+
+    st = timing.time_cpu_interleaved({"a": make("a"), "b": make("b")}, warmup=1, iters=4, min_iters=1,
+                                     max_seconds=10.0, clock=clock)
+    # warm-up once each, then rounds in rotated order: (a, b), (b, a), (a, b), (b, a); indices per contender
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3), ("b", 4),
+                     ("a", 4)]
+    assert st["a"].iters == st["b"].iters == 4
+    assert st["a"].median_us == pytest.approx(statistics.median([1000.0, 2000.0, 3000.0, 4000.0]))
+    assert st["b"].median_us == pytest.approx(statistics.median([5000.0, 6000.0, 7000.0, 8000.0]))
+
+
+def test_time_cpu_interleaved_stops_at_the_time_budget():
+    clock = FakeClock()
+
+    def fn(i):
+        clock.t += 1.0
+
+    st = timing.time_cpu_interleaved({"a": fn, "b": fn}, warmup=0, iters=100, min_iters=3, max_seconds=1.0,
+                                     clock=clock)
+    assert st["a"].iters == st["b"].iters == 3  # budget (2 s) spent after round 1, min_iters rounds still run
+
+
 def test_time_cpu_bounds_work_by_max_seconds():
     clock = FakeClock()
 
@@ -415,7 +447,11 @@ def cli_rc_for(doc):
     return 1 if any(r["status"] in ("error", "wrong") for r in doc["records"]) else 0
 
 
-def test_interrupt_keeps_measured_points(monkeypatch):
+@pytest.mark.parametrize("interleave,kept", [
+    (False, [("dense", 1), ("t_int", 1), ("dense", 2)]),
+    (True, [("dense", 1), ("t_int", 1)]),  # a point timed in rounds is kept whole or not at all
+])
+def test_interrupt_keeps_measured_points(monkeypatch, interleave, kept):
     calls = {"n": 0}
 
     def interrupting(p):
@@ -433,10 +469,11 @@ def test_interrupt_keeps_measured_points(monkeypatch):
     monkeypatch.setattr(cmod, "CONTENDERS", {**cmod.CONTENDERS, "t_int": _fake("t_int", True, interrupting)})
     monkeypatch.setattr(gemm, "CONTENDERS", cmod.CONTENDERS)
     cfg = gemm.GemmConfig(shapes=shapes.parse_shapes("32x64"), m_list=[1, 2], dtypes=["fp32"], device="cpu",
-                          contenders=["dense", "t_int"], warmup=0, iters=2, min_iters=1, rotate=1)
+                          contenders=["dense", "t_int"], warmup=0, iters=2, min_iters=1, rotate=1,
+                          interleave=interleave)
     doc = gemm.run_gemm(cfg, log=lambda s: None)
     assert doc["config"]["interrupted"] is True
-    assert [(r["contender"], r["m"]) for r in doc["records"]] == [("dense", 1), ("t_int", 1), ("dense", 2)]
+    assert [(r["contender"], r["m"]) for r in doc["records"]] == kept
     validated(doc)
 
 

@@ -106,6 +106,8 @@ def add_commands(subparsers) -> None:
     g.add_argument("--rotate", type=_arg_type(_positive_int), default=4, help="x buffers cycled through")
     g.add_argument("--threads", type=_arg_type(_positive_int), default=None, help="CPU: torch.set_num_threads")
     g.add_argument("--no-flush-l2", action="store_true", help="CUDA: do not flush L2 between timed calls")
+    g.add_argument("--no-interleave", action="store_true",
+                   help="CPU: time each contender's calls in one block instead of alternating rounds")
     g.add_argument("--no-check", action="store_true", help="skip the per-point correctness check")
     g.add_argument("--no-plot", action="store_true", help="with --out: do not write the PNG")
     g.add_argument("--policy", metavar="PATH",
@@ -200,7 +202,8 @@ def run_gemm_command(args) -> int:
         warmup=args.warmup, iters=args.iters,
         min_iters=args.min_iters if args.min_iters is not None else (10 if is_cuda else 3),
         max_seconds=args.max_seconds,
-        rotate=args.rotate, flush_l2=not args.no_flush_l2, check=not args.no_check, threads=args.threads,
+        rotate=args.rotate, flush_l2=not args.no_flush_l2, interleave=not args.no_interleave,
+        check=not args.no_check, threads=args.threads,
         seed=args.seed)
     doc = _with_sigterm_stop(lambda: gemm.run_gemm(cfg), gemm.Interrupted)
     print(report.text_table(report.GEMM_COLUMNS, report.gemm_rows(doc["records"])))

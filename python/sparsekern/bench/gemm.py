@@ -37,7 +37,7 @@ from .contenders import (
     reference_output,
 )
 from .shapes import M_SWEEP, Shape
-from .timing import time_device
+from .timing import time_cpu_interleaved, time_device
 
 SCHEMA_VERSION = 1
 
@@ -70,6 +70,7 @@ class GemmConfig:
     flush_l2: bool = True
     check: bool = True
     threads: int | None = None  # CPU: torch.set_num_threads
+    interleave: bool = True  # CPU: time the contenders of a point in alternating rounds (shared machines)
     seed: int = 0
 
     def contender_names(self) -> list[str]:
@@ -135,10 +136,9 @@ def _m_values(shape: Shape, m_list: list[int]) -> list[int]:
     return [shape.m] if shape.m is not None else list(m_list)
 
 
-def _measure_point(
-    c: Contender, prep, problem, bufs: list[Inputs], ref, m: int, cfg: GemmConfig, base: dict
-) -> dict:
-    """Check, then time one contender at one point; returns the record's fields."""
+def _check_point(prep, problem, bufs: list[Inputs], ref, m: int, base: dict) -> tuple[dict, list | None]:
+    """Adapt the inputs and check the output once; returns (record fields, args to time) — args None when the
+    result is wrong (then the fields say so and the point is not timed)."""
     args = [prep.adapt(b) for b in bufs]
     fields = dict(base, compute_dtype=prep.compute_dtype, out_dtype=dtype_name(prep.out_dtype),
                   weight_bytes=prep.weight_bytes)
@@ -146,29 +146,81 @@ def _measure_point(
         y = prep.finish(prep.call(args[0]), m)
         tol = TOLERANCE.get(y.dtype, 1e-2)
         if tuple(y.shape) != (m, problem.n):
-            return dict(fields, status="wrong", reason=f"output shape {tuple(y.shape)}, expected {(m, problem.n)}")
+            return dict(fields, status="wrong",
+                        reason=f"output shape {tuple(y.shape)}, expected {(m, problem.n)}"), None
         err = max_rel_error(y, ref)
         fields.update(max_rel_err=err, tolerance=tol)
         if not err <= tol:  # also catches NaN
-            return dict(fields, status="wrong", reason=f"max |y - ref| / max |ref| = {err:.3g} > {tol:g}")
-    n_args = len(args)
-    stats = time_device(
-        cfg.device,
-        lambda i: prep.call(args[i % n_args]),
-        warmup=cfg.warmup,
-        iters=cfg.iters,
-        min_iters=cfg.min_iters,
-        max_seconds=cfg.max_seconds,
-        flush_l2=cfg.flush_l2,
-    )
+            return dict(fields, status="wrong", reason=f"max |y - ref| / max |ref| = {err:.3g} > {tol:g}"), None
+    return fields, args
+
+
+def _with_stats(fields: dict, stats, prep, problem, bufs: list[Inputs], args: list, m: int) -> dict:
     n, k = problem.n, problem.k
     x_el = args[0].element_size() if isinstance(args[0], torch.Tensor) else bufs[0].x.element_size()
     x_bytes = m * k * x_el
     y_bytes = m * n * torch.empty((), dtype=prep.out_dtype).element_size()
     sec = stats.median_us * 1e-6
-    fields.update(stats.as_dict())
+    fields = dict(fields, **stats.as_dict())
     fields.update(tflops=2.0 * m * n * k / sec / 1e12, gbps=(x_bytes + prep.weight_bytes + y_bytes) / sec / 1e9)
     return fields
+
+
+def _caller(prep, args: list) -> Callable[[int], object]:
+    n_args = len(args)
+    return lambda i: prep.call(args[i % n_args])
+
+
+def _measure_point(
+    c: Contender, prep, problem, bufs: list[Inputs], ref, m: int, cfg: GemmConfig, base: dict
+) -> dict:
+    """Check, then time one contender at one point on its own; returns the record's fields."""
+    fields, args = _check_point(prep, problem, bufs, ref, m, base)
+    if args is None:
+        return fields
+    stats = time_device(cfg.device, _caller(prep, args), warmup=cfg.warmup, iters=cfg.iters,
+                        min_iters=cfg.min_iters, max_seconds=cfg.max_seconds, flush_l2=cfg.flush_l2)
+    return _with_stats(fields, stats, prep, problem, bufs, args, m)
+
+
+def _failed(c: Contender, base: dict, e: BaseException) -> dict:
+    status = "error" if (c.ours and not isinstance(e, Skip)) else "skipped"
+    return dict(base, status=status, reason=_reason(e))
+
+
+def _measure_point_interleaved(prepared: dict, problem, bufs, ref, m: int, cfg: GemmConfig,
+                               bases: dict) -> dict[str, dict]:
+    """CPU: check every contender, then time them together in alternating rounds (timing.time_cpu_interleaved),
+    so that the load of a shared machine falls on all of them alike. Returns name -> record fields."""
+    out: dict[str, dict] = {}
+    timed: dict[str, tuple[dict, list]] = {}
+    for name, prep in prepared.items():
+        try:
+            fields, args = _check_point(prep, problem, bufs, ref, m, bases[name])
+        except Exception as e:  # noqa: BLE001
+            out[name] = _failed(CONTENDERS[name], bases[name], e)
+            continue
+        if args is None:
+            out[name] = fields
+        else:
+            timed[name] = (fields, args)
+    if timed:
+        fns = {name: _caller(prepared[name], args) for name, (_, args) in timed.items()}
+        try:
+            stats = time_cpu_interleaved(fns, warmup=cfg.warmup, iters=cfg.iters, min_iters=cfg.min_iters,
+                                         max_seconds=cfg.max_seconds)
+        except Exception:  # noqa: BLE001 - one contender failed mid-timing: time each alone to say which
+            stats = {}
+            for name, (fields, args) in timed.items():
+                try:
+                    stats[name] = time_device(cfg.device, fns[name], warmup=cfg.warmup, iters=cfg.iters,
+                                              min_iters=cfg.min_iters, max_seconds=cfg.max_seconds)
+                except Exception as e:  # noqa: BLE001
+                    out[name] = _failed(CONTENDERS[name], bases[name], e)
+        for name, st in stats.items():
+            fields, args = timed[name]
+            out[name] = _with_stats(fields, st, prepared[name], problem, bufs, args, m)
+    return {name: out[name] for name in prepared if name in out}
 
 
 def run_gemm(cfg: GemmConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
@@ -212,6 +264,7 @@ def run_gemm(cfg: GemmConfig, log: Callable[[str], None] = lambda s: print(s, fi
             "flush_l2": cfg.flush_l2 and torch.device(device).type == "cuda",
             "check": cfg.check,
             "threads": torch.get_num_threads() if torch.device(device).type == "cpu" else None,
+            "interleave": cfg.interleave and torch.device(device).type == "cpu",
             "seed": cfg.seed,
             "interrupted": interrupted,
         },
@@ -244,19 +297,25 @@ def _run_points(cfg: GemmConfig, names: list[str], arch: str, gen: torch.Generat
                     forget_cslt_searches()  # the default-algorithm contenders must not inherit a search result
                 bufs = [make_inputs(problem, m, gen) for _ in range(max(cfg.rotate, 1))]
                 ref = reference_output(problem, bufs[0]) if cfg.check else None
-                for name, prep in prepared.items():
-                    c = CONTENDERS[name]
-                    base = _record(c, shape, m, dt, device, arch)
-                    try:
-                        rec = _measure_point(c, prep, problem, bufs, ref, m, cfg, base)
-                    except Exception as e:  # noqa: BLE001
-                        status = "error" if (c.ours and not isinstance(e, Skip)) else "skipped"
-                        rec = dict(base, status=status, reason=_reason(e))
-                    records.append(rec)
-                    if rec["status"] == "ok":
-                        log(f"[{dt} {shape.label} M={m}] {name}: {rec['median_us']:.1f} us")
+                bases = {name: _record(CONTENDERS[name], shape, m, dt, device, arch) for name in prepared}
+                recs: dict[str, dict] = {}
+                try:
+                    if cfg.interleave and torch.device(device).type == "cpu":
+                        recs = _measure_point_interleaved(prepared, problem, bufs, ref, m, cfg, bases)
                     else:
-                        log(f"[{dt} {shape.label} M={m}] {name}: {rec['status']}: {rec['reason']}")
+                        for name, prep in prepared.items():
+                            try:
+                                recs[name] = _measure_point(CONTENDERS[name], prep, problem, bufs, ref, m, cfg,
+                                                            bases[name])
+                            except Exception as e:  # noqa: BLE001
+                                recs[name] = _failed(CONTENDERS[name], bases[name], e)
+                finally:  # also on Interrupted: keep the contenders measured before it
+                    for name, rec in recs.items():
+                        records.append(rec)
+                        if rec["status"] == "ok":
+                            log(f"[{dt} {shape.label} M={m}] {name}: {rec['median_us']:.1f} us")
+                        else:
+                            log(f"[{dt} {shape.label} M={m}] {name}: {rec['status']}: {rec['reason']}")
                 del bufs, ref
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()

@@ -13,6 +13,8 @@ GPU (`time_cuda`):
     is measured separately, in the same pass as `host_us`, and on its own by overhead.py).
 CPU (`time_cpu`): `time.perf_counter` around every call, the same warm-up, median and input rotation. CPU caches
 are not flushed: the weights this is used for (tens of MB) exceed the last-level cache by themselves.
+`time_cpu_interleaved` times several contenders of one point in alternating rounds, so that the varying load of a
+shared machine falls on all of them alike (the GEMM benchmark's default on the CPU).
 
 Both take `fn(i)`, a callable that runs the operation on input buffer `i % n_buffers` (the caller owns rotation),
 and return `Stats` in microseconds. The number of timed calls adapts: at most `iters`, at least `min_iters`, and no
@@ -117,6 +119,48 @@ def time_cpu(
         samples.append((clock() - t0) * 1e6)
         i += 1
     return summarize(samples)
+
+
+def time_cpu_interleaved(
+    fns: dict[str, Callable[[int], object]],
+    *,
+    warmup: int = 3,
+    iters: int = 50,
+    min_iters: int = 5,
+    max_seconds: float = 1.0,
+    clock: Clock = time.perf_counter,
+) -> dict[str, Stats]:
+    """time_cpu for several contenders of one point, in alternating rounds: round r times one call of each, in an
+    order rotated by r. On a machine shared with other work the load changes over seconds; timing A's 50 calls and
+    then B's 50 would charge a load burst to one of them only, interleaving spreads it over all.
+
+    Each fn gets its own call index (0, 1, 2, ...) as in time_cpu. Rounds stop after `iters`, or once the work
+    measured exceeds max_seconds per contender and at least min_iters rounds ran.
+    """
+    _check_counts(warmup, iters, min_iters, max_seconds)
+    names = list(fns)
+    idx = dict.fromkeys(names, 0)
+    for name in names:  # warm-up, each bounded like time_cpu's
+        t_name = clock()
+        for _ in range(warmup):
+            fns[name](idx[name])
+            idx[name] += 1
+            if clock() - t_name > max_seconds / 2:
+                break
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    spent = 0.0
+    for r in range(iters):
+        if r >= min(min_iters, iters) and spent > max_seconds * len(names):
+            break
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = clock()
+            fns[name](idx[name])
+            dt = clock() - t0
+            idx[name] += 1
+            samples[name].append(dt * 1e6)
+            spent += dt
+    return {n: summarize(samples[n]) for n in names}
 
 
 # ----------------------------------------------------------------------------------------------------- CUDA
