@@ -68,8 +68,10 @@ def _reverse_(A: torch.Tensor) -> torch.Tensor:
 
 def _triangular_inverse_upper_(R: torch.Tensor, base: int = _CHUNK) -> torch.Tensor:
     """In place R <- R^-1 for an upper-triangular R (zeros below the diagonal), by recursive halving:
-    [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]. The products run as GEMMs on 128-wide slices of B,
-    so no temporary is larger than [n, 128]. 2/3 n^3 flops, all in BLAS."""
+    [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]. Both products run as GEMMs on 128-wide slices that
+    skip the zero triangle of A^-1 / C^-1 (n^3 / 3 flops in all, as LAPACK's trtri), in place: rows of A^-1 B top
+    down (row slice r needs rows >= r of B, not yet overwritten), columns of (A^-1 B) C^-1 right to left. No
+    temporary is larger than [128, n]."""
     n = R.shape[0]
     if n <= base:
         eye = torch.eye(n, dtype=R.dtype, device=R.device)
@@ -79,12 +81,13 @@ def _triangular_inverse_upper_(R: torch.Tensor, base: int = _CHUNK) -> torch.Ten
     A, B, C = R[:h, :h], R[:h, h:], R[h:, h:]
     _triangular_inverse_upper_(A, base)
     _triangular_inverse_upper_(C, base)
-    for c0 in range(0, n - h, _CHUNK):
-        part = B[:, c0 : c0 + _CHUNK]
-        part.copy_(torch.mm(A, part))  # A^-1 B, column slice by column slice
     for r0 in range(0, h, _CHUNK):
-        part = B[r0 : r0 + _CHUNK, :]
-        part.copy_(torch.mm(part, C)).neg_()  # -(A^-1 B) C^-1, row slice by row slice
+        r1 = min(r0 + _CHUNK, h)
+        B[r0:r1].copy_(torch.mm(A[r0:r1, r0:], B[r0:]))  # A^-1 B, row slice by row slice
+    nc = n - h
+    for c1 in range(nc, 0, -_CHUNK):
+        c0 = max(0, c1 - _CHUNK)
+        B[:, c0:c1].copy_(torch.mm(B[:, :c1], C[:c1, c0:c1])).neg_()  # -(A^-1 B) C^-1, right to left
     return R
 
 
