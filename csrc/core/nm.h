@@ -71,6 +71,20 @@ SK_HOST_DEVICE uint32_t select_keep_mask_t(const T* scores, int n, int m) {
   return mask;
 }
 
+// Branch-free 2:4 keep mask (bit j set = keep position j) for NaN-free scores: the same rule as
+// select_keep_mask(s, 2, 4) (two largest; among equal scores the lower index is kept), from six comparisons and no
+// data-dependent branch, so loops over many groups vectorise. For i < j, i comes before j exactly when s_i >= s_j.
+template <typename T>
+SK_HOST_DEVICE uint32_t keep_mask_24(T s0, T s1, T s2, T s3) {
+  const int c01 = s0 >= s1, c02 = s0 >= s2, c03 = s0 >= s3, c12 = s1 >= s2, c13 = s1 >= s3, c23 = s2 >= s3;
+  // ahead_j = number of positions ahead of j in keep order; j is kept when fewer than two are.
+  const int ahead0 = 3 - c01 - c02 - c03;
+  const int ahead1 = c01 + 2 - c12 - c13;
+  const int ahead2 = c02 + c12 + 1 - c23;
+  const int ahead3 = c03 + c13 + c23;
+  return static_cast<uint32_t>((ahead0 < 2) | ((ahead1 < 2) << 1) | ((ahead2 < 2) << 2) | ((ahead3 < 2) << 3));
+}
+
 // 2:4 specialisation: kept positions (i0 < i1) of the two largest of four scores.
 SK_HOST_DEVICE uint8_t select_keep_24_code(float s0, float s1, float s2, float s3) {
   const float s[4] = {s0, s1, s2, s3};

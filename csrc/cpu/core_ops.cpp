@@ -95,6 +95,44 @@ void prune_groups(const scalar_t* w, const score_t* scores, scalar_t* out, bool*
   }
 }
 
+// 2:4 without NaN: blocks of groups go through a structure-of-arrays pass (scores, then branch-free keep masks from
+// core::keep_mask_24, then the outputs) that the compiler vectorises; a block holding a NaN is redone by the generic
+// path, which records the NaN's position for the error.
+template <typename scalar_t, typename score_t, typename acc_t>
+void prune_groups_24(const scalar_t* w, const score_t* scores, scalar_t* out, bool* mask, int64_t g0, int64_t g1,
+                     std::atomic<int64_t>& nan_w, std::atomic<int64_t>& nan_s) {
+  constexpr int64_t kBlock = 256;
+  acc_t s[4][kBlock];
+  uint8_t keep[kBlock];
+  for (int64_t b = g0; b < g1; b += kBlock) {
+    const int64_t cnt = std::min(kBlock, g1 - b);
+    const scalar_t* wb = w + 4 * b;
+    bool nan = false;
+    for (int64_t t = 0; t < cnt; ++t) {
+      for (int j = 0; j < 4; ++j) {
+        const acc_t wj = static_cast<acc_t>(wb[4 * t + j]);
+        const acc_t sj = scores != nullptr ? static_cast<acc_t>(scores[4 * (b + t) + j]) : std::abs(wj);
+        nan |= (wj != wj) | (sj != sj);
+        s[j][t] = sj;
+      }
+    }
+    if (nan) {
+      prune_groups<4, scalar_t, score_t, acc_t>(w, scores, out, mask, b, b + cnt, 2, 4, nan_w, nan_s);
+      continue;
+    }
+    for (int64_t t = 0; t < cnt; ++t) keep[t] = static_cast<uint8_t>(core::keep_mask_24(s[0][t], s[1][t], s[2][t], s[3][t]));
+    scalar_t* ob = out + 4 * b;
+    bool* mb = mask + 4 * b;
+    for (int64_t t = 0; t < cnt; ++t) {
+      for (int j = 0; j < 4; ++j) {
+        const bool k = (keep[t] >> j) & 1;
+        mb[4 * t + j] = k;
+        ob[4 * t + j] = k ? wb[4 * t + j] : scalar_t(0);
+      }
+    }
+  }
+}
+
 std::tuple<Tensor, Tensor> prune_nm_cpu(const Tensor& w, int64_t n, int64_t m, const std::optional<Tensor>& scores) {
   TORCH_CHECK(m >= 1 && m <= core::kMaxGroup, "sparsekern.prune_nm: m must be in [1, ", core::kMaxGroup,
               "] (got m=", m, ")");
@@ -133,7 +171,9 @@ std::tuple<Tensor, Tensor> prune_nm_cpu(const Tensor& w, int64_t n, int64_t m, c
       w_t* op = out.data_ptr<w_t>();
       bool* mp = mask.data_ptr<bool>();
       at::parallel_for(0, groups, 4096, [&](int64_t g0, int64_t g1) {
-        if (m == 4) {
+        if (m == 4 && n == 2) {
+          prune_groups_24<w_t, score_t, acc_t>(wp, sp, op, mp, g0, g1, nan_w, nan_s);
+        } else if (m == 4) {
           prune_groups<4, w_t, score_t, acc_t>(wp, sp, op, mp, g0, g1, n, 4, nan_w, nan_s);
         } else if (m == 8) {
           prune_groups<8, w_t, score_t, acc_t>(wp, sp, op, mp, g0, g1, n, 8, nan_w, nan_s);
@@ -309,19 +349,16 @@ Tensor decompress_24_cpu(const Tensor& values, const Tensor& codes, int64_t cols
             const scalar_t* src = vp + r * (cols / 2);
             const uint8_t* crow = cp + r * cb;
             scalar_t* dst = op + r * cols;
+            // Zero the row (a vectorised memset), then place the two kept values of each group.
+            std::memset(static_cast<void*>(dst), 0, static_cast<size_t>(cols) * sizeof(scalar_t));
             for (int64_t g = 0; g < G; ++g) {
               const uint8_t code = core::code_of_group(crow, g);
-              scalar_t q[4] = {scalar_t(0), scalar_t(0), scalar_t(0), scalar_t(0)};
               if (!core::code_is_valid(code)) {
                 atomic_min(bad, r * G + g);
-              } else {
-                q[core::code_index0(code)] = src[2 * g];
-                q[core::code_index1(code)] = src[2 * g + 1];
+                continue;
               }
-              dst[4 * g] = q[0];
-              dst[4 * g + 1] = q[1];
-              dst[4 * g + 2] = q[2];
-              dst[4 * g + 3] = q[3];
+              dst[4 * g + core::code_index0(code)] = src[2 * g];
+              dst[4 * g + core::code_index1(code)] = src[2 * g + 1];
             }
           }
         });
