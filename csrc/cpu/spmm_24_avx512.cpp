@@ -250,8 +250,9 @@ SK_DEFINE_MICRO(micro_vnni, SK_AVX512_VNNI)
 //
 // Where the time goes (measured on the 2-core AMD EPYC dev machine, Zen 4): the inner loop issues one permute and one
 // multiply-add per chunk and activation row, plus ~3 index instructions per chunk and weight row. Decode (M <= 4) is
-// bound by the weight stream, which is 53-56 % of the dense bytes: 1.7x (fp32) to 3-5x (bf16, whose dense CPU path
-// is slow) faster than F.linear. From M ~ 8 on bf16 is bound by vector instruction issue, and 2 instructions per 32
+// bound by the weight stream, which is 53-56 % of the dense bytes (~15-19 GB/s reached): ~1.7x faster than F.linear
+// in fp32; in bf16 3-5x against the F.linear we measured on the loaded machine, but only ~1.3-1.5x against the 4.5 ms
+// quiet-machine figure of issue 10. From M ~ 8 on bf16 is bound by vector instruction issue, and 2 instructions per 32
 // kept products is no better than a dense vdpbf16ps kernel's 1 per 32 dense products: dense wins there (the layer's
 // policy should pick it); fp32 stays ahead up to M = 256 because PyTorch's dense fp32 CPU GEMM is slow on this CPU.
 // Tried and measured slower, so not kept: 2 x 8 register tiles, K-blocking with parked vector accumulators, caching
