@@ -529,3 +529,13 @@ def test_demo_flow_on_a_tiny_model(monkeypatch, capsys):
     assert result["dense_ppl"] > 1 and result["pruned_ppl"] > 1
     assert 0.5 < result["sparse_weight_bytes"] / result["dense_weight_bytes"] < 0.6
     assert "first 4 windows of 32 tokens" in result["protocol"]
+
+
+def test_cli_refusals_are_one_line_errors(model_dir, tmp_path, capsys):
+    d, text = model_dir
+    assert _cli("prune", "--model", tmp_path / "nope", "--method", "magnitude") == 2
+    assert "sparsekern prune: error: model" in capsys.readouterr().err
+    assert _cli("prune", "--model", d, "--text", text, "--method", "wanda", "--nsamples", 20, "--seqlen", 32) == 2
+    assert "20 x 32 = 640 tokens needed, the text has 400 tokens" in capsys.readouterr().err
+    assert _cli("eval", "--model", d, "--text", text, "--seqlen", 128, "--eval-tokens", 256) == 2
+    assert "seqlen 128 is beyond the model's maximum of 64 positions" in capsys.readouterr().err

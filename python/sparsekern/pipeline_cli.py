@@ -76,6 +76,24 @@ def _token_stream(args, tok) -> torch.Tensor:
     return data.tokenize(tok, data.load_text(args.text))
 
 
+def _clean_errors(command: str):
+    """Report the pipeline's own refusals (bad model, text too short, seqlen too long...) as one line and exit
+    status 2, not a traceback; unexpected errors keep their traceback."""
+    def wrap(fn):
+        def run(args) -> int:
+            from .data import DataError
+            from .pipeline import PipelineError
+
+            try:
+                return fn(args)
+            except (DataError, PipelineError) as e:
+                print(f"sparsekern {command}: error: {e}", file=sys.stderr)
+                return 2
+        run.__name__ = fn.__name__
+        return run
+    return wrap
+
+
 def _check_out(args) -> Path | None:
     if not getattr(args, "out", None):
         return None
@@ -375,14 +393,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dense", action="store_true", help="with --out: plain Hugging Face checkpoint, dense weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--verbose", action="store_true", help="per-linear table")
-    p.set_defaults(func=_cmd_prune)
+    p.set_defaults(func=_clean_errors("prune")(_cmd_prune))
 
     p = subparsers.add_parser("eval", help="perplexity of a model (bundled, HF directory or sparsekern directory)")
     _common(p)
     p.add_argument("--eval-tokens", type=_positive, default=20480,
                    help="evaluate on the last N tokens of the text (default 20480)")
     p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward (default 1)")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_clean_errors("eval")(_cmd_eval))
 
     p = subparsers.add_parser("demo", help="offline end-to-end demo: bundled model, SparseGPT 2:4, perplexity, "
                                            "sparsify, summary")
@@ -392,4 +410,4 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     p.add_argument("--eval-tokens", type=_positive, default=8192, help="evaluation tokens (default 8192)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_clean_errors("demo")(_cmd_demo))
