@@ -263,7 +263,12 @@ _MEM_SCRIPT = textwrap.dedent(
     out = {}
     for name in sys.argv[1:]:
         libc.malloc_trim(0)
-        open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        except OSError:
+            print(json.dumps({"skip": "cannot reset the peak RSS mark (/proc/self/clear_refs)"}))
+            sys.exit(0)
         base = vm("VmRSS")
         if name == "reference_chain":
             r = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -290,6 +295,8 @@ def test_sparsegpt_peak_extra_memory():
                          text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     extra = json.loads(res.stdout.strip().splitlines()[-1])
+    if "skip" in extra:
+        pytest.skip(extra["skip"])
     rows, cols = 512, 2048
     h_bytes = cols * cols * 4
     outputs = rows * cols * 4 + rows * cols + rows * 4
