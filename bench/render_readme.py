@@ -83,7 +83,9 @@ def render_run(d: str, device: str, rel_to: str) -> str:
                  f"cuSPARSELt {env.get('cusparselt_sparsekern') or env.get('cusparselt_torch')}, "
                  f"driver {env.get('driver')})")
     else:
-        title = f"### CPU: {env['device_name']} ({env['threads']} threads, {env.get('cpu_capability')}; torch {env['torch']})"
+        load = env.get("loadavg")
+        title = (f"### CPU: {env['device_name']} ({env['threads']} threads, {env.get('cpu_capability')}; "
+                 f"torch {env['torch']}" + (f"; load average {load[0]:.1f} at the start" if load else "") + ")")
     parts = [title, "", f"From [`{rel}`]({rel}) (commit `{commit}`, {(gemm or overhead)['created'][:10]}).", ""]
     parts += [report.goals_markdown(report.goals(gemm, overhead)), ""]
     if gemm:

@@ -86,6 +86,8 @@ def capture(device: str) -> dict:
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        # 1/5/15-minute load averages when the run started: on a shared machine, the context of every CPU number
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if d.type == "cuda":
         drv = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])

@@ -165,7 +165,7 @@ def goals_markdown(gs: list[dict]) -> str:
 
 def env_markdown(env: dict) -> str:
     keys = ("device_name", "arch", "driver", "torch", "cuda", "cusparselt_torch", "cusparselt_sparsekern",
-            "sparsekern", "git_commit", "python", "cpu", "threads")
+            "sparsekern", "git_commit", "python", "cpu", "threads", "loadavg")
     return markdown_table(["", "value"], [[k, "-" if env.get(k) is None else str(env.get(k))] for k in keys])
 
 
