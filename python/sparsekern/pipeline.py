@@ -37,6 +37,7 @@ calibration activations (nsamples x seqlen x hidden), not the model.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from dataclasses import asdict, dataclass, field
@@ -375,6 +376,7 @@ class PruneReport:
     # CPU time of this process (all threads) over the whole call: with wall time, it shows how much a run was
     # slowed down by other processes sharing the cores.
     cpu_seconds: float = 0.0
+    calib_dtype: str = "model"
 
     @property
     def sparsity(self) -> float:
@@ -391,7 +393,8 @@ class PruneReport:
         calib = (f"{self.nsamples} x {self.seqlen} calibration tokens" if self.nsamples
                  else "no calibration (data-free)")
         lines = [f"prune_model: {self.method} {self.pattern}, {calib}, "
-                 f"true_sequential={self.true_sequential}, device={self.device}"
+                 f"true_sequential={self.true_sequential}, device={self.device}, calibration dtype "
+                 f"{self.calib_dtype}"
                  + (" (offload)" if self.offload else ""),
                  f"  {len(self.linears)} linears pruned in {len(self.block_seconds)} blocks of {self.layers_path}, "
                  f"sparsity {100 * self.sparsity:.2f}%, kept dense: {len(self.kept_dense)}",
@@ -434,7 +437,8 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
                 include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                 device: str | torch.device | None = None, offload: bool = False, skip: Iterable[str] = (),
                 progress: bool = True, tokenizer: Any = None, batch_size: int = 8, blocksize: int = 128,
-                percdamp: float = 0.01, quant: str | None = None, use_variant: bool = False) -> PruneReport:
+                percdamp: float = 0.01, quant: str | None = None, use_variant: bool = False,
+                calib_dtype: torch.dtype | None = None) -> PruneReport:
     """Prune the linears of every decoder block of `model` in place, block after block (module docstring).
 
     model:       a causal LM (Hugging Face style; forward(input_ids=[B, T]) reaches the decoder blocks in order).
@@ -452,7 +456,12 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
     offload:     keep the model on the CPU and move one block at a time to `device`.
     batch_size:  calibration sequences per block forward.
     blocksize, percdamp, quant: SparseGPT options (quant: joint quantisation, e.g. "int8"); use_variant: Wanda's
-                 variant. Returns a PruneReport (per-linear losses, sparsity and times).
+                 variant.
+    calib_dtype: None (default: calibration forwards in the model's dtype, as the references) or a lower
+                 precision (torch.bfloat16) for the block matmuls of the calibration forwards, under
+                 torch.autocast: ~2.3x faster fp32->bf16 GEMMs on CPUs with AVX512-BF16 / AMX; the residual
+                 stream, norms and statistics stay float32. An approximation: the statistics change slightly.
+    Returns a PruneReport (per-linear losses, sparsity and times).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if method not in METHODS:
@@ -467,6 +476,15 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     options = {"blocksize": blocksize, "percdamp": percdamp, "quant": quant, "use_variant": use_variant}
+    if calib_dtype is not None and calib_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise PipelineError(f"calib_dtype {calib_dtype}: expected None, torch.float32, torch.bfloat16 or "
+                            "torch.float16")
+
+    def autocast():
+        if calib_dtype is None or calib_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=calib_dtype)
+
     eng_pattern = _engine_pattern(pattern)
 
     calib = None
@@ -477,7 +495,8 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
         check_seqlen(model, calib.shape[1])
     report = PruneReport(method=method, pattern=pattern, nsamples=0 if calib is None else calib.shape[0],
                          seqlen=0 if calib is None else calib.shape[1], true_sequential=true_sequential,
-                         device=str(device), offload=offload, layers_path=layers_path)
+                         device=str(device), offload=offload, layers_path=layers_path,
+                         calib_dtype="model" if calib_dtype is None else str(calib_dtype).removeprefix("torch."))
 
     skip = set(skip)
     selected: list[list[str]] = []
@@ -533,7 +552,8 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
                     groups = group_cache[key]
                 passes = [[g] for g in groups] if true_sequential else [groups]
                 for todo in passes:
-                    stats = {} if calib is None else collect_stats(layer, todo, chunks, hidden, method, device)
+                    with autocast():
+                        stats = {} if calib is None else collect_stats(layer, todo, chunks, hidden, method, device)
                     for g in todo:
                         stat = stats.get(g[0])
                         value = None if stat is None else stat.value
@@ -551,7 +571,8 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
                     del stats
             if calib is not None and i + 1 < len(layers):
                 # Block l+1's inputs come from the pruned block l.
-                hidden = _run_block(layer, chunks, hidden, keep=True)
+                with autocast():
+                    hidden = _run_block(layer, chunks, hidden, keep=True)
             if offload:
                 layer.to("cpu")
             report.block_seconds.append(time.perf_counter() - t_block)
