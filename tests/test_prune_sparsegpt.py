@@ -288,9 +288,8 @@ def test_sparsegpt_peak_extra_memory():
     same way to show the measurement sees extra H-sized temporaries (it holds two H at its peak)."""
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS mark")
+    # The child imports sparsekern exactly as this process did (installed wheel, or PYTHONPATH=python in a dev tree).
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
-                                         env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, "2:4", "0.5", "reference_chain"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
