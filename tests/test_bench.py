@@ -164,9 +164,13 @@ def test_time_cpu_interleaved_alternates_contenders():
 
     st = timing.time_cpu_interleaved({"a": make("a"), "b": make("b")}, warmup=1, iters=4, min_iters=1,
                                      max_seconds=10.0, clock=clock)
-    # warm-up once each, then rounds in rotated order: (a, b), (b, a), (a, b), (b, a); indices per contender
-    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3), ("b", 4),
-                     ("a", 4)]
+    # warm-up once each, then 4 rounds of one call of each (shuffled order); indices count per contender
+    assert calls[:2] == [("a", 0), ("b", 0)]
+    rounds = [calls[2 + 2 * r: 4 + 2 * r] for r in range(4)]
+    for r, rnd in enumerate(rounds):
+        assert sorted(rnd) == [("a", r + 1), ("b", r + 1)]
+    assert len(calls) == 10
+    assert len({tuple(name for name, _ in rnd) for rnd in rounds}) == 2  # both orders occur (seed 0)
     assert st["a"].iters == st["b"].iters == 4
     assert st["a"].median_us == pytest.approx(statistics.median([1000.0, 2000.0, 3000.0, 4000.0]))
     assert st["b"].median_us == pytest.approx(statistics.median([5000.0, 6000.0, 7000.0, 8000.0]))
@@ -181,6 +185,26 @@ def test_time_cpu_interleaved_stops_at_the_time_budget():
     st = timing.time_cpu_interleaved({"a": fn, "b": fn}, warmup=0, iters=100, min_iters=3, max_seconds=1.0,
                                      clock=clock)
     assert st["a"].iters == st["b"].iters == 3  # budget (2 s) spent after round 1, min_iters rounds still run
+
+
+def test_cpu_timing_flushes_before_every_timed_call_only():
+    log = []
+    st = timing.time_cpu(lambda i: log.append(f"call{i}"), warmup=2, iters=3, min_iters=1, max_seconds=10.0,
+                         flush=lambda: log.append("flush"))
+    assert log == ["call0", "call1", "flush", "call2", "flush", "call3", "flush", "call4"] and st.iters == 3
+    log.clear()
+    timing.time_cpu_interleaved({"a": lambda i: log.append("a"), "b": lambda i: log.append("b")}, warmup=1,
+                                iters=2, min_iters=1, max_seconds=10.0, flush=lambda: log.append("flush"))
+    assert log[:2] == ["a", "b"] and log[2::2] == ["flush"] * 4 and sorted(log[3::2]) == ["a", "a", "b", "b"]
+
+
+def test_cpu_cache_flusher_covers_the_last_level_cache():
+    flush = timing.cpu_cache_flusher()
+    buf = timing._CPU_FLUSH[0]
+    before = int(buf[0])
+    flush()
+    assert int(buf[0]) == before + 1 and int(buf[-1]) == before + 1  # the whole buffer is rewritten
+    assert buf.numel() * buf.element_size() >= max(2 * timing.llc_bytes(), 64 << 20)
 
 
 def test_time_cpu_bounds_work_by_max_seconds():

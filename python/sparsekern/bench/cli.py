@@ -105,7 +105,8 @@ def add_commands(subparsers) -> None:
                    help="bound on measured work per (contender, point); fewer than --iters calls when reached")
     g.add_argument("--rotate", type=_arg_type(_positive_int), default=4, help="x buffers cycled through")
     g.add_argument("--threads", type=_arg_type(_positive_int), default=None, help="CPU: torch.set_num_threads")
-    g.add_argument("--no-flush-l2", action="store_true", help="CUDA: do not flush L2 between timed calls")
+    g.add_argument("--no-flush-l2", action="store_true",
+                   help="do not flush the last-level cache (GPU L2, CPU L3) before each timed call")
     g.add_argument("--no-interleave", action="store_true",
                    help="CPU: time each contender's calls in one block instead of alternating rounds")
     g.add_argument("--no-check", action="store_true", help="skip the per-point correctness check")

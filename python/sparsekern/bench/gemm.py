@@ -37,7 +37,7 @@ from .contenders import (
     reference_output,
 )
 from .shapes import M_SWEEP, Shape
-from .timing import time_cpu_interleaved, time_device
+from .timing import cpu_cache_flusher, time_cpu_interleaved, time_device
 
 SCHEMA_VERSION = 1
 
@@ -67,7 +67,7 @@ class GemmConfig:
     min_iters: int = 10
     max_seconds: float = 0.5  # per (contender, point): a bound on measured work
     rotate: int = 4  # x buffers cycled through
-    flush_l2: bool = True
+    flush_l2: bool = True  # flush the last-level cache (GPU L2, CPU L3) before every timed call
     check: bool = True
     threads: int | None = None  # CPU: torch.set_num_threads
     interleave: bool = True  # CPU: time the contenders of a point in alternating rounds (shared machines)
@@ -208,7 +208,8 @@ def _measure_point_interleaved(prepared: dict, problem, bufs, ref, m: int, cfg: 
         fns = {name: _caller(prepared[name], args) for name, (_, args) in timed.items()}
         try:
             stats = time_cpu_interleaved(fns, warmup=cfg.warmup, iters=cfg.iters, min_iters=cfg.min_iters,
-                                         max_seconds=cfg.max_seconds)
+                                         max_seconds=cfg.max_seconds, seed=cfg.seed,
+                                         flush=cpu_cache_flusher() if cfg.flush_l2 else None)
         except Exception:  # noqa: BLE001 - one contender failed mid-timing: time each alone to say which
             stats = {}
             for name, (fields, args) in timed.items():
@@ -261,7 +262,7 @@ def run_gemm(cfg: GemmConfig, log: Callable[[str], None] = lambda s: print(s, fi
             "min_iters": cfg.min_iters,
             "max_seconds": cfg.max_seconds,
             "rotate": cfg.rotate,
-            "flush_l2": cfg.flush_l2 and torch.device(device).type == "cuda",
+            "flush_l2": cfg.flush_l2,
             "check": cfg.check,
             "threads": torch.get_num_threads() if torch.device(device).type == "cpu" else None,
             "interleave": cfg.interleave and torch.device(device).type == "cpu",

@@ -11,10 +11,14 @@ GPU (`time_cuda`):
     from the measured host cost per call. The events then measure device time only, never a gap where the GPU
     waited for a slow host: a contender with 100 us of host setup per call is not charged for it here (host cost
     is measured separately, in the same pass as `host_us`, and on its own by overhead.py).
-CPU (`time_cpu`): `time.perf_counter` around every call, the same warm-up, median and input rotation. CPU caches
-are not flushed: the weights this is used for (tens of MB) exceed the last-level cache by themselves.
-`time_cpu_interleaved` times several contenders of one point in alternating rounds, so that the varying load of a
-shared machine falls on all of them alike (the GEMM benchmark's default on the CPU).
+CPU (`time_cpu`): `time.perf_counter` around every call, the same warm-up, median and input rotation, and the
+same cache discipline: before each timed call (outside the timing) a buffer of twice the last-level cache is
+rewritten (`cpu_cache_flusher`). A 2:4 bf16 weight of 11008x4096 is 50 MB; with a 32 MB L3 a good part of it
+survives from one call to the next unless something else ran in between, which made a contender's time depend
+on which contender ran before it (up to 2x at M = 1). In a model, every layer's weight is read once per token with
+the other layers' weights in between: cold caches are the case that matters.
+`time_cpu_interleaved` times several contenders of one point in rounds of one call each, in a shuffled order, so
+that the varying load of a shared machine falls on all of them alike (the GEMM benchmark's default on the CPU).
 
 Both take `fn(i)`, a callable that runs the operation on input buffer `i % n_buffers` (the caller owns rotation),
 and return `Stats` in microseconds. The number of timed calls adapts: at most `iters`, at least `min_iters`, and no
@@ -24,6 +28,8 @@ more than about `max_seconds` of measured work per point, so a sweep over 8192-r
 from __future__ import annotations
 
 import dataclasses
+import os
+import random
 import statistics
 import time
 from typing import Callable
@@ -87,6 +93,37 @@ def _planned_iters(per_call_s: float, iters: int, min_iters: int, max_seconds: f
     return max(min(min_iters, iters), min(iters, int(max_seconds / per_call_s)))
 
 
+def llc_bytes(default: int = 32 << 20) -> int:
+    """Size of the CPU's largest cache (Linux sysfs), `default` where it cannot be read."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            digits = text.rstrip("KMG")
+            if digits.isdigit():
+                best = max(best, int(digits) * mult)
+    except OSError:
+        pass
+    return best or default
+
+
+_CPU_FLUSH: list[torch.Tensor] = []
+
+
+def cpu_cache_flusher() -> Callable[[], None]:
+    """A callable that rewrites a buffer of 2x the last-level cache (at least 64 MiB), evicting the last call's data."""
+    if not _CPU_FLUSH:
+        _CPU_FLUSH.append(torch.zeros(max(2 * llc_bytes(), 64 << 20) // 4, dtype=torch.int32))
+    buf = _CPU_FLUSH[0]
+    return lambda: buf.add_(1)
+
+
 def time_cpu(
     fn: Callable[[int], object],
     *,
@@ -95,6 +132,7 @@ def time_cpu(
     min_iters: int = 5,
     max_seconds: float = 1.0,
     clock: Clock = time.perf_counter,
+    flush: Callable[[], object] | None = None,
 ) -> Stats:
     """Median wall time of `fn(i)` on the CPU, i = 0, 1, 2, ... (the caller maps i to an input buffer).
 
@@ -114,6 +152,8 @@ def time_cpu(
     n = _planned_iters(per_call, iters, min_iters, max_seconds)
     samples = []
     for _ in range(n):
+        if flush is not None:
+            flush()
         t0 = clock()
         fn(i)
         samples.append((clock() - t0) * 1e6)
@@ -129,10 +169,14 @@ def time_cpu_interleaved(
     min_iters: int = 5,
     max_seconds: float = 1.0,
     clock: Clock = time.perf_counter,
+    seed: int = 0,
+    flush: Callable[[], object] | None = None,
 ) -> dict[str, Stats]:
-    """time_cpu for several contenders of one point, in alternating rounds: round r times one call of each, in an
-    order rotated by r. On a machine shared with other work the load changes over seconds; timing A's 50 calls and
-    then B's 50 would charge a load burst to one of them only, interleaving spreads it over all.
+    """time_cpu for several contenders of one point, in alternating rounds: each round times one call of each, in
+    a freshly shuffled order (seeded: reproducible). On a machine shared with other work the load changes over
+    seconds; timing A's 50 calls and then B's 50 would charge a load burst to one of them only, interleaving spreads
+    it over all. The order is shuffled rather than rotated because a rotation keeps every contender's predecessor
+    fixed, and a predecessor that streams hundreds of MB (decompress-and-GEMM) slows whichever call comes next.
 
     Each fn gets its own call index (0, 1, 2, ...) as in time_cpu. Rounds stop after `iters`, or once the work
     measured exceeds max_seconds per contender and at least min_iters rounds ran.
@@ -149,11 +193,15 @@ def time_cpu_interleaved(
                 break
     samples: dict[str, list[float]] = {n: [] for n in names}
     spent = 0.0
+    rng = random.Random(seed)
     for r in range(iters):
         if r >= min(min_iters, iters) and spent > max_seconds * len(names):
             break
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[:]
+        rng.shuffle(order)
         for name in order:
+            if flush is not None:
+                flush()
             t0 = clock()
             fns[name](idx[name])
             dt = clock() - t0
@@ -260,6 +308,6 @@ def time_device(device: str, fn: Callable[[int], object], **kw) -> Stats:
     """time_cuda for a CUDA device, time_cpu otherwise; CUDA-only keywords are dropped on the CPU."""
     if torch.device(device).type == "cuda":
         return time_cuda(fn, **kw)
-    kw.pop("flush_l2", None)
+    flush = kw.pop("flush_l2", False)
     kw.pop("batch", None)
-    return time_cpu(fn, **kw)
+    return time_cpu(fn, flush=cpu_cache_flusher() if flush else None, **kw)
