@@ -4,8 +4,10 @@ GPU (`time_cuda`):
   * Warm-up calls first: plan caches, algorithm searches, lazy CUDA init and GPU clock ramp-up all happen there.
   * Every timed call is bracketed by its own pair of CUDA events and the *median* over calls is reported (robust to
     the odd preemption or clock dip; p10/p90 show the spread).
-  * Before each timed call L2 is flushed by zeroing a buffer of twice the L2 size (outside the events), and the
-    input rotates over several x buffers. At decode sizes the whole cost of a layer is streaming its weight from
+  * Before each timed call L2 is flushed by *reading* a buffer of twice the L2 size (a sum, outside the events),
+    and the input rotates over several x buffers. Reading, not writing: zeroing the buffer (the usual recipe) would
+    leave L2 full of dirty lines whose write-back to HBM then runs during the timed call, charging tens of MB of
+    extra traffic to exactly the memory-bound decode kernels this is meant to measure fairly. At decode sizes the whole cost of a layer is streaming its weight from
     HBM; a weight or activation left in L2 by the previous call would flatter exactly the cases that matter.
   * While the host queues a batch of calls, the stream is held by a device-side spin (`torch.cuda._sleep`) sized
     from the measured host cost per call. The events then measure device time only, never a gap where the GPU
@@ -13,7 +15,7 @@ GPU (`time_cuda`):
     is measured separately, in the same pass as `host_us`, and on its own by overhead.py).
 CPU (`time_cpu`): `time.perf_counter` around every call, the same warm-up, median and input rotation, and the
 same cache discipline: before each timed call (outside the timing) a buffer of twice the last-level cache is
-rewritten (`cpu_cache_flusher`). A 2:4 bf16 weight of 11008x4096 is 50 MB; with a 32 MB L3 a good part of it
+read (`cpu_cache_flusher`; read, not written, for the write-back reason given above). A 2:4 bf16 weight of 11008x4096 is 50 MB; with a 32 MB L3 a good part of it
 survives from one call to the next unless something else ran in between, which made a contender's time depend
 on which contender ran before it (up to 2x at M = 1). In a model, every layer's weight is read once per token with
 the other layers' weights in between: cold caches are the case that matters.
@@ -116,12 +118,13 @@ def llc_bytes(default: int = 32 << 20) -> int:
 _CPU_FLUSH: list[torch.Tensor] = []
 
 
-def cpu_cache_flusher() -> Callable[[], None]:
-    """A callable that rewrites a buffer of 2x the last-level cache (at least 64 MiB), evicting the last call's data."""
+def cpu_cache_flusher() -> Callable[[], object]:
+    """A callable that reads a buffer of 2x the last-level cache (at least 64 MiB), evicting the last call's data
+    with clean lines. The buffer holds ones, not zeros: untouched zero pages may all map to one shared page."""
     if not _CPU_FLUSH:
-        _CPU_FLUSH.append(torch.zeros(max(2 * llc_bytes(), 64 << 20) // 4, dtype=torch.int32))
+        _CPU_FLUSH.append(torch.ones(max(2 * llc_bytes(), 64 << 20) // 4, dtype=torch.int32))
     buf = _CPU_FLUSH[0]
-    return lambda: buf.add_(1)
+    return lambda: buf.sum()
 
 
 def time_cpu(
@@ -234,11 +237,12 @@ _FLUSH: dict[int, torch.Tensor] = {}
 
 
 def l2_flush_buffer(device: int) -> torch.Tensor:
-    """A buffer of 2x the device's L2 size (at least 64 MiB); zeroing it evicts whatever the last call left."""
+    """An int32 buffer of 2x the device's L2 size (at least 64 MiB); reading it (.sum()) evicts what the last call
+    left in L2."""
     if device not in _FLUSH:
         props = torch.cuda.get_device_properties(device)
         l2 = int(getattr(props, "L2_cache_size", 0) or 0)
-        _FLUSH[device] = torch.empty(max(2 * l2, 64 << 20), dtype=torch.uint8, device=f"cuda:{device}")
+        _FLUSH[device] = torch.ones(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device=f"cuda:{device}")
     return _FLUSH[device]
 
 
@@ -291,7 +295,7 @@ def time_cuda(
         torch.cuda._sleep(int(spin_us * cycles_per_us))
         for j in range(b):
             if flush is not None:
-                flush.zero_()
+                flush.sum()
             starts[j].record()
             t0 = clock()
             fn(i)
