@@ -558,3 +558,16 @@ def test_bfloat16_calibration_forwards_approximate_the_float32_ones():
     assert 0.9 < agree / total < 1.0
     with pytest.raises(PipelineError, match=r"calib_dtype torch.int8: expected None, torch.float32"):
         prune_model(_clone(base), ids, method="wanda", progress=False, calib_dtype=torch.int8)
+
+
+def test_prune_cli_joint_int8_saves_int8_layers(model_dir, tmp_path, capsys):
+    d, text = model_dir
+    out = tmp_path / "pruned-int8"
+    rc = _cli("prune", "--model", d, "--text", text, "--method", "sparsegpt", "--quant", "int8", "--nsamples", 4,
+              "--seqlen", 32, "--out", out, "--json")
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sparsify"]["converted"] == 14
+    meta = json.loads((out / "sparsekern_config.json").read_text())
+    assert {spec["quant"] for spec in meta["layers"].values()} == {"int8"}
+    assert json.loads((out / "prune_report.json").read_text())["quant"] == "int8"
