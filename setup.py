@@ -60,7 +60,7 @@ def main():
         version=cfg.version,
         packages=find_packages(where="python"),
         package_dir={"": "python"},
-        package_data={"sparsekern": ["data/*", "py.typed"]},
+        package_data={"sparsekern": ["data/*", "py.typed", "bench/*.json"]},
         ext_modules=[ext],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         install_requires=cfg.install_requires,
