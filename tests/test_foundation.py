@@ -238,3 +238,22 @@ def test_wheel_for_another_torch_names_both_versions(monkeypatch):
     monkeypatch.setattr(_ext, "_built_for_torch", lambda: "2.9")
     msg = _ext._explain(ImportError("_C.so: undefined symbol: _ZN5torch3jit"))
     assert "built for torch 2.9" in msg and f"torch {torch.__version__} is installed" in msg
+
+
+def test_gpu_arch_coverage_rule():
+    binary = {"sass": ["sm_80", "sm_90"], "ptx": []}
+    assert doctor_mod._arch_covered((8, 0), binary)
+    assert doctor_mod._arch_covered((8, 6), binary)  # sm_80 SASS runs on later minor revisions of sm_8x
+    assert doctor_mod._arch_covered((9, 0), binary)
+    assert not doctor_mod._arch_covered((7, 5), binary)  # older than anything compiled
+    assert not doctor_mod._arch_covered((10, 0), binary)  # newer major, no PTX to JIT from
+    assert doctor_mod._arch_covered((10, 0), {"sass": ["sm_80"], "ptx": ["compute_90"]})
+
+
+def test_doctor_warns_when_the_gpu_arch_is_not_in_the_binary(monkeypatch):
+    monkeypatch.setattr(doctor_mod, "_cuda_python_query", lambda: ("13.0", "13.0", [("NVIDIA B200", (10, 0))], None))
+    monkeypatch.setattr(doctor_mod._ext, "build_info", lambda: {"with_cuda": True, "cuda_archs": "8.0;9.0a"})
+    monkeypatch.setattr(doctor_mod, "fatbin_archs", lambda path: {"sass": ["sm_80", "sm_90"], "ptx": []})
+    rep = doctor_mod.collect()
+    assert rep.gpus[0].arch_in_binary is False
+    assert any("not among the archs compiled" in p and "TORCH_CUDA_ARCH_LIST=10.0" in p for p in rep.problems)
