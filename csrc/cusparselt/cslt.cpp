@@ -355,16 +355,22 @@ cusparseStatus_t build_plan(PlanEntry& e, const cusparseLtHandle_t* h, const Gem
 // fused epilogue NOT_SUPPORTED (possible only for float outputs, where the post-op can finish the job in place).
 std::shared_ptr<PlanEntry> make_entry(const cusparseLtHandle_t* h, const GemmConfig& cfg, const void* bias_ptr,
                                       c10::DeviceIndex device, const at::TensorOptions& opts) {
+  // Read the epoch before the record: a search finishing in between then leaves this entry stale (re-resolved on
+  // its next use) instead of marking a plan built without the new record as up to date.
+  const uint64_t epoch = g_search_epoch.load();
   std::optional<SearchRecord> rec;
   if (cfg.alg_id < 0) rec = find_record(cfg, device);
-  const uint64_t epoch = g_search_epoch.load();
   auto e = std::make_shared<PlanEntry>();
   std::string failed;
   cusparseStatus_t st = build_plan(*e, h, cfg, bias_ptr, cfg.bias, cfg.act, rec, &failed);
-  if (st == CUSPARSE_STATUS_NOT_SUPPORTED && (cfg.bias || cfg.act != 0) && is_float_out(cfg.d)) {
+  // cuSPARSELt may refuse an epilogue attribute it does not support for these types with INVALID_VALUE (at
+  // cusparseLtMatmulDescSetAttribute) rather than NOT_SUPPORTED (at plan init): fall back on both. A rebuild that
+  // fails again reports its own failing call, so a real argument error still surfaces.
+  if ((st == CUSPARSE_STATUS_NOT_SUPPORTED || st == CUSPARSE_STATUS_INVALID_VALUE) && (cfg.bias || cfg.act != 0) &&
+      is_float_out(cfg.d)) {
     e = std::make_shared<PlanEntry>();
-    ++g_fallbacks;
     st = build_plan(*e, h, cfg, nullptr, false, 0, rec, &failed);
+    if (st == CUSPARSE_STATUS_SUCCESS) ++g_fallbacks;
   }
   TORCH_CHECK(st == CUSPARSE_STATUS_SUCCESS, "cuSPARSELt: ", failed, " failed (", status_text(st), ") for ",
               describe(cfg),
