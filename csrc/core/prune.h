@@ -32,13 +32,32 @@ SK_HOST_DEVICE T obs_score(T w, T d) {
 SK_HOST_DEVICE float round_half_even(float x) { return rintf(x); }
 SK_HOST_DEVICE double round_half_even(double x) { return rint(x); }
 
+// a * b rounded on its own: on the GPU nvcc contracts a product followed by an add / sub into one FMA (one rounding
+// instead of two), which the CPU build (no -mfma) and PyTorch's reference do not; __fmul_rn / __dmul_rn are never
+// contracted. Use it where a product feeds an add so both devices round the same way.
+SK_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+SK_HOST_DEVICE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // Asymmetric min-max quantise-dequantise of one value with a per-row (scale, zero); maxq = 2^bits - 1.
 // Matches SparseGPT/GPTQ's `quantize`: q = clamp(round(x / scale) + zero, 0, maxq); return scale * (q - zero).
+// The product goes through mul_rn: callers subtract the result (w - q), which nvcc would otherwise fuse.
 template <typename T>
 SK_HOST_DEVICE T quantize_minmax(T x, T scale, T zero, T maxq) {
   T q = round_half_even(x / scale) + zero;
   q = q < T(0) ? T(0) : (q > maxq ? maxq : q);
-  return scale * (q - zero);
+  return mul_rn(scale, q - zero);
 }
 
 // select_keep_mask(s, n, 4) for NaN-free scores, branch-free: six comparisons instead of nm.h's twelve

@@ -50,28 +50,30 @@ void hessian_update_cuda(const at::Tensor& H, const at::Tensor& x, int64_t nsamp
 }
 
 // Column sums of squares: a thread per column (consecutive threads read consecutive columns: coalesced), the rows
-// split over blockIdx.y, partial sums combined with one atomicAdd per thread.
+// split over blockIdx.y, partial sums combined with one atomicAdd per thread. Accumulated in double, as the CPU
+// kernel: the float result then does not depend on the row split or on the (unordered) atomicAdd order.
 template <typename T>
 __global__ void column_sumsq_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t rows_per_block,
-                                    float* __restrict__ acc) {
+                                    double* __restrict__ acc) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
-  float sum = 0.f;
+  double sum = 0.0;
   for (int64_t r = r0; r < r1; ++r) {
-    const float v = static_cast<float>(x[r * cols + c]);
+    const double v = static_cast<double>(x[r * cols + c]);
     sum += v * v;
   }
   atomicAdd(acc + c, sum);
 }
 
-__global__ void act_scale_finish_kernel(float* __restrict__ s, const float* __restrict__ acc, int64_t cols, float keep,
-                                        float inv_total, bool first) {
+// s = s * keep + float(acc) * inv_total, rounded as the CPU does it (explicit _rn: no FMA contraction).
+__global__ void act_scale_finish_kernel(float* __restrict__ s, const double* __restrict__ acc, int64_t cols,
+                                        float keep, float inv_total, bool first) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
-  const float old = first ? 0.f : s[c] * keep;
-  s[c] = old + acc[c] * inv_total;
+  const float old = first ? 0.f : __fmul_rn(s[c], keep);
+  s[c] = __fadd_rn(old, __fmul_rn(static_cast<float>(acc[c]), inv_total));
 }
 
 void act_scale_update_cuda(const at::Tensor& s, const at::Tensor& x, int64_t nsamples, int64_t batch) {
@@ -79,7 +81,8 @@ void act_scale_update_cuda(const at::Tensor& s, const at::Tensor& x, int64_t nsa
   c10::cuda::CUDAGuard guard(s.device());
   auto X = x.reshape({-1, x.size(-1)}).contiguous();
   const int64_t rows = X.size(0), cols = X.size(1);
-  auto acc = at::zeros({cols}, s.options());
+  if (cols == 0) return;  // nothing to update; a launch with 0 blocks would be an invalid configuration
+  auto acc = at::zeros({cols}, s.options().dtype(at::kDouble));
   const int64_t col_blocks = (cols + kThreads - 1) / kThreads;
   const int64_t row_blocks = std::max<int64_t>(1, std::min<int64_t>((rows + 63) / 64, 1024));
   const int64_t rows_per_block = (rows + row_blocks - 1) / row_blocks;
@@ -87,12 +90,12 @@ void act_scale_update_cuda(const at::Tensor& s, const at::Tensor& x, int64_t nsa
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "act_scale_update_", [&] {
       column_sumsq_kernel<scalar_t><<<dim3(col_blocks, row_blocks), kThreads, 0, stream>>>(
-          X.const_data_ptr<scalar_t>(), rows, cols, rows_per_block, acc.data_ptr<float>());
+          X.const_data_ptr<scalar_t>(), rows, cols, rows_per_block, acc.data_ptr<double>());
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const double total = static_cast<double>(nsamples + batch);
-  act_scale_finish_kernel<<<col_blocks, kThreads, 0, stream>>>(s.data_ptr<float>(), acc.const_data_ptr<float>(), cols,
+  act_scale_finish_kernel<<<col_blocks, kThreads, 0, stream>>>(s.data_ptr<float>(), acc.const_data_ptr<double>(), cols,
                                                                static_cast<float>(nsamples / total),
                                                                static_cast<float>(1.0 / total), nsamples == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -268,7 +271,8 @@ __global__ void sparsegpt_block_kernel(T* __restrict__ w1, int64_t ldw, const T*
     kt[i * kTileLd + lane] = !pruned;
     wt[i * kTileLd + lane] = q;
     const T* h = hinv + static_cast<int64_t>(i) * ldh;
-    for (int j = i + 1; j < bs; ++j) wt[j * kTileLd + lane] -= e * __ldg(h + j);
+    // mul_rn: no FMA contraction, so the update rounds as the CPU kernel's (and the reference's) w - e * h.
+    for (int j = i + 1; j < bs; ++j) wt[j * kTileLd + lane] -= core::mul_rn(e, __ldg(h + j));
   }
   __syncthreads();
 
