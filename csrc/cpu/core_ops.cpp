@@ -20,6 +20,7 @@
 #include <sstream>
 #include <string>
 
+#include "core/messages.h"
 #include "core/nm.h"
 
 namespace sparsekern {
@@ -36,19 +37,7 @@ void atomic_min(std::atomic<int64_t>& slot, int64_t v) {
   }
 }
 
-// "(i, j, k)" for a linear index into a tensor of the given sizes.
-std::string index_string(at::IntArrayRef sizes, int64_t linear) {
-  std::vector<int64_t> idx(sizes.size());
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
-    idx[d] = linear % sizes[d];
-    linear /= sizes[d];
-  }
-  std::ostringstream os;
-  os << "(";
-  for (size_t d = 0; d < idx.size(); ++d) os << (d ? ", " : "") << idx[d];
-  os << ")";
-  return os.str();
-}
+using core::index_string;  // csrc/core/messages.h
 
 void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name, const char* op) {
   TORCH_CHECK(a.device() == b.device(), "sparsekern.", op, ": ", b_name, " is on ", b.device(), " but ", a_name,

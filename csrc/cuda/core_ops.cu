@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "core/messages.h"
 #include "core/nm.h"
 
 namespace sparsekern {
@@ -113,19 +114,7 @@ bool is_prunable_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// "(i, j, k)" of a linear index into a tensor of the given sizes.
-std::string index_string(at::IntArrayRef sizes, int64_t linear) {
-  std::vector<int64_t> idx(sizes.size());
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
-    idx[d] = linear % sizes[d];
-    linear /= sizes[d];
-  }
-  std::ostringstream os;
-  os << "(";
-  for (size_t d = 0; d < idx.size(); ++d) os << (d ? ", " : "") << idx[d];
-  os << ")";
-  return os.str();
-}
+using core::index_string;  // csrc/core/messages.h
 
 std::tuple<at::Tensor, at::Tensor> prune_nm_cuda(const at::Tensor& w_in, int64_t n, int64_t m,
                                                  const std::optional<at::Tensor>& scores_in) {
