@@ -18,6 +18,7 @@
 
 #include "core/nm.h"
 #include "core/prune.h"
+#include "core/prune_checks.h"
 
 namespace sparsekern {
 namespace {
@@ -124,49 +125,17 @@ void sparsegpt_block_kernel(T* w1, int64_t ldw, const T* hinv, int64_t ldh, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_prune_block_cpu(
     const at::Tensor& w1, const at::Tensor& hinv1, int64_t n, int64_t m, const std::optional<at::Tensor>& prune_mask,
     const std::optional<at::Tensor>& qscale, const std::optional<at::Tensor>& qzero, int64_t maxq) {
-  const char* op = "sparsegpt_prune_block_";
-  TORCH_CHECK(w1.dim() == 2, op, ": w1 must be 2-D [rows, blocksize], got shape ", w1.sizes());
-  TORCH_CHECK(w1.scalar_type() == at::kFloat || w1.scalar_type() == at::kDouble, op,
-              ": w1 must be float32 (or float64), got ", w1.scalar_type());
-  TORCH_CHECK(w1.stride(1) == 1 && w1.stride(0) >= w1.size(1), op,
-              ": w1 must have contiguous rows (a column slice W[:, i1:i2] of a row-major W is fine), got strides ",
-              w1.strides());
+  core::check_sparsegpt_block_args(w1, hinv1, n, m, prune_mask, qscale, qzero, maxq);
   const int64_t rows = w1.size(0), bs = w1.size(1);
-  TORCH_CHECK(hinv1.dim() == 2 && hinv1.size(0) == bs && hinv1.size(1) == bs, op, ": hinv1 must be [", bs, ", ",
-              bs, "] (the block of the inverse-Hessian factor), got shape ", hinv1.sizes());
-  TORCH_CHECK(hinv1.scalar_type() == w1.scalar_type(), op, ": hinv1 dtype ", hinv1.scalar_type(),
-              " differs from w1 dtype ", w1.scalar_type());
-  TORCH_CHECK(hinv1.device() == w1.device(), op, ": hinv1 is on ", hinv1.device(), " but w1 is on ", w1.device());
   auto h = hinv1.stride(1) == 1 ? hinv1 : hinv1.contiguous();
   BlockArgs a{rows, bs, static_cast<int>(n), static_cast<int>(m), nullptr, nullptr, nullptr, static_cast<double>(maxq)};
   at::Tensor pm;
-  if (m > 0) {
-    TORCH_CHECK(m <= core::kMaxGroup && n >= 1 && n < m, op, ": N:M needs 1 <= n < m <= ", core::kMaxGroup,
-                ", got n=", n, " m=", m);
-    TORCH_CHECK(bs % m == 0, op, ": the block width (", bs, ") must be a multiple of m (", m, ")");
-    TORCH_CHECK(!prune_mask.has_value(), op, ": give either an N:M pattern (m > 0) or prune_mask, not both");
-  } else {
-    TORCH_CHECK(m == 0 && n == 0, op, ": unstructured / mask mode needs n = m = 0, got n=", n, " m=", m);
-    if (prune_mask.has_value()) {
-      TORCH_CHECK(prune_mask->sizes() == w1.sizes() && prune_mask->scalar_type() == at::kBool, op,
-                  ": prune_mask must be bool with w1's shape ", w1.sizes(), ", got ", prune_mask->scalar_type(), " ",
-                  prune_mask->sizes());
-      TORCH_CHECK(prune_mask->device() == w1.device(), op, ": prune_mask is on ", prune_mask->device(),
-                  " but w1 is on ", w1.device());
-      pm = prune_mask->contiguous();
-      a.prune_mask = pm.const_data_ptr<bool>();
-    }
+  if (prune_mask.has_value()) {  // the checks refuse prune_mask with m > 0
+    pm = prune_mask->contiguous();
+    a.prune_mask = pm.const_data_ptr<bool>();
   }
-  TORCH_CHECK(qscale.has_value() == qzero.has_value(), op, ": qscale and qzero must be given together");
   at::Tensor qs, qz;
   if (qscale.has_value()) {
-    for (const auto* t : {&*qscale, &*qzero}) {
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == w1.scalar_type(), op,
-                  ": qscale / qzero must be [rows] = [", rows, "] of w1's dtype, got ", t->scalar_type(), " ",
-                  t->sizes());
-      TORCH_CHECK(t->device() == w1.device(), op, ": qscale / qzero must be on w1's device ", w1.device());
-    }
-    TORCH_CHECK(maxq >= 1, op, ": maxq (2^bits - 1) must be >= 1 with quantisation, got ", maxq);
     qs = qscale->contiguous();
     qz = qzero->contiguous();
     a.qscale = qs.const_data_ptr();

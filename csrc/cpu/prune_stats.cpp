@@ -11,28 +11,16 @@
 
 #include <vector>
 
+#include "core/prune_checks.h"
+
 namespace sparsekern {
 namespace {
-
-void check_update_args(const char* op, const at::Tensor& stat, const at::Tensor& x, int64_t nsamples,
-                       int64_t batch, int64_t stat_dim) {
-  TORCH_CHECK(stat.dim() == stat_dim, op, ": the statistic must be ", stat_dim, "-D, got shape ", stat.sizes());
-  TORCH_CHECK(stat.scalar_type() == at::kFloat, op, ": the statistic must be float32, got ", stat.scalar_type());
-  TORCH_CHECK(stat.is_contiguous(), op, ": the statistic must be contiguous");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == stat.size(0), op, ": x must be [..., C] with C = ", stat.size(0),
-              " (the layer's in_features), got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
-  TORCH_CHECK(x.device() == stat.device(), op, ": x is on ", x.device(), " but the statistic is on ",
-              stat.device());
-  TORCH_CHECK(nsamples >= 0, op, ": nsamples must be >= 0, got ", nsamples);
-  TORCH_CHECK(batch >= 1, op, ": batch (number of sequences in x) must be >= 1, got ", batch);
-}
 
 // H = n/(n+B) * H + 2/(n+B) * X^T X as one BLAS call (addmm folds both scalings in; beta = 0 on the first
 // batch, which BLAS treats as "ignore H", so an uninitialised H is fine). No copy of x when it is float32 and
 // its rows are contiguous: reshape is then a view.
 void hessian_update_cpu(const at::Tensor& H, const at::Tensor& x, int64_t nsamples, int64_t batch) {
-  check_update_args("hessian_update_", H, x, nsamples, batch, 2);
+  core::check_update_args("hessian_update_", H, x, nsamples, batch, 2);
   TORCH_CHECK(H.size(0) == H.size(1), "hessian_update_: H must be square [C, C], got ", H.sizes());
   auto X = x.reshape({-1, x.size(-1)});
   if (X.scalar_type() != at::kFloat) X = X.to(at::kFloat);
@@ -69,7 +57,7 @@ void act_scale_kernel(const T* x, int64_t rows, int64_t cols, float* s, float ke
 }
 
 void act_scale_update_cpu(const at::Tensor& s, const at::Tensor& x, int64_t nsamples, int64_t batch) {
-  check_update_args("act_scale_update_", s, x, nsamples, batch, 1);
+  core::check_update_args("act_scale_update_", s, x, nsamples, batch, 1);
   auto X = x.reshape({-1, x.size(-1)}).contiguous();
   const int64_t rows = X.size(0), cols = X.size(1);
   const double total = static_cast<double>(nsamples + batch);

@@ -26,6 +26,7 @@
 
 #include "core/nm.h"
 #include "core/prune.h"
+#include "core/prune_checks.h"
 
 namespace sparsekern {
 namespace {
@@ -177,21 +178,11 @@ int64_t wanda_kernel(const T* w, const float* sqrt_scale, T* out, bool* keep_mas
 
 std::tuple<at::Tensor, at::Tensor> wanda_prune_cpu(const at::Tensor& w, const at::Tensor& act_scale, int64_t n,
                                                    int64_t m, double sparsity) {
-  TORCH_CHECK(w.dim() == 2, "wanda_prune: w must be 2-D [out_features, in_features], got shape ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
-              "wanda_prune: w must be float32, float16 or bfloat16, got ", w.scalar_type());
+  core::check_wanda_args(w, act_scale);
   const int64_t rows = w.size(0), cols = w.size(1);
-  TORCH_CHECK(act_scale.dim() == 1 && act_scale.size(0) == cols, "wanda_prune: act_scale must be [in_features] = [",
-              cols, "], got shape ", act_scale.sizes());
-  TORCH_CHECK(act_scale.scalar_type() == at::kFloat, "wanda_prune: act_scale must be float32, got ",
-              act_scale.scalar_type());
-  TORCH_CHECK(act_scale.device() == w.device(), "wanda_prune: act_scale is on ", act_scale.device(),
-              " but w is on ", w.device());
   int64_t k = 0;
   if (m > 0) {
-    TORCH_CHECK(m <= core::kMaxGroup && n >= 1 && n < m, "wanda_prune: N:M needs 1 <= n < m <= ",
-                core::kMaxGroup, ", got n=", n, " m=", m);
-    TORCH_CHECK(cols % m == 0, "wanda_prune: in_features (", cols, ") must be divisible by m (", m, ")");
+    core::check_wanda_nm(cols, n, m);
   } else {
     TORCH_CHECK(m == 0, "wanda_prune: m must be 0 (unstructured) or the N:M group size, got ", m);
     TORCH_CHECK(sparsity >= 0.0 && sparsity < 1.0, "wanda_prune: sparsity must be in [0, 1), got ", sparsity);
