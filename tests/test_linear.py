@@ -135,6 +135,31 @@ def test_dtype_moves_keep_codes_exact():
     assert half.to(torch.bfloat16).values.dtype == torch.bfloat16
 
 
+def test_bias_kept_in_compute_dtype_no_per_call_cast(monkeypatch):
+    # An unquantised layer's bias always has the weight's (= the input's) dtype, so the forward hands the stored
+    # buffer to the kernel as is: no cast, no copy per call. Holds after dtype moves and loads of another dtype.
+    seen = []
+    real = torch.ops.sparsekern.spmm_24
+
+    def spy(x2, values, codes, bias, *rest):
+        seen.append(bias)
+        return real(x2, values, codes, bias, *rest)
+
+    monkeypatch.setattr(torch.ops.sparsekern, "spmm_24", spy)
+    layer = SparseLinear.from_linear(linear_24(48, 16))
+    sd32 = layer.state_dict()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        layer = layer.to(dtype)
+        assert layer.bias.dtype == dtype
+        layer.load_state_dict(sd32)  # a float32 checkpoint: cast once on load, to the layer's dtype
+        assert layer.bias.dtype == dtype and layer.state_dict()["bias"].dtype == dtype
+        seen.clear()
+        with torch.no_grad():
+            layer(torch.randn(3, 48, dtype=dtype))
+        assert len(seen) == 1 and seen[0] is layer.bias
+    assert layer.state_dict().keys() == sd32.keys()
+
+
 # ------------------------------------------------------------------------------------------------- autograd
 
 

@@ -448,6 +448,7 @@ def test_prune_cli_save_and_reload_round_trip(model_dir, tmp_path, capsys):
     calib = calibration_windows(tokenize(tok, text.read_text()), 4, 32)
     prune_model(model, calib, method="sparsegpt", progress=False)
     loaded = from_pretrained(out)
+    assert loaded.sparsekern_metadata == meta  # the report is also save_pretrained's metadata
     x = torch.randint(3, VOCAB, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-4, atol=1e-4)

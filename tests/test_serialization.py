@@ -261,6 +261,52 @@ def test_save_pretrained_refuses_existing_dir_unless_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+def test_save_pretrained_user_metadata_round_trip(tmp_path):
+    model = tiny_llama()
+    sparsify(model)
+    user = {"method": "wanda", "nsamples": 8, "ppl": 12.5, "kept_dense": ["lm_head"], "nested": {"a": None}}
+    out = sparsekern.save_pretrained(model, tmp_path / "ckpt", metadata=user)
+    meta = json.loads((out / "sparsekern_config.json").read_text())
+    assert meta["user"] == user and meta["format"] == "sparsekern" and len(meta["layers"]) == 14
+    loaded = sparsekern.from_pretrained(out)
+    assert loaded.sparsekern_metadata == user
+    # Without metadata: no "user" key, and the accessor reads None.
+    plain = sparsekern.save_pretrained(model, tmp_path / "plain")
+    assert "user" not in json.loads((plain / "sparsekern_config.json").read_text())
+    assert sparsekern.from_pretrained(plain).sparsekern_metadata is None
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"t": torch.zeros(2)}, r"metadata is not JSON-serialisable \(Object of type Tensor"),
+    ({"s": {1, 2}}, r"metadata is not JSON-serialisable \(Object of type set"),
+    ("method=wanda", r"metadata must be a dict \(JSON-serialisable\) or None, not str"),
+])
+def test_save_pretrained_bad_metadata_refused_before_writing(tmp_path, bad, msg):
+    model = tiny_llama()
+    sparsify(model)
+    target = tmp_path / "sub" / "ckpt"
+    with pytest.raises(TypeError, match=msg):
+        sparsekern.save_pretrained(model, target, metadata=bad)
+    assert list(tmp_path.iterdir()) == []  # not even the parent folder or a temporary sibling
+    # An existing checkpoint is left as it was, even with overwrite=True.
+    sparsekern.save_pretrained(model, target, metadata={"v": 1})
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    with pytest.raises(TypeError, match=msg):
+        sparsekern.save_pretrained(model, target, metadata=bad, overwrite=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in target.parent.iterdir()] == ["ckpt"]
+
+
+def test_save_pretrained_circular_metadata_refused(tmp_path):
+    model = tiny_llama()
+    sparsify(model)
+    bad: dict = {}
+    bad["self"] = bad
+    with pytest.raises(TypeError, match=r"save_pretrained: metadata is not JSON-serialisable \(Circular"):
+        sparsekern.save_pretrained(model, tmp_path / "ckpt", metadata=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_from_pretrained_unknown_version_and_truncated(tmp_path):
     model = tiny_llama()
     sparsify(model)

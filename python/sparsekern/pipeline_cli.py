@@ -131,8 +131,9 @@ def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = Fa
     dense=False: sparsify (2:4 linears -> SparseLinear, compressed portable format) and sparsekern's
     save_pretrained (reload with sparsekern.from_pretrained). dense=True: a plain Hugging Face checkpoint with the
     pruned dense weights, for tools that do not know sparsekern. Both add the tokenizer and prune_report.json
-    (`metadata`: method, pattern, calibration, sparsekern version, per-linear report). Returns the sparsify report
-    (None for dense).
+    (`metadata`: method, pattern, calibration, sparsekern version, per-linear report); the sparsekern layout also
+    stores that report as save_pretrained's metadata (from_pretrained(out).sparsekern_metadata). Returns the
+    sparsify report (None for dense).
     """
     from ._version import __version__
 
@@ -142,16 +143,18 @@ def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = Fa
 
         report = sparsify(model, quant=quant)
 
+    meta = dict(metadata, sparsekern_version=__version__, layout="dense" if dense else "sparsekern")
+
     def write(tmp: Path):
         if dense:
             model.save_pretrained(tmp)
         else:
             from .serialization import save_pretrained
 
-            save_pretrained(model, tmp)
+            # The report also goes into sparsekern_config.json ("user"): from_pretrained's model.sparsekern_metadata.
+            save_pretrained(model, tmp, metadata=meta)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = dict(metadata, sparsekern_version=__version__, layout="dense" if dense else "sparsekern")
         (tmp / "prune_report.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
     _write_atomically(out, overwrite, write)

@@ -17,7 +17,8 @@ Directory layout written by save_pretrained(model, dir) for a Hugging Face model
                                "portable_format_version": 1, "dtype": "float32",
                                "layers": {name: {"in_features", "out_features", "bias", "dtype", "quant",
                                                  "weight_layout"}},
-                               "tied": {alias key: stored key}}
+                               "tied": {alias key: stored key},
+                               "user": the caller's save_pretrained(..., metadata=...) dict (only when given)}
 The directory is written under a temporary name next to the target and renamed into place, so a crash never leaves
 a half-written checkpoint under the target name; an existing target is replaced only with overwrite=True.
 
@@ -182,13 +183,32 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def _check_user_metadata(metadata) -> dict | None:
+    """save_pretrained's `metadata` argument, checked before anything is written: a dict that json can encode."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise TypeError(f"save_pretrained: metadata must be a dict (JSON-serialisable) or None, not "
+                        f"{type(metadata).__name__}")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as exc:  # ValueError: circular reference
+        raise TypeError(f"save_pretrained: metadata is not JSON-serialisable ({exc}); nothing was written") from exc
+    return metadata
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False,
+                    metadata: dict | None = None) -> Path:
     """Save a (sparsified) Hugging Face model: config + safetensors of the compressed layers + sparsekern metadata.
 
     model:     a transformers PreTrainedModel (anything with .config.save_pretrained), SparseLinear layers or not.
     directory: target folder; must not exist unless overwrite=True. Written to a temporary sibling folder first,
                then renamed into place. Returns the path.
+    metadata:  optional JSON-serialisable dict of the caller's own, stored under "user" in sparsekern_config.json
+               and exposed by from_pretrained as `model.sparsekern_metadata`. Anything json cannot encode is refused
+               with a TypeError before anything is written.
     """
+    metadata = _check_user_metadata(metadata)
     directory = Path(directory)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
@@ -221,6 +241,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite
             },
             "tied": tied,
         }
+        if metadata is not None:
+            meta["user"] = metadata
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         _publish(tmp, directory)
     finally:
@@ -272,7 +294,9 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> nn.Module:
     """Rebuild a model saved by save_pretrained (or a compressed-tensors sparse-24-bitmask checkpoint) with its
-    SparseLinear layers; returns it in eval mode on `device` (default CPU).
+    SparseLinear layers; returns it in eval mode on `device` (default CPU). The metadata dict passed to
+    save_pretrained(..., metadata=...) is set as `model.sparsekern_metadata` (as json.loads returns it; None when
+    none was given, and for compressed-tensors checkpoints).
 
     model_class: transformers model class; default the config's `architectures[0]`.
     dtype:       dtype of the model's dense parameters; default the dtype recorded at save time.
@@ -320,6 +344,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: to
             raise CheckpointError(f"{WEIGHTS_FILE}: tied key {alias!r} refers to missing {key!r}")
         tensors[alias] = tensors[key]
     load_state_dict(model, tensors, strict=True)
+    model.sparsekern_metadata = meta.get("user")
     model.eval()
     if device is not None:
         model.to(device)
@@ -402,6 +427,7 @@ def _from_compressed_tensors(directory: Path, raw_cfg: dict, sparsity: dict, mod
         sd[f"{name}.format_version"] = torch.tensor([c.format_version], dtype=torch.int64)
     _fill_tied(model, sd)
     load_state_dict(model, sd, strict=True)
+    model.sparsekern_metadata = None
     model.eval()
     if device is not None:
         model.to(device)
