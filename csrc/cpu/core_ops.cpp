@@ -19,6 +19,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "core/messages.h"
 #include "core/nm.h"
@@ -308,6 +309,88 @@ std::tuple<Tensor, Tensor> compress_24_cpu(const Tensor& w) {
 }
 
 // ------------------------------------------------------------------------------------------------- decompress_24
+// Dtype-agnostic: values are copied as raw bits (U = an unsigned integer of the element's size), so one kernel per
+// element size serves every dtype, bit-exactly. Per-code tables are built once from the rules of csrc/core/nm.h
+// (code_index0/1, code_is_valid).
+struct Decode24Tables {
+  uint8_t i0[16], i1[16];     // kept positions of each 4-bit code
+  uint8_t valid16[16];        // 1 when the code is valid
+  uint8_t valid256[256];      // 1 when both nibbles of a code byte are valid
+  Decode24Tables() {
+    for (int c = 0; c < 16; ++c) {
+      const uint8_t code = static_cast<uint8_t>(c);
+      i0[c] = static_cast<uint8_t>(core::code_index0(code));
+      i1[c] = static_cast<uint8_t>(core::code_index1(code));
+      valid16[c] = core::code_is_valid(code) ? 1 : 0;
+    }
+    for (int b = 0; b < 256; ++b) valid256[b] = valid16[b & 0xF] & valid16[b >> 4];
+  }
+};
+const Decode24Tables kDecode24;
+
+// Writes all four outputs d[0..3] of one group from its two kept values s[0..1], without branches. Invalid codes
+// (reported separately) still give in-bounds writes; the op raises and discards the output then.
+template <typename U>
+inline void decode_group_24(uint8_t c, const U* s, U* d) {
+  if constexpr (sizeof(U) <= 2) {
+    // The group's four outputs are one 32- or 64-bit word: each kept value shifted into its lane.
+    using W = std::conditional_t<sizeof(U) == 1, uint32_t, uint64_t>;
+    constexpr int kBits = 8 * sizeof(U);
+    const W w = (static_cast<W>(s[0]) << (kBits * kDecode24.i0[c])) |
+                (static_cast<W>(s[1]) << (kBits * kDecode24.i1[c]));
+    std::memcpy(d, &w, sizeof(W));
+  } else {
+    // 4- and 8-byte elements: zero the group, then place its two kept values (measured faster here than a
+    // mask-select over the four outputs).
+    const U v0 = s[0], v1 = s[1];
+    d[0] = 0;
+    d[1] = 0;
+    d[2] = 0;
+    d[3] = 0;
+    d[kDecode24.i0[c]] = v0;
+    d[kDecode24.i1[c]] = v1;
+  }
+}
+
+// One row: values src [2G], codes crow [ceil(G/2)], output dst [4G]. Returns the first invalid group, or -1.
+template <typename U>
+int64_t decompress_row_24(const U* src, const uint8_t* crow, U* dst, int64_t G) {
+  const int64_t B = G / 2;  // full code bytes (two groups each); an odd G has one more group in a low nibble
+  uint8_t ok = 1;
+  for (int64_t b = 0; b < B; ++b) ok &= kDecode24.valid256[crow[b]];
+  if (G & 1) ok &= kDecode24.valid16[crow[B] & 0xF];
+  int64_t bad = -1;
+  if (!ok) {
+    for (int64_t g = 0; g < G; ++g) {
+      if (!kDecode24.valid16[core::code_of_group(crow, g)]) {
+        bad = g;
+        break;
+      }
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t byte = crow[b];
+    decode_group_24<U>(byte & 0xF, src + 4 * b, dst + 8 * b);
+    decode_group_24<U>(byte >> 4, src + 4 * b + 2, dst + 8 * b + 4);
+  }
+  if (G & 1) decode_group_24<U>(crow[B] & 0xF, src + 4 * B, dst + 8 * B);
+  return bad;
+}
+
+template <typename U>
+void decompress_rows_24(const void* values, const uint8_t* codes, void* out, int64_t R, int64_t cols,
+                        std::atomic<int64_t>& bad) {
+  const int64_t G = cols / 4, cb = core::code_bytes_per_row(cols);
+  const U* vp = static_cast<const U*>(values);
+  U* op = static_cast<U*>(out);
+  at::parallel_for(0, R, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t g = decompress_row_24<U>(vp + r * (cols / 2), codes + r * cb, op + r * cols, G);
+      if (g >= 0) atomic_min(bad, r * G + g);
+    }
+  });
+}
+
 Tensor decompress_24_cpu(const Tensor& values, const Tensor& codes, int64_t cols) {
   check_same_device(values, "values", codes, "codes", "decompress_24");
   TORCH_CHECK(values.dim() == 2, "sparsekern.decompress_24: values must be 2-D [rows, cols/2] (got ", values.dim(),
@@ -328,31 +411,16 @@ Tensor decompress_24_cpu(const Tensor& values, const Tensor& codes, int64_t cols
   const Tensor vc = values.contiguous(), cc = codes.contiguous();
   Tensor out = at::empty({R, cols}, vc.options());
   std::atomic<int64_t> bad{kNone};
-  AT_DISPATCH_V2(
-      vc.scalar_type(), "decompress_24", AT_WRAP([&] {
-        const scalar_t* vp = vc.data_ptr<scalar_t>();
-        const uint8_t* cp = cc.data_ptr<uint8_t>();
-        scalar_t* op = out.data_ptr<scalar_t>();
-        at::parallel_for(0, R, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const scalar_t* src = vp + r * (cols / 2);
-            const uint8_t* crow = cp + r * cb;
-            scalar_t* dst = op + r * cols;
-            // Zero the row (a vectorised memset), then place the two kept values of each group.
-            std::memset(static_cast<void*>(dst), 0, static_cast<size_t>(cols) * sizeof(scalar_t));
-            for (int64_t g = 0; g < G; ++g) {
-              const uint8_t code = core::code_of_group(crow, g);
-              if (!core::code_is_valid(code)) {
-                atomic_min(bad, r * G + g);
-                continue;
-              }
-              dst[4 * g + core::code_index0(code)] = src[2 * g];
-              dst[4 * g + core::code_index1(code)] = src[2 * g + 1];
-            }
-          }
-        });
-      }),
-      at::kFloat, at::kDouble, at::kHalf, at::kBFloat16, at::kChar, at::kFloat8_e4m3fn, at::kFloat8_e5m2);
+  const void* vp = vc.data_ptr();
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  void* op = out.data_ptr();
+  switch (vc.element_size()) {
+    case 1: decompress_rows_24<uint8_t>(vp, cp, op, R, cols, bad); break;
+    case 2: decompress_rows_24<uint16_t>(vp, cp, op, R, cols, bad); break;
+    case 4: decompress_rows_24<uint32_t>(vp, cp, op, R, cols, bad); break;
+    case 8: decompress_rows_24<uint64_t>(vp, cp, op, R, cols, bad); break;
+    default: TORCH_CHECK(false, "sparsekern.decompress_24: unexpected element size ", vc.element_size());
+  }
   if (bad.load() != kNone) {
     const int64_t r = bad.load() / G, g = bad.load() % G;
     const int code = core::code_of_group(cc.data_ptr<uint8_t>() + r * cb, g);
