@@ -7,7 +7,8 @@ Tolerance policy (written once, here):
   PyTorch's own error", with a floor of one output ulp at the output's scale for cases PyTorch happens to get exact.
 - int8 inputs with a floating epilogue: |ours - ref64| <= 2 * eps(out_dtype) * |ref64| + 1e-6 * max |ref64|
   (the accumulator is exact; only the fp32 epilogue and the final rounding err).
-Each SIMD path is forced with SPARSEKERN_CPU_ISA; paths this CPU cannot run are reported as skipped.
+Each SIMD path is forced with SPARSEKERN_CPU_ISA (and the kernel family with SPARSEKERN_CPU_SPMM_LAYOUT=rows|tokens);
+paths this CPU cannot run are reported as skipped.
 """
 
 from __future__ import annotations
@@ -38,15 +39,22 @@ _FLAGS = _cpu_flags()
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 # avx512-base: the AVX-512 kernels of CPUs without AVX512_BF16 / AVX512_VNNI (bf16 widened to fp32, int8 by vpmaddwd)
 _ISA_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512-base": _AVX512, "avx512": _AVX512}
+# Each ISA runs its row kernels (K in the vector lanes; SPARSEKERN_CPU_SPMM_LAYOUT=rows); the AVX-512 ones also run
+# the token-lane kernels (16 activation rows in the lanes; layout=tokens), forced for every M.
+_PATHS = [(isa, "rows") for isa in _ISA_NEEDS] + [("avx512-base", "tokens"), ("avx512", "tokens")]
 ISAS = [
-    pytest.param(isa, marks=[] if need <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {sorted(need - _FLAGS)}")])
-    for isa, need in _ISA_NEEDS.items()
+    pytest.param(f"{isa}+{layout}",
+                 marks=[] if _ISA_NEEDS[isa] <= _FLAGS else
+                 [pytest.mark.skip(reason=f"CPU lacks {sorted(_ISA_NEEDS[isa] - _FLAGS)}")])
+    for isa, layout in _PATHS
 ]
 
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", request.param)
+    name, layout = request.param.split("+")
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", name)
+    monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", layout)
     return request.param
 
 
@@ -223,11 +231,55 @@ def test_all_isas_agree_on_int8_and_on_bit_patterns(monkeypatch):
     x = random_x(M, K, torch.int8)
     c = core.compress_24(w)
     outs = []
-    for isa, need in _ISA_NEEDS.items():
-        if need <= _FLAGS:
+    for isa, layout in _PATHS:
+        if _ISA_NEEDS[isa] <= _FLAGS:
             monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa)
+            monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", layout)
             outs.append(core.sparse_linear(x, c))
-    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert len(outs) >= 1 and all(torch.equal(o, outs[0]) for o in outs)
+
+
+_AVX512_HERE = _ISA_NEEDS["avx512"] <= _FLAGS
+
+
+@pytest.mark.skipif(not _AVX512_HERE, reason="token-lane kernels need AVX-512")
+@pytest.mark.parametrize("isa_name", ["avx512", "avx512-base"])
+@pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.int8])
+@pytest.mark.parametrize("M", [17, 64, 130])
+def test_token_lanes_multi_tile_and_chunk(monkeypatch, isa_name, dtype, M):
+    # Several token tiles (64 rows each; the last one partial, with fewer than 4 blocks of 16), a K that spans more
+    # than one table chunk (256 groups) and has an odd group count (1028 / 4 = 257), rows not a multiple of 4.
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa_name)
+    monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "tokens")
+    K, N = 1028, 37
+    w = random_pruned(N, K, dtype)
+    x = random_x(M, K, dtype)
+    c = core.compress_24(w)
+    if dtype == torch.int8:
+        assert torch.equal(core.sparse_linear(x, c).long(), x.long() @ w.long().t())
+        return
+    y = core.sparse_linear(x, c, out_dtype=torch.float32)
+    assert_close_policy(y, x, w, out_dtype=torch.float32)
+    bias = torch.randn(N)
+    yb = core.sparse_linear(x, c, bias=bias, activation="relu")
+    assert_close_policy(yb, x, w, bias=bias, activation="relu")
+
+
+@pytest.mark.skipif(not _AVX512_HERE, reason="token-lane kernels need AVX-512")
+def test_auto_layout_switches_to_token_lanes_at_larger_m(monkeypatch):
+    # Row and token kernels sum the kept products in different orders, so for a long K their float32 results differ
+    # in the last bits; auto must give exactly one of them: rows for M = 1, token lanes from M = 8 on.
+    K, N = 2048, 24
+    w = random_pruned(N, K, torch.float32)
+    c = core.compress_24(w)
+    for M, expect in [(1, "rows"), (4, "rows"), (8, "tokens"), (40, "tokens")]:
+        x = random_x(M, K, torch.float32)
+        outs = {}
+        for layout in ("rows", "tokens", "auto"):
+            monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", layout)
+            outs[layout] = core.sparse_linear(x, c)
+        assert not torch.equal(outs["rows"], outs["tokens"]), "the two layouts gave bit-identical sums"
+        assert torch.equal(outs["auto"], outs[expect]), f"M = {M}: auto did not run the {expect} kernels"
 
 
 def test_forcing_an_isa_changes_the_code_that_runs(monkeypatch):
@@ -288,6 +340,15 @@ def test_errors(monkeypatch):
         core.sparse_linear(torch.randn(2, 12), c)
     with pytest.raises(ValueError, match="the weight is on cpu but x is on meta"):
         core.sparse_linear(torch.randn(2, 16, device="meta"), c)
+    monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "columns")
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_SPMM_LAYOUT=columns is not understood; use auto"):
+        ops.spmm_24(x, c.values, c.codes)
+    if _ISA_NEEDS["avx2"] <= _FLAGS:
+        monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "tokens")
+        monkeypatch.setenv("SPARSEKERN_CPU_ISA", "avx2")
+        with pytest.raises(RuntimeError, match="LAYOUT=tokens needs the AVX-512 kernels"):
+            ops.spmm_24(x, c.values, c.codes)
+    monkeypatch.delenv("SPARSEKERN_CPU_SPMM_LAYOUT")
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_ISA=sse9 is not understood; use avx512, avx512-base"):
         ops.spmm_24(x, c.values, c.codes)

@@ -126,12 +126,33 @@ IsaChoice requested_isa() {
   return want;
 }
 
-Kernel choose_kernel(WType w) {
-  const IsaChoice c = requested_isa();
+Kernel choose_kernel(WType w, const IsaChoice& c) {
   Kernel k{};
   if (c.isa == Isa::kAvx512 && avx512_kernel(w, c.extensions, &k)) return k;
   if (c.isa >= Isa::kAvx2 && avx2_kernel(w, &k)) return k;
   return scalar_kernel(w);
+}
+
+// Kernel family: row kernels (K in the vector lanes; best for a few activation rows) or token-lane kernels (16
+// activation rows in the lanes; AVX-512 only), see spmm_24.h. SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|tokens (read on
+// every call, like SPARSEKERN_CPU_ISA): auto takes token lanes from M >= kTokensMinM where the ISA has them.
+// The threshold was measured on the 2-core Zen 4 development machine (docs/benchmarks.md): at M = 8 both families are
+// close; from M = 16 on token lanes win in every dtype.
+constexpr int64_t kTokensMinM = 8;
+
+bool use_token_lanes(int64_t M, const IsaChoice& c, WType w, TokenKernel* tk) {
+  const char* env = std::getenv("SPARSEKERN_CPU_SPMM_LAYOUT");
+  const std::string v = env == nullptr ? std::string() : std::string(env);
+  TORCH_CHECK(v.empty() || v == "auto" || v == "rows" || v == "tokens", "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=",
+              v, " is not understood; use auto (default), rows or tokens");
+  if (v == "rows") return false;
+  const bool have = c.isa == Isa::kAvx512 && avx512_token_kernel(w, c.extensions, tk);
+  if (v == "tokens") {
+    TORCH_CHECK(have, "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=tokens needs the AVX-512 kernels, but the ISA "
+                "in use is not AVX-512 (SPARSEKERN_CPU_ISA or the CPU); use rows or auto");
+    return true;
+  }
+  return have && M >= kTokensMinM;
 }
 
 // ------------------------------------------------------------------------------------------------- epilogue
@@ -238,6 +259,24 @@ Tensor epilogue_vector(const std::optional<Tensor>& t, const char* name, int64_t
   return t->to(at::kFloat).contiguous();
 }
 
+// Per-call work buffers (prepared activations, token table), reused by the calling thread across calls when they are
+// large. Why: a fresh multi-megabyte allocation is a fresh mmap whose pages fault in again on every call, and on the
+// development VM that costs ~0.5 ms per MB (an 11 MB fp32 table for M = 256, K = 11008: ~5 ms of a ~100 ms call,
+// measured with torch.empty(...).fill_ against a reused buffer). Buffers above kScratchMax are not kept, so a thread
+// retains at most 2 x 64 MB; small ones come from malloc's free lists anyway.
+constexpr int64_t kScratchMin = int64_t{1} << 20, kScratchMax = int64_t{64} << 20;
+
+Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes < kScratchMin || bytes > kScratchMax) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+  thread_local Tensor bufs[2];
+  Tensor& b = bufs[slot];
+  if (!b.defined() || b.numel() < bytes) b = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  return b.narrow(0, 0, bytes).view(dtype).view(sizes);
+}
+
 Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, const std::optional<Tensor>& bias,
                    const std::optional<Tensor>& alpha, const std::optional<Tensor>& row_scale,
                    c10::string_view activation, std::optional<at::ScalarType> out_dtype) {
@@ -297,13 +336,26 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
     return out;
   }
 
-  const Kernel kern = choose_kernel(wt);
+  const IsaChoice isa = requested_isa();
+  TokenKernel tk{};
+  const bool tokens = use_token_lanes(M, isa, wt, &tk);
+  Kernel kern = tokens ? Kernel{tk.xtype, tk.tile, tk.name} : choose_kernel(wt, isa);
   const Tensor vc = values.contiguous(), cc = codes.contiguous();
-  // Activations once per call: the kernel's input type, contiguous, zero-padded to whole chunks.
-  const int64_t ldx = (K + kXPad - 1) / kXPad * kXPad;
-  Tensor xp = at::empty({M, ldx}, x.options().dtype(xtype_dtype(kern.xtype)));
+  // Activations once per call: the kernel's input type, contiguous, zero-padded to whole chunks (row kernels) or
+  // to whole blocks of 16 rows (token lanes, which then build their table from these rows).
+  const int64_t ldx = tokens ? K : (K + kXPad - 1) / kXPad * kXPad;
+  const int64_t Mp = tokens ? (M + kTokenBlock - 1) / kTokenBlock * kTokenBlock : M;
+  Tensor xp = scratch(0, {Mp, ldx}, xtype_dtype(kern.xtype));
   if (ldx > K) xp.narrow(1, K, ldx - K).zero_();
-  xp.narrow(1, 0, K).copy_(x);
+  if (Mp > M) xp.narrow(0, M, Mp - M).zero_();
+  xp.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
+  Tensor table;
+  if (tokens) {
+    table = scratch(1, {token_table_bytes(tk.table, M, K)}, at::kByte);
+    at::parallel_for(0, token_tiles(M), 1, [&](int64_t j0, int64_t j1) {
+      build_token_table(tk.table, xp.data_ptr(), ldx, M, K, table.data_ptr(), j0, j1);
+    });
+  }
 
   Problem p;
   p.M = M;
@@ -314,8 +366,9 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
   p.codes = cc.data_ptr<uint8_t>();
   p.code_stride = cb;
   p.xtype = kern.xtype;
-  p.x = xp.data_ptr();
-  p.ldx = ldx;
+  p.x = tokens ? table.data_ptr() : xp.data_ptr();
+  // Row kernels: the row stride of x (token lanes address their table by its layout, spmm_24.h).
+  p.ldx = tokens ? 0 : ldx;
 
   // Output tiles: NT weight rows x MT activation rows. Threads split N (each weight row is streamed by one thread);
   // for M > MT the tile loops over row blocks of x while its NT weight rows stay in cache.

@@ -82,6 +82,41 @@ void tile_loop(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
 bool avx512_kernel(WType w, bool extensions, Kernel* out);
 bool avx2_kernel(WType w, Kernel* out);
 
+// ------------------------------------------------------------------------------------------------- token lanes
+// The second kernel family (spmm_24_tokens_avx512.cpp), for M >= a threshold: vector lanes run over 16 activation
+// rows ("tokens") instead of along K, so no horizontal reductions or per-chunk permutes are needed and every kept
+// weight (fp32) or kept pair of a group (bf16 / int8) costs one multiply-add instruction for 16 tokens.
+// The activations are prepared once per call as a table laid out for those loads (TokenTable), from the row-major
+// prepared activations ([Mp, ldx] of the kernel's XType, rows >= M zero) that the driver builds anyway.
+enum class TokenTable {
+  kF32,     // float: per (group g, token block) an entry [4 columns][16 tokens] (256 bytes)
+  kPairs16  // 16-bit pairs: per (group g, token block) an entry [6 slots][16 tokens][2] (384 bytes): for each valid
+            // code (slot order kSlotCodes), the (x[t, 4g+i0], x[t, 4g+i1]) pair of every token t of the block
+};
+// Entries are grouped by token tiles of 4 blocks (64 tokens; the last tile may hold fewer): tile j's region starts at
+// 4j * (K/4) * entry bytes and holds entry (g, t) at (g * Tj + t) * entry bytes, Tj = the tile's block count.
+constexpr int kTokenBlock = 16;
+// Valid 2:4 codes in table slot order (pairs (0,1), (0,2), (0,3), (1,2), (1,3), (2,3)).
+constexpr uint8_t kSlotCodes[6] = {4, 8, 12, 9, 13, 14};
+
+struct TokenKernel {
+  XType xtype;        // element type of the prepared row-major activations the table is built from
+  TokenTable table;
+  TileFn tile;        // p.x = the table (p.ldx unused); m0 must be a multiple of 64 (a token tile)
+  const char* name;
+};
+
+// Bytes of the table for M tokens (rounded up to whole blocks) and K columns.
+int64_t token_table_bytes(TokenTable t, int64_t M, int64_t K);
+// Number of token tiles (64 tokens) for M tokens.
+int64_t token_tiles(int64_t M);
+// Fills token tiles [j0, j1) of the table from the prepared activations xp ([M rounded up to 16, ldx], rows past M
+// zero).
+void build_token_table(TokenTable t, const void* xp, int64_t ldx, int64_t M, int64_t K, void* table, int64_t j0,
+                       int64_t j1);
+// False when the running CPU lacks AVX-512 (token-lane kernels exist only for AVX-512).
+bool avx512_token_kernel(WType w, bool extensions, TokenKernel* out);
+
 }  // namespace spmm
 }  // namespace cpu
 }  // namespace sparsekern
