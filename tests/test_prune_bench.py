@@ -26,7 +26,9 @@ def test_bench_references_agree_with_sparsekern():
     assert ((ref_w - r.weight).norm() / ref_w.norm()).item() < 1e-5
 
 
-def test_bench_command_writes_json(tmp_path, capsys):
+def test_bench_command_writes_json(tmp_path, capfd):
+    # The default page policy (--thp both) runs the measurement in a child process started with PyTorch's
+    # huge-page allocator switch, so both sides' tensors get the same pages; the JSON records what it saw.
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     out = tmp_path / "prune.json"
@@ -35,4 +37,30 @@ def test_bench_command_writes_json(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert [(r["method"], r["shape"]) for r in doc["results"]] == [("sparsegpt", "24x64"), ("wanda", "24x64")]
     assert all(r["ours_s"] > 0 and r["reference_s"] > 0 for r in doc["results"])
-    assert "speedup" in capsys.readouterr().out
+    assert doc["thp"] == "both"
+    assert doc["page_env"] == {"THP_MEM_ALLOC_ENABLE": "1", "SPARSEKERN_NO_HUGEPAGE_HINT": None}
+    printed = capfd.readouterr().out
+    assert "speedup" in printed and "--thp both for both sides" in printed
+
+
+def test_bench_page_policy_none_reaches_both_sides(tmp_path, monkeypatch):
+    # --thp none: no huge-page request from PyTorch's allocator (the reference) nor from the Wanda kernel (ours),
+    # even when the caller's environment asks for them.
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    out = tmp_path / "prune.json"
+    assert bench.main(["--shapes", "8x16", "--methods", "wanda", "--repeats", "1", "--thp", "none",
+                       "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["thp"] == "none"
+    assert doc["page_env"] == {"THP_MEM_ALLOC_ENABLE": "0", "SPARSEKERN_NO_HUGEPAGE_HINT": "1"}
+
+
+def test_bench_child_command_line_reproduces_the_arguments():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--shapes", "24x64,8x16", "--methods", "wanda", "--pattern", "4:8", "--repeats", "2", "--budget", "1.5",
+            "--devices", "cpu", "--threads", "1", "--thp", "none", "--json", "/tmp/x.json"]
+    args = parser.parse_args(argv)
+    assert vars(parser.parse_args(bench._argv_of(args))) == vars(args)
+    defaults = parser.parse_args([])
+    assert vars(parser.parse_args(bench._argv_of(defaults))) == vars(defaults)

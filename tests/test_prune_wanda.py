@@ -114,6 +114,113 @@ def test_wanda_does_not_modify_inputs():
     assert torch.equal(w, w0) and torch.equal(s, s0)
 
 
+# ---------------------------------------------------------------- every CPU code path (AVX-512, AVX2, scalar)
+# The CPU kernel picks its N:M path at run time (vector kernels for m = 2, 4, 8 (AVX2) and 16 (AVX-512), nm.h's
+# scalar rule otherwise); SPARSEKERN_CPU_ISA forces one, so each path this CPU supports is checked against the oracle
+# on row lengths that end in every kind of partial vector. Weights are compared bit for bit (kept -0.0 stays -0.0,
+# pruned entries are +0.0 as the reference's W[mask] = 0).
+
+CPU_ISAS = ["avx512", "avx2", "scalar"]
+
+
+def _force_isa(monkeypatch, isa):
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa)
+    try:
+        ops.wanda_prune(torch.ones(1, 4), torch.ones(4), 2, 4)
+    except RuntimeError as e:
+        if "does not support" in str(e):
+            pytest.skip(f"this CPU has no {isa}")
+        raise
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:4", "1:2", "4:8", "2:8", "8:16", "3:6"])
+def test_wanda_nm_every_cpu_path(monkeypatch, isa, pattern):
+    _force_isa(monkeypatch, isa)
+    n, m = map(int, pattern.split(":"))
+    # cols % 16 in {4, 8, 12, 0} and cols % 8 in {0, 4}: every partial last vector of the AVX-512 / AVX2 loops.
+    for rows, cols in [(3, 4), (5, 20), (33, 56), (7, 48), (2, 200), (9, 1008)]:
+        if cols % m:
+            continue
+        w, s = _layer(rows, cols, seed=rows * cols + m)
+        w[0, :m] = -0.0  # a group of zero weights (all ties) whose kept entries must stay -0.0
+        ref_w, ref_keep = wanda_oracle(w, s, n, m, 0.0)
+        got_w, got_keep = ops.wanda_prune(w, s, n, m)
+        assert torch.equal(got_keep, ref_keep), (rows, cols)
+        assert torch.equal(_bits(got_w), _bits(ref_w)), (rows, cols)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:2", "8:16"])
+def test_wanda_half_weights_every_cpu_path(monkeypatch, isa, dtype, pattern):
+    _force_isa(monkeypatch, isa)
+    n, m = map(int, pattern.split(":"))
+    for rows, cols in [(5, 48), (3, 208)]:
+        w, s = _layer(rows, cols, seed=cols + m, dtype=dtype)
+        ref_w, ref_keep = wanda_oracle(w, s, n, m, 0.0)
+        got_w, got_keep = ops.wanda_prune(w, s, n, m)
+        assert got_w.dtype == dtype
+        assert torch.equal(got_keep, ref_keep) and torch.equal(_bits(got_w), _bits(ref_w)), (rows, cols)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_nm_tie_rule_every_cpu_path(monkeypatch, isa, m):
+    # Scores from {0, 1, 2}: ties in almost every group. m = 4: all 81 groups; other m: random groups.
+    _force_isa(monkeypatch, isa)
+    if m == 4:
+        w = torch.cartesian_prod(*[torch.arange(3.0)] * 4).reshape(1, -1)
+    else:
+        g = torch.Generator().manual_seed(m)
+        w = torch.randint(0, 3, (5, m * 13), generator=g).float()
+    ones = torch.ones(w.shape[1])
+    for n in range(1, m):
+        _, keep = ops.wanda_prune(w, ones, n, m, 0.0)
+        assert torch.equal(keep, nm_keep_oracle(w, n, m)), n
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 2), (4, 8), (8, 16), (3, 6)])
+def test_wanda_non_finite_found_in_every_position(monkeypatch, isa, dtype, n, m):
+    # The vector kernels check finiteness in the same pass as the selection: a NaN / Inf anywhere (first column,
+    # inside a vector, the partial last vector) must be reported with its row.
+    _force_isa(monkeypatch, isa)
+    cols = 48 if m != 16 else 64
+    cols = cols - cols % m + (m if cols % m else 0)
+    for col, bad in [(0, float("nan")), (cols // 2 + 1, float("inf")), (cols - 1, float("-inf"))]:
+        w = (torch.rand(7, cols) + 0.1).to(dtype)
+        w[5, col] = bad
+        with pytest.raises(RuntimeError, match="w contains NaN or Inf .* first in row 5"):
+            ops.wanda_prune(w, torch.ones(cols), n, m)
+    w = torch.full((2, cols), 3e38)  # finite weights whose metric overflows to +inf
+    with pytest.raises(RuntimeError, match="first in row 0"):
+        ops.wanda_prune(w, torch.full((cols,), 4.0), n, m)
+
+
+def test_wanda_cpu_isa_variable_errors(monkeypatch):
+    w, s = _layer(4, 16)
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_ISA=sse9 is not understood; use avx512, avx2 or scalar"):
+        ops.wanda_prune(w, s, 2, 4)
+
+
+def test_wanda_unstructured_negative_zero_scale_ties_with_zero(device):
+    # act_scale = -0.0 gives the metric -0.0, equal to +0.0 in the reference's stable sort (ties: lower column
+    # pruned first), although its bits would order it above every positive float.
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 3.0], [4.0, -2.0, 0.5, 1.0, 1.0, 1.0]])
+    s = torch.tensor([-0.0, 0.0, -0.0, 0.0, 1.0, 1.0])
+    ref_w, ref_keep = wanda_oracle(w, s, 0, 0, 0.5)
+    r = P.wanda(w.to(device), s.to(device), 0.5)
+    assert torch.equal(r.mask.cpu(), ref_keep) and torch.equal(r.weight.cpu(), ref_w)
+    assert ref_keep.tolist()[0] == [False, False, False, True, True, True]
+
+
 # ---------------------------------------------------------------- patterns and bad input
 
 

@@ -7,13 +7,23 @@ written here from ../shared/ALGORITHMS.md. Both run in the same process on the s
 Inputs: W = randn * 0.02 [rows, cols] float32; calibration statistics from 2048 synthetic tokens with a few outlier
 features (H = 2/N X^T X, s = mean x^2). SparseGPT is timed with the Hessian given (the statistics are not part of
 the per-layer time), blocksize 128, percdamp 0.01, on both sides.
+
+Memory pages (`--thp`): every call of either side writes fresh outputs of tens of MiB, and on a VM faulting them in
+4 KiB pages can cost more than the work itself. Both sides get the same page policy, chosen for the whole process:
+`both` (default) puts every large CPU tensor of both sides on transparent huge pages (PyTorch's own allocator
+switch THP_MEM_ALLOC_ENABLE=1, which covers the reference's tensors and sparsekern's outputs alike), `none` keeps
+4 KiB pages on both sides (THP_MEM_ALLOC_ENABLE=0 and SPARSEKERN_NO_HUGEPAGE_HINT=1, which turns off the hint the
+Wanda kernel gives its outputs). Both variables are read once per process, so the benchmark runs in a child
+process started with them unless this process was. Neither side reuses buffers across calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -179,10 +189,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=60.0,
                         help="seconds per point after which no new pair starts (at least one pair runs; default 60)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")
+    parser.add_argument("--thp", default="both", choices=sorted(THP_POLICIES),
+                        help="page policy applied to both sides alike: both = transparent huge pages for every large "
+                             "tensor of ours and the reference's (default), none = no huge-page request on either side "
+                             "(the system THP mode 'always' still gives them to both; the header prints the mode)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
 
 
+# Environment of each page policy; _THP_MARK records that a process was started with it (the variables only take
+# effect when set before the process allocates, so setting them here, in a running process, would change nothing).
+THP_POLICIES = {
+    "both": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "none": {"THP_MEM_ALLOC_ENABLE": "0", "SPARSEKERN_NO_HUGEPAGE_HINT": "1"},
+}
+_THP_MARK = "SPARSEKERN_BENCH_PRUNE_THP"
+
+
+def _system_thp() -> str:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), or "unknown"."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+        return text[text.index("[") + 1 : text.index("]")]
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _argv_of(args) -> list:
+    """The command line that reproduces `args` (for the child process of the page policy)."""
+    argv = ["--shapes", args.shapes, "--methods", args.methods, "--pattern", args.pattern, "--repeats",
+            str(args.repeats), "--budget", repr(args.budget), "--thp", args.thp]
+    if args.devices:
+        argv += ["--devices", args.devices]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.json:
+        argv += ["--json", os.path.abspath(args.json)]
+    return argv
+
+
+def _run_with_policy(args) -> int:
+    """Run the benchmark in a child process whose environment carries the page policy; returns its exit status."""
+    env = dict(os.environ, **THP_POLICIES[args.thp], **{_THP_MARK: args.thp})
+    if args.thp == "both":
+        env.pop("SPARSEKERN_NO_HUGEPAGE_HINT", None)  # both sides on huge pages: the kernel's hint may stay
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "sparsekern.bench.prune", *_argv_of(args)]
+    sys.stdout.flush()
+    return subprocess.run(cmd, env=env).returncode
+
+
 def run(args) -> int:
+    if os.environ.get(_THP_MARK) != args.thp:
+        return _run_with_policy(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -190,7 +250,8 @@ def run(args) -> int:
     methods = [m for m in args.methods.split(",") if m]
     results = []
     print(f"# sparsekern bench prune  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"pattern {args.pattern}  (median of alternating runs; speedup = reference / ours)")
+          f"pattern {args.pattern}  pages: --thp {args.thp} for both sides (system THP: {_system_thp()})  "
+          f"(median of alternating runs; speedup = reference / ours)")
     print(f"{'method':<10} {'shape':<11} {'device':<6} {'ours s':>9} {'ref s':>9} {'speedup':>8}  target")
     for device in devices:
         for rows, cols in shapes:
@@ -206,6 +267,9 @@ def run(args) -> int:
             "benchmark": "prune",
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "thp": args.thp,
+            "system_thp": _system_thp(),
+            "page_env": {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "SPARSEKERN_NO_HUGEPAGE_HINT")},
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "results": results,
