@@ -523,6 +523,19 @@ def test_policy_entries_pick_the_fastest_sparse_kernel():
     ]
 
 
+def test_policy_entries_mark_where_a_cpu_dense_copy_wins():
+    cpu = dict(arch="cpu-avx512", dtype="bf16")
+    recs = [_rec("dense", 1, 9.0, **cpu), _rec("sk_spmm24", 1, 4.0, **cpu), _rec("sk_decompress", 1, 90.0, **cpu),
+            _rec("dense", 256, 50.0, **cpu), _rec("sk_spmm24", 256, 80.0, **cpu),
+            _rec("sk_decompress", 256, 55.0, **cpu),
+            _rec("dense", 512, 50.0), _rec("sk_cslt", 512, 60.0)]  # GPUs keep no dense copy
+    entries = {(e["arch"], e["m"]): e for e in gemm.policy_entries(recs)}
+    assert "kernel_dense_cache" not in entries["cpu", 1] and entries["cpu", 1]["kernel"] == "spmm24"
+    assert entries["cpu", 256]["kernel"] == "dense_fallback"
+    assert entries["cpu", 256]["kernel_dense_cache"] == "dense_cached"
+    assert "kernel_dense_cache" not in entries["sm90", 512] and entries["sm90", 512]["kernel"] == "cslt"
+
+
 def test_policy_table_round_trips_through_sparsekern_policy(tmp_path):
     policy = pytest.importorskip("sparsekern.policy")
     if not hasattr(policy, "load_table"):

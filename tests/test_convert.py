@@ -254,3 +254,20 @@ def test_gpt2_conv1d_sparsify_and_densify():
 def test_lazy_top_level_names():
     assert sparsekern.sparsify is sparsify and sparsekern.densify is densify
     assert sparsekern.SparseLinear is SparseLinear
+
+
+def test_sparsify_dense_cache_option():
+    from sparsekern.ops.core import prune_nm
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.weight.copy_(prune_nm(m.weight, 2, 4)[0])
+    rep = sparsify(model, exclude=(), dense_cache=True)
+    assert rep.converted == ["0", "2"]
+    assert all(isinstance(model[i], SparseLinear) and model[i].dense_weight_cache is not None for i in (0, 2))
+    fresh = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="dense_cache=True is for unquantised layers"):
+        sparsify(fresh, exclude=(), quant="int8", dense_cache=True)
+    assert isinstance(fresh[0], nn.Linear)

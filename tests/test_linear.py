@@ -394,3 +394,92 @@ def test_cuda_compile_reduce_overhead():
     for _ in range(3):
         y = compiled(x)
     torch.testing.assert_close(y, model(x))
+
+
+# ------------------------------------------------------------------------------------------------- CPU dense paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_dense_fallback_panels_match_reference(monkeypatch, dtype, bias):
+    # Tiny panels (16 rows) so a 37-row weight runs as 3 panels, the last one partial.
+    from sparsekern import linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "_PANEL_BYTES", 16 * 64 * dtype.itemsize)
+    lin = linear_24(64, 37, bias=bias, dtype=dtype)
+    layer = SparseLinear.from_linear(lin)
+    layer.set_kernel("dense_fallback")
+    x = torch.randn(11, 64, dtype=torch.float64).to(dtype)
+    y = layer(x)
+    assert y.shape == (11, 37) and y.dtype == dtype
+    assert_close_to_ref(y, x, lin.weight.detach(), lin.bias.detach() if bias else None)
+
+
+def test_dense_cache_builds_uses_and_drops_the_copy():
+    lin = linear_24(64, 40)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    plain = SparseLinear.from_linear(lin)
+    cached = SparseLinear.from_linear(lin, dense_cache=True)
+    assert plain.dense_weight_cache is None and not plain.dense_cache
+    assert torch.equal(cached.dense_weight_cache, w)
+    assert "dense_weight_cache" not in cached.state_dict()  # never saved
+    assert cached.device_nbytes() == cached.weight_nbytes() + w.numel() * w.element_size()
+    assert "dense_cache=True" in repr(cached)
+    # Default policy (no table): the 2:4 kernel for small batches, the dense copy from M > 64.
+    assert [cached.kernel_for(m) for m in (1, 16, 64, 65, 256)] == ["spmm24"] * 3 + ["dense_cached"] * 2
+    assert [plain.kernel_for(m) for m in (1, 256)] == ["spmm24", "spmm24"]
+    x = torch.randn(100, 64)
+    assert torch.equal(cached(x), F.linear(x, w, b))  # the dense layer's own computation
+    assert_close_to_ref(cached(x[:3]), x[:3], w, b)
+    # Forcing the cached kernel on a layer without a copy runs the same dense math by decompression.
+    plain.set_kernel("dense_cached")
+    assert plain.kernel_for(256) == "dense_fallback"
+    assert_close_to_ref(plain(x), x, w, b)
+    # Autograd through x on the dense path.
+    xg = x.clone().requires_grad_(True)
+    cached(xg).sum().backward()
+    assert torch.allclose(xg.grad, torch.ones(100, 40) @ w, atol=1e-5)
+    cached.set_dense_cache(False)
+    assert cached.dense_weight_cache is None and cached.kernel_for(256) == "spmm24"
+    cached.set_dense_cache(True)
+    assert torch.equal(cached.dense_weight_cache, w)
+
+
+def test_dense_cache_follows_loads_and_dtype_moves():
+    a, other = linear_24(32, 12), linear_24(32, 12)
+    layer = SparseLinear.from_linear(a, dense_cache=True)
+    layer.load_state_dict(SparseLinear.from_linear(other).state_dict())
+    assert torch.equal(layer.dense_weight_cache, other.weight.detach())
+    layer.to(torch.bfloat16)
+    assert layer.dense_weight_cache.dtype == torch.bfloat16
+    assert torch.equal(layer.dense_weight_cache, other.weight.detach().bfloat16())
+
+
+def test_dense_cache_refused_for_quantised_layers():
+    lin = linear_24(32, 12)
+    with pytest.raises(ValueError, match="dense_cache=True is for unquantised layers"):
+        SparseLinear.from_linear(lin, quant="int8", dense_cache=True)
+    layer = SparseLinear.from_linear(lin, quant="int8")
+    with pytest.raises(ValueError, match="dense_cache=True is for unquantised layers"):
+        layer.set_dense_cache(True)
+    assert layer.dense_weight_cache is None
+
+
+def test_policy_table_choice_for_layers_with_a_dense_copy(tmp_path):
+    entries = [{"arch": "cpu", "dtype": "float32", "n": 40, "k": 64, "m": 256, "kernel": "dense_fallback",
+                "kernel_dense_cache": "dense_cached"},
+               {"arch": "cpu", "dtype": "float32", "n": 40, "k": 64, "m": 16, "kernel": "spmm24"}]
+    path = policy.write_table(entries, tmp_path / "p.json", merge=False)
+    policy.set_table(path)
+    lin = linear_24(64, 40)
+    plain, cached = SparseLinear.from_linear(lin), SparseLinear.from_linear(lin, dense_cache=True)
+    assert plain.kernel_for(256) == "dense_fallback" and cached.kernel_for(256) == "dense_cached"
+    # No cached choice at m = 16: both take "kernel" (the table overrides the default's M > 64 rule too).
+    assert plain.kernel_for(16) == "spmm24" and cached.kernel_for(16) == "spmm24"
+    assert policy.load_table(path).entries()[-1]["kernel_dense_cache"] == "dense_cached"
+    bad = [{"arch": "cpu", "dtype": "float32", "n": 40, "k": 64, "m": 1, "kernel": "dense_cached"}]
+    with pytest.raises(policy.PolicyError, match="'kernel' must be runnable by every layer"):
+        policy.write_table(bad, tmp_path / "q.json")
+    (tmp_path / "r.json").write_text(json.dumps({"format": "sparsekern-policy", "version": 1, "entries": bad}))
+    with pytest.raises(policy.PolicyError, match="belongs in 'kernel_dense_cache'"):
+        policy.load_table(tmp_path / "r.json")

@@ -101,7 +101,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = ("lm_head",),
-             quant: str | None = None, strict: bool = True) -> SparsifyReport:
+             quant: str | None = None, strict: bool = True, dense_cache: bool = False) -> SparsifyReport:
     """Replace the model's 2:4 nn.Linear / Conv1D layers by SparseLinear, in place; returns a SparsifyReport.
 
     include:  None (all Linear/Conv1D), name patterns, or a callable(name, module) -> bool.
@@ -109,10 +109,14 @@ def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = 
     quant:    None | "int8" | "fp8" for every converted layer (sparsekern.quant).
     strict:   True: if any included layer is not 2:4 (or its in_features is not a multiple of 4) raise
               SparsifyError naming every such layer, and change nothing. False: skip those layers with the reason.
+    dense_cache: every converted layer also keeps a dense copy of its weight while on the CPU, used at batch sizes
+              where dense beats the CPU 2:4 kernels (SparseLinear's doc; unquantised only). Costs the memory back.
     The model's layers stay on their device and dtype. Nothing is swapped until every replacement is built.
     """
     if quant is not None:
         quant_dtype(quant)
+        if dense_cache:
+            raise ValueError("sparsify: dense_cache=True is for unquantised layers (quant=None)")
     _ext.require("sparsify")
     report = SparsifyReport(quant=quant)
     tied = _shared_weight_names(model)
@@ -149,7 +153,7 @@ def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = 
     for _, mod in candidates:
         check_quant_supported(quant, dense_weight_of(mod)[0].device)
     # Build every replacement before touching the model.
-    built = [(name, mod, SparseLinear.from_linear(mod, quant=quant, check=False, name=name))
+    built = [(name, mod, SparseLinear.from_linear(mod, quant=quant, check=False, name=name, dense_cache=dense_cache))
              for name, mod in candidates]
     for name, mod, new in built:
         w, _ = dense_weight_of(mod)

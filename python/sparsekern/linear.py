@@ -136,6 +136,27 @@ def _check_codes(codes: torch.Tensor, k: int) -> str | None:
 # ---------------------------------------------------------------------------------------------- autograd
 
 
+# Dense fallback on the CPU works through the weight in panels of about this many bytes (a few MB: they stay in the
+# last-level cache between their decompression and their GEMM). Why not decompress the whole weight: a fresh
+# weight-sized buffer per call costs its page faults every time (50 ms for a 90 MB bf16 11008 x 4096 weight on the
+# development VM, as long as the GEMM itself at M = 256), and it doubles the call's peak memory.
+_PANEL_BYTES = 4 << 20
+
+
+def _dense_panels(x2, values, codes, bias, k: int) -> torch.Tensor:
+    """F.linear(x2, W, bias) with W decompressed panel by panel (CPU dense fallback, unquantised)."""
+    n = values.shape[0]
+    rows = max(16, _PANEL_BYTES // max(1, k * values.element_size()))
+    if rows >= n:
+        return F.linear(x2, torch.ops.sparsekern.decompress_24(values, codes, k), bias)
+    out = x2.new_empty(x2.shape[0], n)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = torch.ops.sparsekern.decompress_24(values[n0:n1], codes[n0:n1], k)
+        out[:, n0:n1] = F.linear(x2, w, bias[n0:n1] if bias is not None else None)
+    return out
+
+
 def _sparse_matmul(x2, values, codes, weight_scale, bias, cslt_buffer, kernel: str, quant: str | None, n: int,
                    k: int):
     """y [M, N] = x2 [M, K] @ W^T + bias, W held compressed; dispatch to `kernel` (see sparsekern.policy)."""
@@ -143,6 +164,8 @@ def _sparse_matmul(x2, values, codes, weight_scale, bias, cslt_buffer, kernel: s
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
     if kernel == "dense_fallback":
+        if quant is None and x2.device.type == "cpu":
+            return _dense_panels(x2, values, codes, bias, k)
         w = torch.ops.sparsekern.decompress_24(values, codes, k)
         if quant is None:
             return F.linear(x2, w, bias)
@@ -206,13 +229,16 @@ class SparseLinear(nn.Module):
       quant:        None | "int8" | "fp8" (W8A8, sparsekern.quant).
       device:       where the buffers live.
       weight_layout: "linear" (dense state dicts hold [N, K]) or "conv1d" (GPT-2 Conv1D: [K, N]).
+      dense_cache:  also keep a dense copy of the weight while the layer is on the CPU (unquantised layers only),
+                    for batch sizes where a dense GEMM beats the CPU 2:4 kernels (the policy's "dense_cached"). Costs
+                    the dense weight's memory again; never saved in the state dict; dropped on CUDA.
     A layer built this way holds a zero weight; use from_linear() or load_state_dict() to fill it.
     Input x: [..., K] of `dtype` (any float dtype when quantised); output [..., N] of x's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
                  quant: str | None = None, device: torch.device | str | None = None,
-                 weight_layout: str = "linear") -> None:
+                 weight_layout: str = "linear", dense_cache: bool = False) -> None:
         super().__init__()
         if in_features % 4 != 0:
             raise ValueError(f"SparseLinear: in_features = {in_features} is not a multiple of 4; 2:4 sparsity needs "
@@ -223,6 +249,10 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear: weight_layout must be 'linear' or 'conv1d', got {weight_layout!r}")
         if quant is not None:
             quant_dtype(quant)
+        if dense_cache and quant is not None:
+            raise ValueError("SparseLinear: dense_cache=True is for unquantised layers (a quantised layer's dense "
+                             "copy would not compute the same numbers as its W8A8 kernels)")
+        self.dense_cache = bool(dense_cache)
         self.in_features = in_features
         self.out_features = out_features
         self.quant = quant
@@ -241,13 +271,14 @@ class SparseLinear(nn.Module):
                              torch.ones(out_features, dtype=torch.float32, device=device) if quant else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("cslt_buffer", None, persistent=False)
+        self.register_buffer("dense_weight_cache", None, persistent=False)
         self._refresh_device_state()
 
     # ------------------------------------------------------------------ construction / conversion
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, quant: str | None = None, check: bool = True,
-                    name: str | None = None) -> "SparseLinear":
+                    name: str | None = None, dense_cache: bool = False) -> "SparseLinear":
         """A SparseLinear holding `linear`'s (2:4) weight and bias, on the same device.
 
         linear: nn.Linear (weight [out, in]) or transformers Conv1D (weight [in, out], transposed here); float32,
@@ -255,6 +286,7 @@ class SparseLinear(nn.Module):
         quant:  None | "int8" | "fp8" (see sparsekern.quant; checked against the device).
         check:  verify the 2:4 pattern first and name `name`, the row and the group in the error; with check=False
                 the compress op still refuses a non-2:4 weight, with a less specific message.
+        dense_cache: keep a dense copy on the CPU too (see the class doc).
         """
         w, layout = dense_weight_of(linear)
         name = name or type(linear).__name__
@@ -269,7 +301,8 @@ class SparseLinear(nn.Module):
         if check:
             check_twofour(w, name)
         bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
-        layer = cls(k, n, bias is not None, dtype=w.dtype, quant=quant, device="meta", weight_layout=layout)
+        layer = cls(k, n, bias is not None, dtype=w.dtype, quant=quant, device="meta", weight_layout=layout,
+                    dense_cache=dense_cache)
         values, codes, scale = _compress(w, quant)
         layer._set_tensors(values, codes, scale, bias.clone() if bias is not None else None)
         return layer
@@ -309,9 +342,18 @@ class SparseLinear(nn.Module):
 
     def device_nbytes(self) -> int:
         """Bytes the weight occupies on its device: weight_nbytes() plus the cuSPARSELt buffer on CUDA (the
-        portable values are kept there too, see the module doc)."""
-        buf = self.cslt_buffer
-        return self.weight_nbytes() + (buf.numel() * buf.element_size() if buf is not None else 0)
+        portable values are kept there too, see the module doc) plus the dense copy of a dense_cache layer."""
+        extra = 0
+        for buf in (self.cslt_buffer, self.dense_weight_cache):
+            extra += buf.numel() * buf.element_size() if buf is not None else 0
+        return self.weight_nbytes() + extra
+
+    def set_dense_cache(self, enabled: bool) -> None:
+        """Allow (build now, on the CPU) or drop the dense copy of the weight; see the class doc."""
+        if enabled and self.quant is not None:
+            raise ValueError("SparseLinear.set_dense_cache: dense_cache=True is for unquantised layers")
+        self.dense_cache = bool(enabled)
+        self._buffers["dense_weight_cache"] = self._build_dense_cache()
 
     # ------------------------------------------------------------------ dispatch
 
@@ -320,7 +362,7 @@ class SparseLinear(nn.Module):
         return policy.choose_kernel(
             device_type=self._device_type, arch=self._arch, dtype=self._policy_dtype, n=self.out_features,
             k=self.in_features, m=m, has_cslt=self.cslt_buffer is not None, has_cuda_spmm24=self._has_cuda_spmm24,
-            layer_override=self._kernel_override)
+            layer_override=self._kernel_override, has_dense_cache=self.dense_weight_cache is not None)
 
     def set_kernel(self, kernel: str | None) -> None:
         """Force this layer's kernel (a name from sparsekern.policy.KERNELS), or None to follow the policy again.
@@ -341,6 +383,9 @@ class SparseLinear(nn.Module):
             raise TypeError(f"SparseLinear(quant={self.quant!r}) needs a floating input, got {x.dtype}")
         x2 = x.reshape(-1, self.in_features)
         kernel = self.kernel_for(x2.shape[0])
+        if kernel == "dense_cached":  # a plain dense layer: autograd through x as usual, the copy is a buffer
+            y = F.linear(x2, self.dense_weight_cache, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         args = (x2, self.values, self.codes, self.weight_scale, self.bias, self.cslt_buffer, kernel, self.quant,
                 self.out_features, self.in_features)
         if torch.is_grad_enabled() and x2.requires_grad:
@@ -351,7 +396,8 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={str(self.dense_dtype).removeprefix('torch.')}, quant={self.quant}")
+                f"dtype={str(self.dense_dtype).removeprefix('torch.')}, quant={self.quant}"
+                + (", dense_cache=True" if self.dense_cache else ""))
 
     # ------------------------------------------------------------------ device moves
 
@@ -364,7 +410,17 @@ class SparseLinear(nn.Module):
         self._has_cuda_spmm24 = dev.type == "cuda" and policy.cuda_kernel_compiled("spmm_24")
         if rebuild_cslt:
             self._buffers["cslt_buffer"] = self._build_cslt_buffer()
+        if rebuild_cslt or (self.dense_weight_cache is None) == (self._build_dense_cache_wanted()):
+            self._buffers["dense_weight_cache"] = self._build_dense_cache()
         policy.active_table()  # read the table file now, not inside a traced forward
+
+    def _build_dense_cache_wanted(self) -> bool:
+        return self.dense_cache and self.quant is None and self.codes.device.type == "cpu"
+
+    def _build_dense_cache(self) -> torch.Tensor | None:
+        if not self._build_dense_cache_wanted():
+            return None
+        return torch.ops.sparsekern.decompress_24(self.values, self.codes, self.in_features)
 
     def _build_cslt_buffer(self) -> torch.Tensor | None:
         if self.codes.device.type != "cuda" or not policy.cuda_kernel_compiled("cslt_compress"):

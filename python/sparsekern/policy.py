@@ -11,8 +11,14 @@ Kernels (names used in the table; aliases on the right are accepted when reading
                     fp16/bf16, 32 for int8/fp8).
   "spmm24"          sparsekern's own kernel on the portable 2:4 format (values + 4-bit codes): the CPU kernel on
                     the CPU, the small-M decode kernel on CUDA where it is compiled.   aliases: "cpu_spmm", "decode24"
-  "dense_fallback"  decompress the weight on the fly and run a dense matmul. Always correct, never fast: the last
-                    resort when no sparse kernel accepts the shape. No dense copy of the weight is kept.
+  "dense_fallback"  decompress the weight on the fly and run a dense matmul (on the CPU panel by panel, so no
+                    weight-sized buffer is allocated per call). No dense copy of the weight is kept. The last resort
+                    where no sparse kernel accepts the shape, and at large M where a dense GEMM beats the sparse
+                    kernels even with the decompression.
+  "dense_cached"    F.linear on a dense copy of the weight that the layer keeps because its user allowed the
+                    memory (SparseLinear(dense_cache=True), CPU only: 1.8x (16-bit) / 2.1x (fp32) more weight
+                    memory). Exactly the dense layer's speed; chosen only where the table (or the default below) says
+                    dense beats the sparse kernels at that M. A layer without the copy runs "dense_fallback" instead.
 
 Table file (JSON, UTF-8), format version 1:
   {
@@ -29,6 +35,8 @@ Table file (JSON, UTF-8), format version 1:
   n, k   out_features, in_features.
   m      the M bucket the measurement stands for: M is rounded up to a power of two (1, 2, 4, ..., 16384), so
          "m": 16 covers 9 <= M <= 16, and the last bucket (16384) covers every larger M.
+  kernel_dense_cache  (optional) the choice for layers that keep a dense copy (may be "dense_cached"); layers
+         without one use "kernel". Absent: "kernel" for every layer.
 Lookup of a (arch, dtype, n, k) that was measured at other buckets uses the nearest measured bucket (in log2 M);
 a shape that was never measured gets `default_kernel`. A chosen kernel the layer cannot run (no cuSPARSELt buffer,
 kernel not compiled for the device) is replaced by the default too, so a stale table can never break a layer.
@@ -47,7 +55,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-KERNELS = ("cslt", "spmm24", "dense_fallback")
+KERNELS = ("cslt", "spmm24", "dense_fallback", "dense_cached")
 _ALIASES = {"cpu_spmm": "spmm24", "decode24": "spmm24", "dense": "dense_fallback"}
 TABLE_FORMAT = "sparsekern-policy"
 TABLE_VERSION = 1
@@ -89,13 +97,18 @@ def arch_of(device: torch.device | str) -> str:
 
 @dataclass
 class PolicyTable:
-    """Measured choices: (arch, dtype, n, k) -> {m bucket: kernel}."""
+    """Measured choices: (arch, dtype, n, k) -> {m bucket: kernel}; `cached_choices` the same for layers that keep a
+    dense copy of their weight (entries' optional "kernel_dense_cache")."""
 
     choices: dict[tuple[str, str, int, int], dict[int, str]] = field(default_factory=dict)
     source: str | None = None  # path it was read from, for messages
+    cached_choices: dict[tuple[str, str, int, int], dict[int, str]] = field(default_factory=dict)
 
-    def lookup(self, arch: str, dtype: str, n: int, k: int, m: int) -> str | None:
-        per_bucket = self.choices.get((arch, dtype, int(n), int(k)))
+    def lookup(self, arch: str, dtype: str, n: int, k: int, m: int, dense_cache: bool = False) -> str | None:
+        key = (arch, dtype, int(n), int(k))
+        per_bucket = self.choices.get(key)
+        if dense_cache and key in self.cached_choices:  # a bucket's cached choice replaces its plain one
+            per_bucket = {**(per_bucket or {}), **self.cached_choices[key]}
         if not per_bucket:
             return None
         b = m_bucket(m)
@@ -108,9 +121,14 @@ class PolicyTable:
 
     def entries(self) -> list[dict]:
         out = []
-        for (arch, dtype, n, k), per_bucket in sorted(self.choices.items()):
+        for key, per_bucket in sorted(self.choices.items()):
+            arch, dtype, n, k = key
             for m, kernel in sorted(per_bucket.items()):
-                out.append({"arch": arch, "dtype": dtype, "n": n, "k": k, "m": m, "kernel": kernel})
+                e = {"arch": arch, "dtype": dtype, "n": n, "k": k, "m": m, "kernel": kernel}
+                cached = self.cached_choices.get(key, {}).get(m)
+                if cached is not None:
+                    e["kernel_dense_cache"] = cached
+                out.append(e)
         return out
 
 
@@ -127,11 +145,22 @@ def _parse_entry(e: Mapping, where: str) -> tuple[tuple[str, str, int, int], int
     return (str(e["arch"]), str(e["dtype"]), n, k), m_bucket(m), normalize_kernel(str(e["kernel"]))
 
 
+def _cached_kernel(e: Mapping) -> str | None:
+    k = e.get("kernel_dense_cache")
+    return normalize_kernel(str(k)) if k is not None else None
+
+
 def table_from_entries(entries: Iterable[Mapping], where: str = "policy entries") -> PolicyTable:
     table = PolicyTable()
     for e in entries:
         key, b, kernel = _parse_entry(e, where)
+        if kernel == "dense_cached":
+            raise PolicyError(f"{where}: entry {dict(e)!r}: 'kernel' must be runnable by every layer; "
+                              "\"dense_cached\" belongs in 'kernel_dense_cache'")
         table.choices.setdefault(key, {})[b] = kernel
+        cached = _cached_kernel(e)
+        if cached is not None:
+            table.cached_choices.setdefault(key, {})[b] = cached
     return table
 
 
@@ -175,7 +204,13 @@ def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = Non
                 rows[key + (b,)] = dict(e)
     for e in entries:
         key, b, kernel = _parse_entry(e, "write_table")
+        if kernel == "dense_cached":
+            raise PolicyError("write_table: 'kernel' must be runnable by every layer; \"dense_cached\" belongs in "
+                              "'kernel_dense_cache'")
         row = {"arch": key[0], "dtype": key[1], "n": key[2], "k": key[3], "m": b, "kernel": kernel}
+        cached = _cached_kernel(e)
+        if cached is not None:
+            row["kernel_dense_cache"] = cached
         if "timings_us" in e:
             row["timings_us"] = {str(a): float(t) for a, t in dict(e["timings_us"]).items()}
         rows[key + (b,)] = row
@@ -269,16 +304,21 @@ def cslt_shape_ok(n: int, k: int, dtype: torch.dtype) -> bool:
     return n % mult == 0 and k % mult == 0 and dtype.itemsize <= 2
 
 
-def default_kernel(device_type: str, m: int, *, has_cslt: bool, has_cuda_spmm24: bool) -> str:
+# Unmeasured CPU layers that keep a dense copy use it from this batch size on (a bucket, see m_bucket): below it the
+# CPU 2:4 kernels win on the development machine in every dtype measured (docs/benchmarks.md).
+CPU_DENSE_CACHE_MIN_M = 128
+
+
+def default_kernel(device_type: str, m: int, *, has_cslt: bool, has_cuda_spmm24: bool,
+                   has_dense_cache: bool = False) -> str:
     """The safe choice where nothing was measured.
 
-    CPU: the CPU 2:4 kernel. CUDA: cuSPARSELt when the layer has a cuSPARSELt buffer (the shape passed its rules);
-    else our portable-format kernel if it is compiled for CUDA; else the dense fallback, which is slow but correct.
-    `m` is part of the signature so a future default can depend on it (e.g. a decode kernel for small M).
+    CPU: the CPU 2:4 kernel; for a layer that keeps a dense copy, that copy from M > 64 (CPU_DENSE_CACHE_MIN_M).
+    CUDA: cuSPARSELt when the layer has a cuSPARSELt buffer (the shape passed its rules); else our portable-format
+    kernel if it is compiled for CUDA; else the dense fallback, which is slow but correct.
     """
-    del m
     if device_type != "cuda":
-        return "spmm24"
+        return "dense_cached" if has_dense_cache and m_bucket(m) >= CPU_DENSE_CACHE_MIN_M else "spmm24"
     if has_cslt:
         return "cslt"
     if has_cuda_spmm24:
@@ -288,15 +328,20 @@ def default_kernel(device_type: str, m: int, *, has_cslt: bool, has_cuda_spmm24:
 
 def choose_kernel(
     *, device_type: str, arch: str, dtype: str, n: int, k: int, m: int, has_cslt: bool, has_cuda_spmm24: bool,
-    layer_override: str | None = None,
+    layer_override: str | None = None, has_dense_cache: bool = False,
 ) -> str:
     """The kernel a layer runs for M rows: layer override > override() context > table > default, with anything the
-    layer cannot run replaced by the default. Pure Python on plain data (no I/O, no device query) so torch.compile
-    traces it without a graph break; the caller precomputes arch / has_cslt / has_cuda_spmm24."""
-    default = default_kernel(device_type, m, has_cslt=has_cslt, has_cuda_spmm24=has_cuda_spmm24)
-    choice = layer_override or _forced.kernel or active_table().lookup(arch, dtype, n, k, m) or default
+    layer cannot run replaced by the default ("dense_cached" without a dense copy: "dense_fallback", the same dense
+    math). Pure Python on plain data (no I/O, no device query) so torch.compile traces it without a graph break; the
+    caller precomputes arch / has_cslt / has_cuda_spmm24 / has_dense_cache."""
+    default = default_kernel(device_type, m, has_cslt=has_cslt, has_cuda_spmm24=has_cuda_spmm24,
+                             has_dense_cache=has_dense_cache)
+    choice = (layer_override or _forced.kernel
+              or active_table().lookup(arch, dtype, n, k, m, dense_cache=has_dense_cache) or default)
     if choice == "dense_fallback":
         return choice
+    if choice == "dense_cached":
+        return choice if has_dense_cache else "dense_fallback"
     if device_type == "cuda":
         ok = (choice == "cslt" and has_cslt) or (choice == "spmm24" and has_cuda_spmm24)
     else:

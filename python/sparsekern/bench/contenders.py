@@ -265,8 +265,14 @@ def _sk_decompress(p: Problem) -> Prepared:
     _need_sparsekern_op("decompress_24", p)
     values, codes = _compress_24(p.w)
     k = p.k
+    call = lambda x: F.linear(x, torch.ops.sparsekern.decompress_24(values, codes, k))  # noqa: E731
+    if p.device.type == "cpu":
+        # SparseLinear's CPU dense fallback: panel by panel, no weight-sized buffer per call (sparsekern.linear).
+        panels = getattr(importlib.import_module("sparsekern.linear"), "_dense_panels", None)
+        if panels is not None:
+            call = lambda x: panels(x, values, codes, None, k)  # noqa: E731
     return Prepared(
-        call=lambda x: F.linear(x, torch.ops.sparsekern.decompress_24(values, codes, k)),
+        call=call,
         weight_bytes=_nbytes(values, codes),
         compute_dtype=p.dtype_name,
         out_dtype=p.dtype,
@@ -295,14 +301,16 @@ def forget_cslt_searches() -> None:
         fn()
 
 
-def _sparse_linear(p: Problem, search: bool) -> Prepared:
+def _sparse_linear(p: Problem, search: bool, dense_cache: bool = False) -> Prepared:
     """sparsekern.linear.SparseLinear.from_linear on an nn.Linear holding the pruned weight; its dispatch policy
     picks the kernel per M. In the W8A8 groups the layer is quant="int8"/"fp8" and takes the bf16 activations
     (quantising them per token inside forward, as a W8A8 model does); the test values are chosen so that its
     per-row / per-token scales are exactly 1 (make_problem), so it computes the same integers as the raw ops.
 
     search=True: before the timing of each M, the cuSPARSELt algorithm search runs (untimed) for the layer's
-    buffer, and the layer then uses the cached result (cslt_linear's alg_id=-1)."""
+    buffer, and the layer then uses the cached result (cslt_linear's alg_id=-1).
+    dense_cache=True: the layer keeps a dense copy (CPU; SparseLinear(dense_cache=True)), which its policy uses where
+    dense beats the 2:4 kernels."""
     from .. import _ext
 
     try:
@@ -322,10 +330,13 @@ def _sparse_linear(p: Problem, search: bool) -> Prepared:
         raise Skip(f"sparsekern extension not loaded: {_ext.load_error()}")
     _need_sparsekern_op("compress_24", p)  # from_linear compresses with it on every device
     quant = p.dtype_name if p.is_8bit else None
+    if dense_cache and (p.device.type != "cpu" or quant):
+        raise Skip("the dense copy (dense_cache=True) is a CPU option for unquantised layers")
     dense = torch.nn.Linear(p.k, p.n, bias=False, device=p.device, dtype=p.w_float.dtype)
     with torch.no_grad():
         dense.weight.copy_(p.w_float)
-    layer = sl.from_linear(dense, quant=quant) if quant else sl.from_linear(dense)
+    layer = (sl.from_linear(dense, quant=quant) if quant else
+             sl.from_linear(dense, dense_cache=True) if dense_cache else sl.from_linear(dense))
     del dense
     # Bytes the layer's kernel reads: cuSPARSELt's buffer where it has one (CUDA), else the portable format.
     cslt_buf = getattr(layer, "cslt_buffer", None)
@@ -380,10 +391,14 @@ CONTENDERS: dict[str, Contender] = {
                   prepare=_sk_cslt),
         Contender("sk_spmm24", "torch.ops.sparsekern.spmm_24 on the portable 2:4 format", ours=True, sparse=True,
                   prepare=_sk_spmm24),
-        Contender("sk_decompress", "decompress_24 + F.linear per call (no dense copy kept)", ours=True,
+        Contender("sk_decompress", "decompress_24 + F.linear per call, on CPU panel by panel (no dense copy kept)",
+                  ours=True,
                   sparse=True, prepare=_sk_decompress, dtypes=("fp32", "fp16", "bf16")),
         Contender("sk_linear", "sparsekern SparseLinear.from_linear, default policy / algorithm", ours=True,
                   sparse=True, prepare=lambda p: _sparse_linear(p, search=False)),
+        Contender("sk_linear_cache", "SparseLinear(dense_cache=True): also keeps a dense copy (CPU), policy picks",
+                  ours=True, sparse=True, prepare=lambda p: _sparse_linear(p, search=False, dense_cache=True),
+                  dtypes=("fp32", "fp16", "bf16")),
         Contender("sk_linear_search", "SparseLinear after the cuSPARSELt algorithm search (untimed) for each M",
                   ours=True, sparse=True,
                   prepare=lambda p: _sparse_linear(p, search=True)),

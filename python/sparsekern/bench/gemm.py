@@ -51,7 +51,7 @@ class Interrupted(BaseException):
 DEFAULT_CONTENDERS = {
     "cuda": ["dense", "dense_int8", "dense_fp8", "torch_cslt", "torch_semi", "torch_semi_cutlass", "sk_cslt",
              "sk_spmm24", "sk_decompress", "sk_linear", "sk_linear_search"],
-    "cpu": ["dense", "dense_int8", "dense_fp8", "sk_spmm24", "sk_decompress", "sk_linear"],
+    "cpu": ["dense", "dense_int8", "dense_fp8", "sk_spmm24", "sk_decompress", "sk_linear", "sk_linear_cache"],
 }
 
 
@@ -339,10 +339,11 @@ def policy_arch(arch: str) -> str:
 def policy_entries(records: Iterable[dict]) -> list[dict]:
     """The measured best kernel per (arch, dtype, N, K, M), in sparsekern.policy's entry format.
 
-    Entry: {"arch", "dtype", "n", "k", "m", "kernel", "timings_us"}; m is the measured M (the table buckets it to
-    the next power of two); kernel is the fastest of the SparseLinear kernels measured there (POLICY_KERNELS);
-    timings_us holds every measured kernel's median and, for reference, "dense_linear" (F.linear on a dense
-    weight, which SparseLinear never keeps), so a reader sees where sparsity loses.
+    Entry: {"arch", "dtype", "n", "k", "m", "kernel", "timings_us"[, "kernel_dense_cache"]}; m is the measured M
+    (the table buckets it to the next power of two); kernel is the fastest of the SparseLinear kernels measured
+    there (POLICY_KERNELS); timings_us holds every measured kernel's median and "dense_linear" (F.linear on a dense
+    weight). On CPUs, where a layer may keep a dense copy (SparseLinear(dense_cache=True)), "kernel_dense_cache" is
+    "dense_cached" where that dense F.linear beats every kernel (layers with the copy take it; others keep "kernel").
     """
     by_point: dict[tuple, dict[str, float]] = {}
     for r in records:
@@ -356,8 +357,14 @@ def policy_entries(records: Iterable[dict]) -> list[dict]:
         sparse = {kn: us for kn, us in timings.items() if kn != "dense_linear"}
         if not sparse:
             continue
-        entries.append({"arch": arch, "dtype": dt, "n": n, "k": k, "m": m, "kernel": min(sparse, key=sparse.get),
-                        "timings_us": dict(sorted(timings.items()))})
+        best = min(sparse, key=sparse.get)
+        e = {"arch": arch, "dtype": dt, "n": n, "k": k, "m": m, "kernel": best,
+             "timings_us": dict(sorted(timings.items()))}
+        dense_us = timings.get("dense_linear")
+        if arch == "cpu" and dense_us is not None and dt in ("float32", "float16", "bfloat16") \
+                and dense_us < sparse[best]:
+            e["kernel_dense_cache"] = "dense_cached"
+        entries.append(e)
     return entries
 
 
