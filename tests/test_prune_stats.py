@@ -30,6 +30,27 @@ def test_hessian_stats_match_reference_update(device, cols):
     assert torch.allclose(st.value.cpu().double(), ref, rtol=RTOL, atol=RTOL * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("cols", [191, 192, 200, 577])
+def test_hessian_update_on_the_upper_panels_is_complete_and_symmetric(device, cols):
+    # From 192 columns on, the CPU kernel computes only the upper block-triangle of X^T X (column panels) and
+    # mirrors it: H must still be the full running mean, exactly symmetric (CPU), after every call. Odd widths
+    # give a ragged last panel; 191 is the last width done as one full GEMM. The first call's beta = 0 ignores
+    # whatever H held (NaN here), as the op promises.
+    H = torch.full((cols, cols), float("nan"), device=device)
+    n = 0
+    seen = []
+    for x in _batches(cols):
+        b = x.shape[0] if x.dim() == 3 else 1
+        ops.hessian_update_(H, x.to(device), n, b)
+        n += b
+        seen.append(x)
+        ref = hessian_oracle(seen)
+        got = H.cpu().double()
+        if device == "cpu":  # the CPU kernel's promise (it mirrors); the CUDA kernel makes none
+            assert torch.equal(H, H.t())
+        assert torch.allclose(got, ref, rtol=RTOL, atol=RTOL * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("cols", [5, 64, 300])
 def test_act_scale_stats_match_reference_update(device, cols):
     st = P.ActScaleStats(cols, device)

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
@@ -338,6 +340,178 @@ def collect_stats(layer: nn.Module, groups: Sequence[Sequence[str]], chunks: Seq
     return stats
 
 
+RERUN_KERNELS = ("auto", "dense", "sparse")
+
+
+def _fp32_rounding_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # Worst-case rounding error of one float32 dot product of length K, for each output: K * 2^-24 * sum |x||w|
+    # (Higham's gamma_K); two such results may differ by twice that.
+    return 2 * w.shape[1] * 2.0 ** -24 * (x.abs().double() @ w.abs().double().t())
+
+
+def _probe_sparse_rerun(w: torch.Tensor, rows: int, timer_reps: int = 3) -> dict:
+    """Time F.linear against sparsekern's spmm_24 for one exactly 2:4 weight w [N, K] at `rows` input rows
+    (float32 inputs from a seeded generator), and check that the two agree within float32 rounding.
+    Returns {"dense_s", "sparse_s", "agree", "max_err_over_bound"}; min over `timer_reps` interleaved runs."""
+    from .ops import core
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(rows, w.shape[1], generator=gen, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
+    c = core.compress_24(w.detach().contiguous())
+    yd = torch.nn.functional.linear(x, w)
+    ys = core.sparse_linear(x, c)
+    ratio = float(((ys.double() - yd.double()).abs() / _fp32_rounding_bound(x, w).clamp_min(1e-30)).max())
+    dense, sparse = [], []
+    for _ in range(timer_reps):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        dense.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        core.sparse_linear(x, c)
+        sparse.append(time.perf_counter() - t)
+    return {"dense_s": min(dense), "sparse_s": min(sparse), "agree": ratio <= 1.0, "max_err_over_bound": ratio}
+
+
+def _sparse_forward(compressed, bias, x):
+    from .ops import core
+
+    return core.sparse_linear(x, compressed, bias)
+
+
+@contextlib.contextmanager
+def _sparse_forwards(modules: Iterable[nn.Module]):
+    """While active, the given linears (nn.Linear or Conv1D whose weight is exactly 2:4 along in_features) run
+    through sparsekern's 2:4 GEMM on a compressed copy of their weight instead of their dense forward. The
+    modules are not changed: an instance attribute `forward` shadows the class's and is removed on exit (forward
+    hooks still fire, `module(x)` is unchanged for the caller)."""
+    patched = []
+    try:
+        for m in modules:
+            if "forward" in m.__dict__:
+                continue  # someone else (e.g. accelerate) wraps this instance's forward: leave it dense
+            from .ops import core
+
+            c = core.compress_24(weight_matrix(m).detach().contiguous())
+            m.forward = functools.partial(_sparse_forward, c, m.bias)
+            patched.append(m)
+        yield patched
+    finally:
+        for m in patched:
+            del m.forward
+
+
+class _AbortForward(Exception):
+    """Raised inside a paused chunk forward to unwind it when the staged pass is abandoned (error or no output
+    needed)."""
+
+
+def _hidden_of(out) -> torch.Tensor:
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach()
+
+
+def run_block_staged(layer: nn.Module, groups: Sequence[Sequence[str]], chunks: Sequence[_Chunk],
+                     hidden: Sequence[torch.Tensor], method: str, device: torch.device, on_group,
+                     keep: bool = True, context=contextlib.nullcontext) -> list[torch.Tensor] | None:
+    """True-sequential calibration and re-run of one block in a single forward per chunk.
+
+    True-sequential order wants group k's statistics from the block with groups 0..k-1 already pruned, and the
+    next block's inputs from the fully pruned block. Both are what one forward computes if it can be *paused*
+    right before each group's first linear until every chunk got there and the group is pruned: every chunk's
+    forward runs in its own thread, and a forward pre-hook on each group's leader adds the chunk's input to the
+    group's statistics and parks the thread. The calling thread advances the chunks one at a time (never two
+    forwards at once, so each still gets all cores and the order of every floating-point operation is that of a
+    plain forward), calls `on_group(k, stat)` once all chunks reached group k (or finished without calling it),
+    and resumes them. The result is bit-identical to one statistics pass per group plus a re-run of the pruned
+    block, at the cost of one forward instead of (groups + 1) partial ones.
+
+    groups:  the block's linear groups in call order (discover_groups); on_group(k, stat) prunes groups[k]
+             (stat: the group's statistics object, None for magnitude).
+    context: a factory of context managers entered in every chunk thread (autocast is thread-local, so the
+             caller's would not apply there).
+    Returns the block's output hidden states per chunk when `keep`, else None (forwards still running after the
+    last group are then abandoned). Memory: all chunks are paused mid-block at the same time, so their live
+    intermediate tensors add up (about one block's activations over all calibration sequences).
+    """
+    mods = block_linears(layer)
+    stats = [_make_stats(method, weight_matrix(mods[g[0]]).shape[1], device) for g in groups]
+    n = len(chunks)
+    stage = 0  # groups[:stage] are pruned
+    go = [threading.Semaphore(0) for _ in range(n)]  # the calling thread lets chunk c run
+    back = threading.Semaphore(0)  # chunk thread -> caller: paused, done or failed
+    status: list[tuple | None] = [None] * n  # ("paused", k) | ("done", out) | ("aborted", None) | ("error", exc)
+    abort = False
+    local = threading.local()
+
+    def hook_for(k):
+        def hook(_mod, args):
+            c = getattr(local, "chunk", None)
+            if c is None or k < stage:
+                return  # not a staged forward, or a group already pruned (data-dependent call order)
+            if stats[k] is not None:
+                stats[k].add(args[0].detach())
+            status[c] = ("paused", k)
+            back.release()
+            go[c].acquire()
+            if abort:
+                raise _AbortForward
+        return hook
+
+    cuda_ctx = (lambda: torch.cuda.device(device)) if device.type == "cuda" else contextlib.nullcontext
+
+    def worker(c):
+        local.chunk = c
+        go[c].acquire()
+        try:
+            if abort:
+                raise _AbortForward
+            # Grad mode, autocast and the current CUDA device are per thread.
+            with torch.no_grad(), cuda_ctx(), context():
+                out = layer(hidden[c], *chunks[c].args, **chunks[c].kwargs)
+            status[c] = ("done", _hidden_of(out) if keep else None)
+        except _AbortForward:
+            status[c] = ("aborted", None)
+        except BaseException as e:  # handed to the calling thread, which re-raises it
+            status[c] = ("error", e)
+        finally:
+            back.release()
+
+    def resume(c):
+        go[c].release()
+        back.acquire()
+        if status[c][0] == "error":
+            raise status[c][1]
+
+    handles = [mods[g[0]].register_forward_pre_hook(hook_for(k)) for k, g in enumerate(groups)]
+    threads = [threading.Thread(target=worker, args=(c,), name=f"sparsekern-chunk-{c}", daemon=True)
+               for c in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(len(groups) + 1):
+            stage = k
+            if k == len(groups) and not keep:
+                break  # every group is pruned and no output is needed: leave the rest unrun
+            for c in range(n):
+                st = status[c]
+                # Not started yet, or parked at an earlier group: run it until it parks at group >= k or ends.
+                if st is None or (st[0] == "paused" and st[1] < k):
+                    resume(c)
+            if k < len(groups):
+                on_group(k, stats[k])
+        return [status[c][1] for c in range(n)] if keep else None
+    finally:
+        abort = True
+        for c in range(n):
+            st = status[c]
+            if st is None or st[0] == "paused":
+                go[c].release()
+                back.acquire()
+        for t in threads:
+            t.join()
+        for h in handles:
+            h.remove()
+
+
 def _sparsity_of(w: torch.Tensor) -> float:
     return float((w == 0).sum()) / w.numel()
 
@@ -377,6 +551,12 @@ class PruneReport:
     # slowed down by other processes sharing the cores.
     cpu_seconds: float = 0.0
     calib_dtype: str = "model"
+    single_pass: bool = True
+    # Re-run kernel requested ("dense" | "sparse" | "auto") and, per weight shape "NxK dtype", the one used;
+    # with "auto" also the probe that decided it (seconds per GEMM at batch_size x seqlen rows, agreement).
+    rerun_kernel: str = "dense"
+    rerun_choices: dict = field(default_factory=dict)
+    rerun_probes: dict = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -438,7 +618,8 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
                 device: str | torch.device | None = None, offload: bool = False, skip: Iterable[str] = (),
                 progress: bool = True, tokenizer: Any = None, batch_size: int = 8, blocksize: int = 128,
                 percdamp: float = 0.01, quant: str | None = None, use_variant: bool = False,
-                calib_dtype: torch.dtype | None = None) -> PruneReport:
+                calib_dtype: torch.dtype | None = None, single_pass: bool = True,
+                rerun_kernel: str = "dense") -> PruneReport:
     """Prune the linears of every decoder block of `model` in place, block after block (module docstring).
 
     model:       a causal LM (Hugging Face style; forward(input_ids=[B, T]) reaches the decoder blocks in order).
@@ -461,6 +642,15 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
                  precision (torch.bfloat16) for the block matmuls of the calibration forwards, under
                  torch.autocast: ~2.3x faster fp32->bf16 GEMMs on CPUs with AVX512-BF16 / AMX; the residual
                  stream, norms and statistics stay float32. An approximation: the statistics change slightly.
+    single_pass: with true_sequential, compute every group's statistics and the re-run in one forward per
+                 chunk, paused at each group until all chunks got there (run_block_staged): bit-identical to
+                 one pass per group plus a re-run, ~2x less forward work; holds all chunks' in-flight
+                 activations at once. False: one partial pass per group, then the re-run (less memory).
+    rerun_kernel: how the re-run computes the block's just-pruned linears (pattern "2:4" only): "dense"
+                 (their forward, as the references), "sparse" (sparsekern's 2:4 GEMM spmm_24 on a compressed
+                 copy, for the re-run only; results equal within float32 rounding), or "auto" (per weight
+                 shape, "sparse" when a probe at batch_size x seqlen rows finds it >= 5% faster and agreeing
+                 within float32 rounding; CPU float32 forwards only, else "dense"). The model is not changed.
     Returns a PruneReport (per-linear losses, sparsity and times).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -485,6 +675,11 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=calib_dtype)
 
+    if rerun_kernel not in RERUN_KERNELS:
+        raise PipelineError(f"rerun_kernel {rerun_kernel!r}: expected one of {', '.join(RERUN_KERNELS)}")
+    if rerun_kernel == "sparse" and calib_dtype not in (None, torch.float32):
+        raise PipelineError(f"rerun_kernel='sparse' runs the pruned linears in the weights' dtype; it cannot be "
+                            f"combined with calib_dtype={calib_dtype} (autocast does not reach sparsekern's GEMM)")
     eng_pattern = _engine_pattern(pattern)
 
     calib = None
@@ -496,7 +691,8 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
     report = PruneReport(method=method, pattern=pattern, nsamples=0 if calib is None else calib.shape[0],
                          seqlen=0 if calib is None else calib.shape[1], true_sequential=true_sequential,
                          device=str(device), offload=offload, layers_path=layers_path,
-                         calib_dtype="model" if calib_dtype is None else str(calib_dtype).removeprefix("torch."))
+                         calib_dtype="model" if calib_dtype is None else str(calib_dtype).removeprefix("torch."),
+                         single_pass=bool(true_sequential and single_pass), rerun_kernel=rerun_kernel)
 
     skip = set(skip)
     selected: list[list[str]] = []
@@ -534,6 +730,27 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
 
         bar = tqdm(bar, desc=f"{method} {pattern}", unit="block")
     group_cache: dict[tuple, list[list[str]]] = {}
+    rows_per_chunk = batch_size * (calib.shape[1] if calib is not None else 0)
+
+    def use_sparse(m: nn.Module) -> bool:
+        """Whether the re-run runs this (just pruned) linear through spmm_24; decided once per weight shape."""
+        if rerun_kernel == "dense" or pattern != "2:4":
+            return False
+        w = weight_matrix(m)
+        key = f"{w.shape[0]}x{w.shape[1]} {str(w.dtype).removeprefix('torch.')}"
+        if key not in report.rerun_choices:
+            if rerun_kernel == "sparse":
+                report.rerun_choices[key] = "sparse"
+            elif device.type != "cpu" or calib_dtype not in (None, torch.float32):
+                report.rerun_choices[key] = "dense"  # auto measures CPU float forwards only
+            else:
+                probe = _probe_sparse_rerun(w.detach(), rows_per_chunk)
+                # A 5% margin keeps timing noise from flipping the choice (and the last bits of the results).
+                faster = probe["sparse_s"] < 0.95 * probe["dense_s"]
+                report.rerun_choices[key] = "sparse" if faster and probe["agree"] else "dense"
+                report.rerun_probes[key] = probe
+        return report.rerun_choices[key] == "sparse"
+
     try:
         for i in bar:
             t_block = time.perf_counter()
@@ -542,6 +759,7 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
                 layer.to(device)
             names = selected[i]
             mods = block_linears(layer)
+            rerun_done = False
             if names:
                 if calib is None:
                     groups = [[n] for n in names]
@@ -550,28 +768,48 @@ def prune_model(model: nn.Module, calibration: Any = None, *, method: str = "spa
                     if key not in group_cache:
                         group_cache[key] = discover_groups(layer, names, chunks[0], hidden[0])
                     groups = group_cache[key]
-                passes = [[g] for g in groups] if true_sequential else [groups]
-                for todo in passes:
-                    with autocast():
-                        stats = {} if calib is None else collect_stats(layer, todo, chunks, hidden, method, device)
-                    for g in todo:
-                        stat = stats.get(g[0])
-                        value = None if stat is None else stat.value
-                        for n in g:
-                            t0 = time.perf_counter()
-                            w = weight_matrix(mods[n])
-                            # The engine leaves its statistics untouched, so a group shares one object.
-                            res = _prune_weight(method, w, value, eng_pattern, options)
-                            _set_weight_matrix(mods[n], res.weight)
-                            loss = getattr(res, "loss", None)
-                            report.linears.append(LinearReport(
-                                layer=i, name=f"{layers_path}.{i}.{n}", shape=tuple(w.shape),
-                                loss=None if loss is None else float(loss.sum()), sparsity=_sparsity_of(w),
-                                seconds=time.perf_counter() - t0))
-                    del stats
-            if calib is not None and i + 1 < len(layers):
+                keep = calib is not None and i + 1 < len(layers)
+
+                def prune_group(g, stat, i=i, mods=mods):
+                    value = None if stat is None else stat.value
+                    for n in g:
+                        t0 = time.perf_counter()
+                        w = weight_matrix(mods[n])
+                        # The engine leaves its statistics untouched, so a group shares one object.
+                        res = _prune_weight(method, w, value, eng_pattern, options)
+                        _set_weight_matrix(mods[n], res.weight)
+                        loss = getattr(res, "loss", None)
+                        report.linears.append(LinearReport(
+                            layer=i, name=f"{layers_path}.{i}.{n}", shape=tuple(w.shape),
+                            loss=None if loss is None else float(loss.sum()), sparsity=_sparsity_of(w),
+                            seconds=time.perf_counter() - t0))
+
+                if calib is not None and true_sequential and single_pass:
+                    # Statistics of each group and the re-run in one forward per chunk (run_block_staged).
+                    with contextlib.ExitStack() as sparse_stack:
+                        def on_group(k, stat):
+                            prune_group(groups[k], stat)
+                            if keep:  # the rest of the pass runs the just-pruned linears
+                                sparse_stack.enter_context(_sparse_forwards(
+                                    [mods[n] for n in groups[k] if use_sparse(mods[n])]))
+
+                        out = run_block_staged(layer, groups, chunks, hidden, method, device, on_group, keep=keep,
+                                               context=autocast)
+                    if keep:
+                        hidden = out
+                    rerun_done = True
+                else:
+                    passes = [[g] for g in groups] if true_sequential else [groups]
+                    for todo in passes:
+                        with autocast():
+                            stats = {} if calib is None else collect_stats(layer, todo, chunks, hidden, method,
+                                                                           device)
+                        for g in todo:
+                            prune_group(g, stats.get(g[0]))
+                        del stats
+            if calib is not None and i + 1 < len(layers) and not rerun_done:
                 # Block l+1's inputs come from the pruned block l.
-                with autocast():
+                with autocast(), _sparse_forwards([m for n, m in mods.items() if n in names and use_sparse(m)]):
                     hidden = _run_block(layer, chunks, hidden, keep=True)
             if offload:
                 layer.to("cpu")

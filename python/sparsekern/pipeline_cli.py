@@ -198,7 +198,8 @@ def _cmd_prune(args) -> int:
     report = prune_model(model, calib, method=args.method, pattern=args.pattern, true_sequential=args.true_sequential,
                          device=args.device, offload=args.offload, skip=skip, progress=not args.json,
                          batch_size=args.batch_size, quant=args.quant if args.method == "sparsegpt" else None,
-                         calib_dtype=None if args.calib_dtype == "model" else getattr(torch, args.calib_dtype))
+                         calib_dtype=None if args.calib_dtype == "model" else getattr(torch, args.calib_dtype),
+                         single_pass=not args.multipass, rerun_kernel=args.rerun_kernel)
     times["prune"] = time.perf_counter() - t0
     _log(args, report.table(per_linear=args.verbose))
     result = {"command": "prune", "model": args.model, "text": args.text, "report": report.to_dict(),
@@ -385,7 +386,14 @@ def add_commands(subparsers) -> None:
                    help="precision of the calibration forwards' matmuls: the model's (default, as the references) "
                         "or bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX; statistics change slightly)")
     p.add_argument("--true-sequential", action="store_true",
-                   help="prune q/k/v, then o, then gate/up, then down, each on partly pruned inputs")
+                   help="prune q/k/v, then o, then gate/up, then down, each on partly pruned inputs (one "
+                        "forward per chunk, paused at each group: about half the forward work of the default)")
+    p.add_argument("--multipass", action="store_true",
+                   help="with --true-sequential: one partial forward per group plus a re-run instead of one paused "
+                        "forward per chunk (same result, less memory, slower)")
+    p.add_argument("--rerun-kernel", choices=("dense", "sparse", "auto"), default="dense",
+                   help="the re-run's pruned 2:4 linears: dense forward (default), sparsekern's 2:4 GEMM, or auto "
+                        "(the sparse GEMM where a probe finds it faster and equal within float32 rounding)")
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU, one block at a time on --device")
     p.add_argument("--quant", choices=("int8",), default=None,
                    help="SparseGPT joint int8 quantisation, and int8 SparseLinear layers in --out")
