@@ -31,6 +31,21 @@
 namespace sparsekern {
 namespace cpu {
 namespace spmm {
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    __builtin_cpu_init();
+    CpuFeatures c;
+    c.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    c.avx512_bf16 = c.avx512 && __builtin_cpu_supports("avx512bf16");
+    c.avx512_vnni = c.avx512 && __builtin_cpu_supports("avx512vnni");
+    c.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return c;
+  }();
+  return f;
+}
+
 namespace {
 
 using at::Tensor;
@@ -84,18 +99,8 @@ Kernel scalar_kernel(WType w) {
 
 // ------------------------------------------------------------------------------------------------- ISA choice
 Isa best_isa() {
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return Isa::kAvx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-      return Isa::kAvx2;
-    }
-    return Isa::kScalar;
-  }();
-  return best;
+  const CpuFeatures& f = cpu_features();
+  return f.avx512 ? Isa::kAvx512 : f.avx2 ? Isa::kAvx2 : Isa::kScalar;
 }
 
 struct IsaChoice {
@@ -135,11 +140,8 @@ Kernel choose_kernel(WType w, const IsaChoice& c) {
 
 // Kernel family: row kernels (K in the vector lanes; best for a few activation rows) or token-lane kernels (16
 // activation rows in the lanes; AVX-512 only), see spmm_24.h. SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|tokens (read on
-// every call, like SPARSEKERN_CPU_ISA): auto takes token lanes from M >= kTokensMinM where the ISA has them.
-// The threshold was measured on the 2-core Zen 4 development machine (docs/benchmarks.md): at M = 8 both families are
-// close; from M = 16 on token lanes win in every dtype.
-constexpr int64_t kTokensMinM = 8;
-
+// every call, like SPARSEKERN_CPU_ISA): auto takes token lanes from the kernel's own min_m (the crossover measured on
+// the 2-core Zen 4 development machine, spmm_24_tokens_avx512.cpp) where the ISA has them.
 bool use_token_lanes(int64_t M, const IsaChoice& c, WType w, TokenKernel* tk) {
   const char* env = std::getenv("SPARSEKERN_CPU_SPMM_LAYOUT");
   const std::string v = env == nullptr ? std::string() : std::string(env);
@@ -152,7 +154,7 @@ bool use_token_lanes(int64_t M, const IsaChoice& c, WType w, TokenKernel* tk) {
                 "in use is not AVX-512 (SPARSEKERN_CPU_ISA or the CPU); use rows or auto");
     return true;
   }
-  return have && M >= kTokensMinM;
+  return have && M >= tk->min_m;
 }
 
 // ------------------------------------------------------------------------------------------------- epilogue

@@ -76,6 +76,15 @@ void tile_loop(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
   }
 }
 
+// What cpuid says about the running CPU (cached): the ISA levels the kernels need.
+struct CpuFeatures {
+  bool avx512 = false;       // avx512f + bw + vl + dq: every AVX-512 kernel
+  bool avx512_bf16 = false;  // + AVX512_BF16 (vdpbf16ps)
+  bool avx512_vnni = false;  // + AVX512_VNNI (vpdpwssd)
+  bool avx2 = false;         // avx2 + fma + f16c: the AVX2 kernels
+};
+const CpuFeatures& cpu_features();
+
 // Each returns false when the running CPU lacks the ISA (the kernel is then not callable).
 // extensions = false: only AVX-512 F/BW/VL/DQ kernels, even where the CPU has AVX512_BF16 / AVX512_VNNI (the paths
 // such CPUs take; forced with SPARSEKERN_CPU_ISA=avx512-base so they are tested on any AVX-512 machine).
@@ -104,6 +113,7 @@ struct TokenKernel {
   TokenTable table;
   TileFn tile;        // p.x = the table (p.ldx unused); m0 must be a multiple of 64 (a token tile)
   const char* name;
+  int64_t min_m;      // SPARSEKERN_CPU_SPMM_LAYOUT=auto takes this kernel from M >= min_m (measured crossover)
 };
 
 // Bytes of the table for M tokens (rounded up to whole blocks) and K columns.

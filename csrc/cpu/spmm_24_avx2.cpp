@@ -187,10 +187,7 @@ struct Micro {
 }  // namespace
 
 bool avx2_kernel(WType w, Kernel* out) {
-  __builtin_cpu_init();
-  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) {
-    return false;
-  }
+  if (!cpu_features().avx2) return false;
   switch (w) {
     case WType::kF32:
       *out = {XType::kF32, &tile_loop<float, Micro<WType::kF32>::At, kNB, kMB>, "avx2-f32"};

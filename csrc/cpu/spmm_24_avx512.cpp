@@ -220,10 +220,24 @@ struct I8Pairs : Pairs16Common {
       _Pragma("GCC unroll 8")                                                                                       \
       for (int j = 0; j < MB; ++j) s[i][j] = Ops::zero();                                                           \
     const auto all = static_cast<typename Ops::mask_t>(~uint64_t{0});                                               \
+    /* Last pass over these NB weight rows within the driver's 64-row activation tile: fetch the next NB rows      \
+       (values, and codes every 8 chunks) one chunk at a time, so they stream in while this pass computes from      \
+       cache instead of stalling the next block's first pass (the hardware prefetchers stop at every 4 KB page, and \
+       a bf16 row of K = 4096 is one page). */                                                                      \
+    const bool pf = ((m + MB) % 64 == 0 || m + MB >= p.M) && n + 2 * NB <= p.N;                        \
+    const int64_t pf_off = static_cast<int64_t>(NB) * half_k;                                                       \
     for (int64_t ch = 0; ch < full; ++ch) {                                                                         \
       word_t words[NB];                                                                                             \
       _Pragma("GCC unroll 8")                                                                                       \
       for (int i = 0; i < NB; ++i) std::memcpy(&words[i], c[i] + (kG / 2) * ch, sizeof(word_t));                    \
+      if (pf) {                                                                                                     \
+        _Pragma("GCC unroll 8")                                                                                     \
+        for (int i = 0; i < NB; ++i) {                                                                              \
+          _mm_prefetch(reinterpret_cast<const char*>(v[i] + pf_off + 2 * kG * ch), _MM_HINT_T0);                    \
+          if ((ch & 7) == 0)                                                                                        \
+            _mm_prefetch(reinterpret_cast<const char*>(c[i] + NB * p.code_stride + (kG / 2) * ch), _MM_HINT_T0);    \
+        }                                                                                                           \
+      }                                                                                                             \
       NAME##_step<Ops, NB, MB>(v, x, s, ch, words, all);                                                            \
     }                                                                                                               \
     if (rem > 0) {                                                                                                  \
@@ -290,13 +304,9 @@ struct I8Micro {
 }  // namespace
 
 bool avx512_kernel(WType w, bool extensions, Kernel* out) {
-  __builtin_cpu_init();
-  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))) {
-    return false;
-  }
-  const bool bf16 = extensions && __builtin_cpu_supports("avx512bf16");
-  const bool vnni = extensions && __builtin_cpu_supports("avx512vnni");
+  const CpuFeatures& f = cpu_features();
+  if (!f.avx512) return false;
+  const bool bf16 = extensions && f.avx512_bf16, vnni = extensions && f.avx512_vnni;
   switch (w) {
     case WType::kF32:
       *out = {XType::kF32, &tile_loop<float, F32Micro<WType::kF32>::At, kNB, kMB>, "avx512-f32"};

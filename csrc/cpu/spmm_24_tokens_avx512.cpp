@@ -402,33 +402,34 @@ void build_token_table(TokenTable t, const void* xp, int64_t ldx, int64_t M, int
   }
 }
 
+// Smallest M at which auto picks these kernels over the row kernels (the crossover measured on the 2-core Zen 4
+// development machine, single- and two-threaded, 11008 x 4096 and 4096 x 11008; docs/benchmarks.md).
+constexpr int64_t kMinMF32 = 16;
+constexpr int64_t kMinMPairs = 64;
+
 bool avx512_token_kernel(WType w, bool extensions, TokenKernel* out) {
-  __builtin_cpu_init();
-  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))) {
-    return false;
-  }
-  const bool bf16 = extensions && __builtin_cpu_supports("avx512bf16");
-  const bool vnni = extensions && __builtin_cpu_supports("avx512vnni");
+  const CpuFeatures& f = cpu_features();
+  if (!f.avx512) return false;
+  const bool bf16 = extensions && f.avx512_bf16, vnni = extensions && f.avx512_vnni;
   switch (w) {
     case WType::kF32:
-      *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WF32>::At>, "avx512-tokens-f32"};
+      *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WF32>::At>, "avx512-tokens-f32", kMinMF32};
       return true;
     case WType::kF16:
-      *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WF16>::At>, "avx512-tokens-f16"};
+      *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WF16>::At>, "avx512-tokens-f16", kMinMF32};
       return true;
     case WType::kBF16:
       if (bf16) {
-        *out = {XType::kBF16, TokenTable::kPairs16, &token_tile<float, BF16Tok>, "avx512-tokens-bf16-dp"};
+        *out = {XType::kBF16, TokenTable::kPairs16, &token_tile<float, BF16Tok>, "avx512-tokens-bf16-dp", kMinMPairs};
       } else {
-        *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WBF16>::At>, "avx512-tokens-bf16-f32"};
+        *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WBF16>::At>, "avx512-tokens-bf16-f32", kMinMF32};
       }
       return true;
     case WType::kI8:
       if (vnni) {
-        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8VnniTok>, "avx512-tokens-i8-vnni"};
+        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8VnniTok>, "avx512-tokens-i8-vnni", kMinMPairs};
       } else {
-        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8Tok>, "avx512-tokens-i8"};
+        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8Tok>, "avx512-tokens-i8", kMinMPairs};
       }
       return true;
   }

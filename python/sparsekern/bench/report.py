@@ -142,6 +142,12 @@ def goals(gemm: dict | None, overhead: dict | None = None) -> list[dict]:
                 sel = [r["speedup_vs_dense"] for r in rs if (r["n"], r["k"]) in ((11008, 4096), (4096, 11008))]
                 add(f"CPU {dt} M={m} (11008x4096, 4096x11008): min speedup vs dense F.linear", name,
                     min(sel) if sel else None, target)
+                # The same point for a layer allowed to keep a dense copy (SparseLinear(dense_cache=True)).
+                selc = [r["speedup_vs_dense"] for r in _ok(recs, contender="sk_linear_cache", dtype=dt)
+                        if r["m"] == m and (r["n"], r["k"]) in ((11008, 4096), (4096, 11008))]
+                if selc:
+                    add(f"CPU {dt} M={m} (11008x4096, 4096x11008), layer with a dense copy: min speedup vs dense",
+                        "sk_linear_cache", min(selc), target)
     if overhead:
         orecs = overhead["records"]
         for r in orecs:
