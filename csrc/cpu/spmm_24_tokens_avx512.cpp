@@ -46,6 +46,7 @@ namespace {
 
 constexpr int kR = 4;                 // weight rows per register tile
 constexpr int kT = 4;                 // token blocks (of 16) per register tile
+constexpr int64_t kSumGroups = 64;     // groups summed in registers before adding into the partial sums (even)
 constexpr int64_t kChunkGroups = 256;  // groups per L2 chunk of the table (even: micro kernels start at even groups)
 constexpr int64_t kTileRows = 32;     // the largest tile the driver hands over (NT x MT in spmm_24.cpp)
 constexpr int64_t kTileTokens = kT * kTokenBlock;
@@ -123,9 +124,12 @@ SK_TOK void micro_f32(const Problem& p, int64_t n, int64_t b, int64_t g0, int64_
     v[r] = static_cast<const typename W::wt*>(p.values) + (n + r) * half_k;
     c[r] = p.codes + (n + r) * p.code_stride;
   }
-  __m512 a0[R][T], a1[R][T];
+  // Two accumulator sets while they fit the 32 registers next to the broadcasts (R * T <= 8), else one.
+  constexpr bool kTwo = R * T <= 8;
+  __m512 a0[R][T], a1_own[R][T];
+  __m512(&a1)[R][T] = kTwo ? a1_own : a0;
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) a0[r][t] = a1[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) a0[r][t] = a1_own[r][t] = _mm512_setzero_ps();
   const int64_t ge = g0 + ((g1 - g0) & ~int64_t{1});
   for (int64_t g = g0; g < ge; g += 2) {
     const char* tg = tbl + g * T * E;  // group g's T entries (4 columns x 16 tokens x 4 bytes each), then g + 1's
@@ -164,7 +168,7 @@ SK_TOK void micro_f32(const Problem& p, int64_t n, int64_t b, int64_t g0, int64_
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
       float* d = scr + r * kTileTokens + 16 * t;
-      const __m512 s = _mm512_add_ps(a0[r][t], a1[r][t]);
+      const __m512 s = kTwo ? _mm512_add_ps(a0[r][t], a1[r][t]) : a0[r][t];
       _mm512_storeu_ps(d, first ? s : _mm512_add_ps(_mm512_loadu_ps(d), s));
     }
 }
@@ -225,9 +229,11 @@ struct I8PairOps : I8PairOpsBase {
       v[r] = static_cast<const typename Ops::wt*>(p.values) + (n + r) * half_k;                                   \
       c[r] = p.codes + (n + r) * p.code_stride;                                                                   \
     }                                                                                                             \
-    typename Ops::vec a0[R][T], a1[R][T];                                                                         \
+    constexpr bool kTwo = R * T <= 8; /* two accumulator sets while they fit the registers */                   \
+    typename Ops::vec a0[R][T], a1_own[R][T];                                                                     \
+    typename Ops::vec(&a1)[R][T] = kTwo ? a1_own : a0;                                                            \
     for (int r = 0; r < R; ++r)                                                                                   \
-      for (int t = 0; t < T; ++t) a0[r][t] = a1[r][t] = Ops::zero();                                              \
+      for (int t = 0; t < T; ++t) a0[r][t] = a1_own[r][t] = Ops::zero();                                          \
     const int64_t ge = g0 + ((g1 - g0) & ~int64_t{1});                                                            \
     for (int64_t g = g0; g < ge; g += 2) {                                                                        \
       const char* tg = tbl + g * T * E; /* group g's T entries (6 slots x 16 tokens x 4 bytes), then g + 1's */   \
@@ -256,7 +262,7 @@ struct I8PairOps : I8PairOpsBase {
     for (int r = 0; r < R; ++r)                                                                                   \
       for (int t = 0; t < T; ++t) {                                                                               \
         typename Ops::acc_t* d = scr + r * kTileTokens + 16 * t;                                                  \
-        const typename Ops::vec s = Ops::add(a0[r][t], a1[r][t]);                                                 \
+        const typename Ops::vec s = kTwo ? Ops::add(a0[r][t], a1[r][t]) : a0[r][t];                              \
         Ops::store(d, first ? s : Ops::add(Ops::load(d), s));                                                     \
       }                                                                                                           \
   }
@@ -299,7 +305,12 @@ void token_tile(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1
         const int64_t g1 = std::min(G, g0 + kChunkGroups);
         for (int64_t n = ns; n < ne; n += kR) {
           const int R = static_cast<int>(std::min<int64_t>(kR, ne - n));
-          table[(R - 1) * kT + (T - 1)](p, n, b, g0, g1, scr + (n - ns) * kTileTokens, g0 == 0);
+          // Register sums restart every kSumGroups groups (added into scr): fp32 rounding of a block sum, not of
+          // one running sum over all of K.
+          for (int64_t gs = g0; gs < g1; gs += kSumGroups) {
+            table[(R - 1) * kT + (T - 1)](p, n, b, gs, std::min(g1, gs + kSumGroups), scr + (n - ns) * kTileTokens,
+                                          gs == 0);
+          }
         }
       }
       for (int64_t m = ms; m < me; ++m)
