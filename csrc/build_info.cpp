@@ -27,6 +27,9 @@ BuildInfo build_info() {
 #else
   info.with_cuda = false;
 #endif
+#ifdef _OPENMP
+  info.openmp = true;
+#endif
   return info;
 }
 

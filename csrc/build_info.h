@@ -10,6 +10,7 @@ struct BuildInfo {
   std::string cuda_archs;          // TORCH_CUDA_ARCH_LIST at build time
   std::string cuda_version;        // nvcc version
   std::string cusparselt_version;  // cusparseLt.h version compiled against
+  bool openmp = false;             // compiled with OpenMP: at::parallel_for in the CPU kernels uses the threads
 };
 
 BuildInfo build_info();

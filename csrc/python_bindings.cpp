@@ -19,6 +19,7 @@ PYBIND11_MODULE(_C, m) {
     d["version"] = info.version;
     d["torch_version"] = info.torch_version;
     d["with_cuda"] = info.with_cuda;
+    d["openmp"] = info.openmp;
     d["cuda_archs"] = info.cuda_archs;
     d["cuda_version"] = info.cuda_version;
     d["cusparselt_version"] = info.cusparselt_version;

@@ -97,6 +97,9 @@ def test_extension_is_loaded_and_reports_its_build():
     info = _ext.build_info()
     assert info["torch_version"].split(".")[:2] == torch.__version__.split(".")[:2]
     assert isinstance(info["with_cuda"], bool)
+    # The CPU kernels split their work with at::parallel_for, whose OpenMP backend is a pragma compiled into them:
+    # without -fopenmp every kernel silently ran on one thread.
+    assert info["openmp"] is True
 
 
 def test_symbol_errors_become_sentences():

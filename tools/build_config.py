@@ -172,6 +172,8 @@ def configure(root: str, env=None) -> Config:
     torch_ver = torch.__version__.split("+")[0]
     macros = [("SPARSEKERN_TORCH_VERSION", f'"{torch_ver}"'), ("SPARSEKERN_VERSION", f'"{BASE_VERSION}"')]
     library_dirs, libraries, link_args = [], [], []
+    if "-fopenmp" in cxx:
+        link_args.append("-fopenmp")  # the kernels' at::parallel_for regions need libgomp (torch's, already loaded)
     arch_list = ""
     cusparselt_root = None
     version = BASE_VERSION
