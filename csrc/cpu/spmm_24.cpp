@@ -141,7 +141,8 @@ Kernel choose_kernel(WType w, const IsaChoice& c) {
 // Kernel family: row kernels (K in the vector lanes; best for a few activation rows) or token-lane kernels (16
 // activation rows in the lanes; AVX-512 only), see spmm_24.h. SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|tokens (read on
 // every call, like SPARSEKERN_CPU_ISA): auto takes token lanes from the kernel's own min_m (the crossover measured on
-// the 2-core Zen 4 development machine, spmm_24_tokens_avx512.cpp) where the ISA has them.
+// the 2-core Zen 4 development machine, spmm_24_tokens_avx512.cpp: fp32 from M = 32, int8 from 256, bf16 never)
+// where the ISA has them.
 bool use_token_lanes(int64_t M, const IsaChoice& c, WType w, TokenKernel* tk) {
   const char* env = std::getenv("SPARSEKERN_CPU_SPMM_LAYOUT");
   const std::string v = env == nullptr ? std::string() : std::string(env);

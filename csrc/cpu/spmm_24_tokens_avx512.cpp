@@ -28,6 +28,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -413,10 +414,16 @@ void build_token_table(TokenTable t, const void* xp, int64_t ldx, int64_t M, int
   }
 }
 
-// Smallest M at which auto picks these kernels over the row kernels (the crossover measured on the 2-core Zen 4
-// development machine, single- and two-threaded, 11008 x 4096 and 4096 x 11008; docs/benchmarks.md).
-constexpr int64_t kMinMF32 = 16;
-constexpr int64_t kMinMPairs = 64;
+// Smallest M at which auto picks these kernels over the row kernels: the crossover measured on the 2-core Zen 4
+// development machine (2 threads, 11008 x 4096 and 4096 x 11008, 2026-11-24, docs/benchmarks.md):
+//   fp32 table: equal at M = 16, ahead from M = 32-64 (M = 256: 1.3-1.5x the row kernels);
+//   int8 pairs: behind up to M = 64, ~8 % ahead at M = 256;
+//   bf16 pairs: never ahead there (one vdpbf16ps per 16 tokens is bound by its 64-byte table load, where the row
+//   kernels share each activation load across 4 weight rows), so auto never takes it; it stays selectable with
+//   SPARSEKERN_CPU_SPMM_LAYOUT=tokens (tested) for CPUs with more load bandwidth per multiply-add.
+constexpr int64_t kMinMF32 = 32;
+constexpr int64_t kMinMI8 = 256;
+constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
 
 bool avx512_token_kernel(WType w, bool extensions, TokenKernel* out) {
   const CpuFeatures& f = cpu_features();
@@ -431,16 +438,16 @@ bool avx512_token_kernel(WType w, bool extensions, TokenKernel* out) {
       return true;
     case WType::kBF16:
       if (bf16) {
-        *out = {XType::kBF16, TokenTable::kPairs16, &token_tile<float, BF16Tok>, "avx512-tokens-bf16-dp", kMinMPairs};
+        *out = {XType::kBF16, TokenTable::kPairs16, &token_tile<float, BF16Tok>, "avx512-tokens-bf16-dp", kNever};
       } else {
         *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WBF16>::At>, "avx512-tokens-bf16-f32", kMinMF32};
       }
       return true;
     case WType::kI8:
       if (vnni) {
-        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8VnniTok>, "avx512-tokens-i8-vnni", kMinMPairs};
+        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8VnniTok>, "avx512-tokens-i8-vnni", kMinMI8};
       } else {
-        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8Tok>, "avx512-tokens-i8", kMinMPairs};
+        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8Tok>, "avx512-tokens-i8", kMinMI8};
       }
       return true;
   }
