@@ -245,3 +245,35 @@ def test_rerun_kernel_bad_arguments():
                                             r"calib_dtype=torch.bfloat16"):
         prune_model(model, _calib(), method="wanda", rerun_kernel="sparse", calib_dtype=torch.bfloat16,
                     progress=False)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_prune_cli_passes_the_pass_and_kernel_options(tmp_path, capsys):
+    import json
+
+    from sparsekern.cli import main
+    from test_pipeline import _word_tokenizer, _words
+
+    d = tmp_path / "tiny-llama"
+    _llama(2).save_pretrained(d)
+    _word_tokenizer().save_pretrained(d)
+    text = tmp_path / "text.txt"
+    text.write_text(_words(300), encoding="utf-8")
+    common = ["prune", "--model", str(d), "--text", str(text), "--method", "sparsegpt", "--nsamples", "4",
+              "--seqlen", "32", "--json"]
+    reports = {}
+    for extra in ([], ["--true-sequential"], ["--true-sequential", "--multipass"], ["--rerun-kernel", "sparse"]):
+        assert main(common + extra) == 0
+        reports[" ".join(extra)] = json.loads(capsys.readouterr().out)["report"]
+    assert [(r["true_sequential"], r["single_pass"], r["rerun_kernel"]) for r in reports.values()] == [
+        (False, False, "dense"), (True, True, "dense"), (True, False, "dense"), (False, False, "sparse")]
+    assert set(reports["--rerun-kernel sparse"]["rerun_choices"].values()) == {"sparse"}
+    # Same windows, same result: the single pass and the per-group passes give the same OBS losses.
+    losses = [[x["loss"] for x in reports[k]["linears"]] for k in ("--true-sequential",
+                                                                   "--true-sequential --multipass")]
+    assert losses[0] == losses[1]
+    with pytest.raises(SystemExit):
+        main(common + ["--rerun-kernel", "fastest"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err

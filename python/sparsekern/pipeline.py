@@ -27,8 +27,13 @@ Two things make it cheaper than the references without changing the result:
   forward.
 
 true_sequential=True prunes the groups in the order the block calls them (q/k/v -> o -> gate/up -> down), each
-group calibrated on the outputs of the block with the earlier groups already pruned (one statistics pass per
-group, each stopping at its group).
+group calibrated on the outputs of the block with the earlier groups already pruned. By default that takes one
+forward per chunk, paused before each group until all chunks got there and the group is pruned
+(run_block_staged): the statistics of every group and the re-run come from that single pass, bit-identical to one
+statistics pass per group (each stopping at its group) plus a re-run (single_pass=False).
+
+Hessians are accumulated on their upper block-triangle only (csrc/cpu/prune_stats.cpp); the re-run can run the
+pruned 2:4 linears through sparsekern's own 2:4 GEMM (rerun_kernel="sparse" / "auto").
 
 Large-model mode (offload=True): the model stays on the CPU; the embeddings (for the capture) and then one block
 at a time are moved to `device`, the hidden states stay on `device`. GPU memory then needs one block plus the
