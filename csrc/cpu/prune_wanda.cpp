@@ -160,18 +160,18 @@ bool row_nm_scalar(const T* w, const float* sqrt_scale, T* out, uint8_t* keep, i
 }
 
 // Unstructured selection of one row: the k smallest (metric, column) keys are pruned. nth_element on unique
-// 64-bit keys is O(cols) and reproduces the stable sort's tie order exactly. "+ 0.f" turns a -0 metric (an
-// act_scale of -0) into +0: they compare equal in the reference's sort, but -0's bits would sort above +inf.
+// 64-bit keys is O(cols) and reproduces the stable sort's tie order exactly (the metrics are never -0 here: see
+// sqrt_scale in wanda_prune_cpu).
 inline void row_keep_unstructured(const float* metric, int64_t cols, int64_t k, uint64_t* keys, uint8_t* keep) {
   if (k == 0) {
     std::fill(keep, keep + cols, uint8_t{1});
     return;
   }
-  for (int64_t j = 0; j < cols; ++j) keys[j] = core::stable_score_key(metric[j] + 0.f, static_cast<uint32_t>(j));
+  for (int64_t j = 0; j < cols; ++j) keys[j] = core::stable_score_key(metric[j], static_cast<uint32_t>(j));
   std::nth_element(keys, keys + (k - 1), keys + cols);
   const uint64_t last_pruned = keys[k - 1];
   for (int64_t j = 0; j < cols; ++j) {
-    keep[j] = core::stable_score_key(metric[j] + 0.f, static_cast<uint32_t>(j)) > last_pruned;
+    keep[j] = core::stable_score_key(metric[j], static_cast<uint32_t>(j)) > last_pruned;
   }
 }
 
@@ -508,8 +508,10 @@ std::tuple<at::Tensor, at::Tensor> wanda_prune_cpu(const at::Tensor& w, const at
   }
   const Isa isa = requested_isa();
   auto wc = w.contiguous();
-  // sqrt once per column, by torch (correctly rounded, as the reference's torch.sqrt).
-  auto sqrt_scale = act_scale.sqrt().contiguous();
+  // sqrt once per column, by torch (correctly rounded, as the reference's torch.sqrt). abs_ turns sqrt(-0) = -0 (an
+  // act_scale of -0) into +0 and changes nothing else (NaN stays NaN): a -0 metric ties with +0 in the reference's
+  // sort and in every comparison here, but its bits would order it above +inf in the unstructured path's keys.
+  auto sqrt_scale = act_scale.sqrt().abs_().contiguous();
   auto out = at::empty_like(wc, at::MemoryFormat::Contiguous);
   auto keep_mask = at::empty({rows, cols}, wc.options().dtype(at::kBool));
   advise_huge_pages(out.data_ptr(), out.nbytes());
