@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pruning benchmark: sparsekern's fused Wanda / SparseGPT against the reference-structured PyTorch loops.
-Same as `sparsekern bench prune`; the code is python/sparsekern/bench/prune.py. Example (the numbers in
-docs/pruning.md): python bench/prune_bench.py --shapes 4096x4096 --repeats 3 --json bench/results/prune-cpu.json"""
+Same as `sparsekern bench prune`; the code is python/sparsekern/bench/prune.py. The numbers in docs/pruning.md come
+from `flock /tmp/sk-bench.lock python bench/prune_bench.py --methods wanda,sparsegpt --repeats 5` (the lock keeps
+timing runs of several people on one machine apart; both sides get the same page policy, --thp both|none)."""
 
 import os
 import sys
