@@ -266,7 +266,18 @@ struct I8PairOps : I8PairOpsBase {
         const typename Ops::vec s = kTwo ? Ops::add(a0[r][t], a1[r][t]) : a0[r][t];                              \
         Ops::store(d, first ? s : Ops::add(Ops::load(d), s));                                                     \
       }                                                                                                           \
-  }
+  }                                                                                                               \
+  /* NAME##_tok<Ops>::At<R, T>::run: the tile table's entry for this micro kernel */                             \
+  template <class Ops>                                                                                            \
+  struct NAME##_tok {                                                                                             \
+    template <int R, int T>                                                                                       \
+    struct At {                                                                                                   \
+      static void run(const Problem& p, int64_t n, int64_t b, int64_t g0, int64_t g1, typename Ops::acc_t* scr,   \
+                      bool first) {                                                                               \
+        NAME<Ops, R, T>(p, n, b, g0, g1, scr, first);                                                             \
+      }                                                                                                           \
+    };                                                                                                            \
+  };
 
 SK_DEFINE_PAIR_MICRO(micro_pairs_bf16, SK_TOK_BF16)
 SK_DEFINE_PAIR_MICRO(micro_pairs_vnni, SK_TOK_VNNI)
@@ -329,68 +340,24 @@ struct F32Tok {
     }
   };
 };
-template <int R, int T>
-struct BF16Tok {
-  static void run(const Problem& p, int64_t n, int64_t b, int64_t g0, int64_t g1, float* scr, bool first) {
-    micro_pairs_bf16<BF16PairOps, R, T>(p, n, b, g0, g1, scr, first);
-  }
-};
-template <int R, int T>
-struct I8VnniTok {
-  static void run(const Problem& p, int64_t n, int64_t b, int64_t g0, int64_t g1, int32_t* scr, bool first) {
-    micro_pairs_vnni<I8PairOpsVnni, R, T>(p, n, b, g0, g1, scr, first);
-  }
-};
-template <int R, int T>
-struct I8Tok {
-  static void run(const Problem& p, int64_t n, int64_t b, int64_t g0, int64_t g1, int32_t* scr, bool first) {
-    micro_pairs_base<I8PairOps, R, T>(p, n, b, g0, g1, scr, first);
-  }
-};
-
 // ------------------------------------------------------------------------------------------------- tables
 // Plain C++ (the compiler vectorises what it can); a small share of a call: the table is ~3x (pairs) or 1x (fp32)
 // the prepared activations, written once per call, against M x N x K / 32 multiply-add instructions.
 // Token tile j (blocks 4j .. 4j + Tj - 1, Tj = min(4, B - 4j)) occupies bytes [4j * G * E, ...) of the table, its
 // entry (group g, block t) at (g * Tj + t) * E: the T entries a register tile reads for one group are adjacent and a
 // chunk of groups is one contiguous range (no cache-set conflicts between token blocks).
-void build_f32_tiles(const float* xp, int64_t ldx, int64_t M, int64_t K, char* table, int64_t j0, int64_t j1) {
+// fill(entry, tok, x4) writes token tok's part of one entry from x4 = the token's 4 columns of the group.
+template <int kEntryBytes, typename XT, typename ET, class Fill>
+void build_tiles(const XT* xp, int64_t ldx, int64_t M, int64_t K, char* table, int64_t j0, int64_t j1, Fill fill) {
   const int64_t G = K / 4, B = (M + kTokenBlock - 1) / kTokenBlock;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t Tj = std::min<int64_t>(kT, B - kT * j);
-    float* base = reinterpret_cast<float*>(table + kT * j * G * 256);
+    char* base = table + kT * j * G * kEntryBytes;
     for (int64_t t = 0; t < Tj; ++t) {
-      const float* xb = xp + (kT * j + t) * kTokenBlock * ldx;
+      const XT* xb = xp + (kT * j + t) * kTokenBlock * ldx;
       for (int64_t g = 0; g < G; ++g) {
-        float* e = base + (g * Tj + t) * 64;  // [4 columns][16 tokens]
-        for (int tok = 0; tok < kTokenBlock; ++tok) {
-          const float* x4 = xb + tok * ldx + 4 * g;
-          e[tok] = x4[0];
-          e[16 + tok] = x4[1];
-          e[32 + tok] = x4[2];
-          e[48 + tok] = x4[3];
-        }
-      }
-    }
-  }
-}
-
-void build_pair_tiles(const uint16_t* xp, int64_t ldx, int64_t M, int64_t K, char* table, int64_t j0, int64_t j1) {
-  const int64_t G = K / 4, B = (M + kTokenBlock - 1) / kTokenBlock;
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t Tj = std::min<int64_t>(kT, B - kT * j);
-    uint32_t* base = reinterpret_cast<uint32_t*>(table + kT * j * G * 384);
-    for (int64_t t = 0; t < Tj; ++t) {
-      const uint16_t* xb = xp + (kT * j + t) * kTokenBlock * ldx;
-      for (int64_t g = 0; g < G; ++g) {
-        uint32_t* e = base + (g * Tj + t) * 96;  // [6 slots][16 tokens] of 32-bit pairs
-        for (int tok = 0; tok < kTokenBlock; ++tok) {
-          const uint16_t* x4 = xb + tok * ldx + 4 * g;
-          for (int sl = 0; sl < 6; ++sl) {
-            const int i0 = kSlotCodes[sl] & 3, i1 = kSlotCodes[sl] >> 2;
-            e[sl * kTokenBlock + tok] = static_cast<uint32_t>(x4[i0]) | (static_cast<uint32_t>(x4[i1]) << 16);
-          }
-        }
+        ET* e = reinterpret_cast<ET*>(base + (g * Tj + t) * kEntryBytes);
+        for (int tok = 0; tok < kTokenBlock; ++tok) fill(e, tok, xb + tok * ldx + 4 * g);
       }
     }
   }
@@ -407,10 +374,21 @@ int64_t token_tiles(int64_t M) { return (M + kT * kTokenBlock - 1) / (kT * kToke
 
 void build_token_table(TokenTable t, const void* xp, int64_t ldx, int64_t M, int64_t K, void* table, int64_t j0,
                        int64_t j1) {
-  if (t == TokenTable::kF32) {
-    build_f32_tiles(static_cast<const float*>(xp), ldx, M, K, static_cast<char*>(table), j0, j1);
-  } else {
-    build_pair_tiles(static_cast<const uint16_t*>(xp), ldx, M, K, static_cast<char*>(table), j0, j1);
+  char* tb = static_cast<char*>(table);
+  if (t == TokenTable::kF32) {  // entry [4 columns][16 tokens] of float
+    build_tiles<256, float, float>(static_cast<const float*>(xp), ldx, M, K, tb, j0, j1,
+                                   [](float* e, int tok, const float* x4) {
+                                     for (int c = 0; c < 4; ++c) e[16 * c + tok] = x4[c];
+                                   });
+  } else {  // entry [6 slots][16 tokens] of 32-bit (x[i0], x[i1]) pairs
+    build_tiles<384, uint16_t, uint32_t>(static_cast<const uint16_t*>(xp), ldx, M, K, tb, j0, j1,
+                                         [](uint32_t* e, int tok, const uint16_t* x4) {
+                                           for (int sl = 0; sl < 6; ++sl) {
+                                             const int i0 = kSlotCodes[sl] & 3, i1 = kSlotCodes[sl] >> 2;
+                                             e[16 * sl + tok] = static_cast<uint32_t>(x4[i0]) |
+                                                                (static_cast<uint32_t>(x4[i1]) << 16);
+                                           }
+                                         });
   }
 }
 
@@ -429,29 +407,18 @@ bool avx512_token_kernel(WType w, bool extensions, TokenKernel* out) {
   const CpuFeatures& f = cpu_features();
   if (!f.avx512) return false;
   const bool bf16 = extensions && f.avx512_bf16, vnni = extensions && f.avx512_vnni;
-  switch (w) {
-    case WType::kF32:
-      *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WF32>::At>, "avx512-tokens-f32", kMinMF32};
-      return true;
-    case WType::kF16:
-      *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WF16>::At>, "avx512-tokens-f16", kMinMF32};
-      return true;
-    case WType::kBF16:
-      if (bf16) {
-        *out = {XType::kBF16, TokenTable::kPairs16, &token_tile<float, BF16Tok>, "avx512-tokens-bf16-dp", kNever};
-      } else {
-        *out = {XType::kF32, TokenTable::kF32, &token_tile<float, F32Tok<WBF16>::At>, "avx512-tokens-bf16-f32", kMinMF32};
-      }
-      return true;
-    case WType::kI8:
-      if (vnni) {
-        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8VnniTok>, "avx512-tokens-i8-vnni", kMinMI8};
-      } else {
-        *out = {XType::kI16, TokenTable::kPairs16, &token_tile<int32_t, I8Tok>, "avx512-tokens-i8", kMinMI8};
-      }
-      return true;
-  }
-  return false;
+  using TT = TokenTable;
+  static constexpr TokenKernel kernels[] = {
+      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WF32>::At>, "avx512-tokens-f32", kMinMF32},
+      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WF16>::At>, "avx512-tokens-f16", kMinMF32},
+      {XType::kBF16, TT::kPairs16, &token_tile<float, micro_pairs_bf16_tok<BF16PairOps>::At>, "avx512-tokens-bf16-dp", kNever},
+      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WBF16>::At>, "avx512-tokens-bf16-f32", kMinMF32},
+      {XType::kI16, TT::kPairs16, &token_tile<int32_t, micro_pairs_vnni_tok<I8PairOpsVnni>::At>, "avx512-tokens-i8-vnni", kMinMI8},
+      {XType::kI16, TT::kPairs16, &token_tile<int32_t, micro_pairs_base_tok<I8PairOps>::At>, "avx512-tokens-i8", kMinMI8},
+  };
+  const int i = w == WType::kF32 ? 0 : w == WType::kF16 ? 1 : w == WType::kBF16 ? (bf16 ? 2 : 3) : (vnni ? 4 : 5);
+  *out = kernels[i];
+  return true;
 }
 
 }  // namespace spmm
