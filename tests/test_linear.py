@@ -425,10 +425,10 @@ def test_dense_cache_builds_uses_and_drops_the_copy():
     assert "dense_weight_cache" not in cached.state_dict()  # never saved
     assert cached.device_nbytes() == cached.weight_nbytes() + w.numel() * w.element_size()
     assert "dense_cache=True" in repr(cached)
-    # Default policy (no table): the 2:4 kernel for small batches, the dense copy from M > 64.
-    assert [cached.kernel_for(m) for m in (1, 16, 64, 65, 256)] == ["spmm24"] * 3 + ["dense_cached"] * 2
-    assert [plain.kernel_for(m) for m in (1, 256)] == ["spmm24", "spmm24"]
-    x = torch.randn(100, 64)
+    # Default policy (no table): the 2:4 kernel up to M = 2048, the dense copy above (policy.CPU_DENSE_CACHE_MIN_M).
+    assert [cached.kernel_for(m) for m in (1, 16, 256, 2048, 2049, 8192)] == ["spmm24"] * 4 + ["dense_cached"] * 2
+    assert [plain.kernel_for(m) for m in (1, 4096)] == ["spmm24", "spmm24"]
+    x = torch.randn(2050, 64)
     assert torch.equal(cached(x), F.linear(x, w, b))  # the dense layer's own computation
     assert_close_to_ref(cached(x[:3]), x[:3], w, b)
     # Forcing the cached kernel on a layer without a copy runs the same dense math by decompression.
@@ -438,7 +438,7 @@ def test_dense_cache_builds_uses_and_drops_the_copy():
     # Autograd through x on the dense path.
     xg = x.clone().requires_grad_(True)
     cached(xg).sum().backward()
-    assert torch.allclose(xg.grad, torch.ones(100, 40) @ w, atol=1e-5)
+    assert torch.allclose(xg.grad, torch.ones(2050, 40) @ w, atol=1e-5)
     cached.set_dense_cache(False)
     assert cached.dense_weight_cache is None and cached.kernel_for(256) == "spmm24"
     cached.set_dense_cache(True)

@@ -7,8 +7,9 @@ Tolerance policy (written once, here):
   PyTorch's own error", with a floor of one output ulp at the output's scale for cases PyTorch happens to get exact.
 - int8 inputs with a floating epilogue: |ours - ref64| <= 2 * eps(out_dtype) * |ref64| + 1e-6 * max |ref64|
   (the accumulator is exact; only the fp32 epilogue and the final rounding err).
-Each SIMD path is forced with SPARSEKERN_CPU_ISA (and the kernel family with SPARSEKERN_CPU_SPMM_LAYOUT=rows|tokens);
-paths this CPU cannot run are reported as skipped.
+Each SIMD path is forced with SPARSEKERN_CPU_ISA (and the kernel family with SPARSEKERN_CPU_SPMM_LAYOUT=
+rows|pairs|tokens); paths this CPU cannot run, and dtypes a family has no kernel for (the row-pair kernels exist for
+bfloat16 with AVX512_BF16 and for int8 only), are reported as skipped.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 # avx512-base: the AVX-512 kernels of CPUs without AVX512_BF16 / AVX512_VNNI (bf16 widened to fp32, int8 by vpmaddwd)
 _ISA_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512-base": _AVX512, "avx512": _AVX512}
 # Each ISA runs its row kernels (K in the vector lanes; SPARSEKERN_CPU_SPMM_LAYOUT=rows); the AVX-512 ones also run
-# the token-lane kernels (16 activation rows in the lanes; layout=tokens), forced for every M.
-_PATHS = [(isa, "rows") for isa in _ISA_NEEDS] + [("avx512-base", "tokens"), ("avx512", "tokens")]
+# the row-pair kernels (two weight rows per vector, K-blocked; layout=pairs) and the token-lane kernels (16 activation
+# rows in the lanes; layout=tokens), forced for every M.
+_PATHS = [(isa, "rows") for isa in _ISA_NEEDS] + [(isa, fam) for fam in ("pairs", "tokens")
+                                                   for isa in ("avx512-base", "avx512")]
 ISAS = [
     pytest.param(f"{isa}+{layout}",
                  marks=[] if _ISA_NEEDS[isa] <= _FLAGS else
@@ -56,6 +59,20 @@ def isa(request, monkeypatch):
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", name)
     monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", layout)
     return request.param
+
+
+def has_kernel(isa: str, dtype: torch.dtype) -> bool:
+    """Whether the forced path `isa` ("name+layout") has a kernel for weights of `dtype`: the row-pair family exists
+    for int8 and, with AVX512_BF16 (the "avx512" name), for bfloat16."""
+    name, layout = isa.split("+")
+    if layout != "pairs" or dtype == torch.int8:
+        return True
+    return dtype == torch.bfloat16 and name == "avx512" and "avx512_bf16" in _FLAGS
+
+
+def need_kernel(isa: str, dtype: torch.dtype) -> None:
+    if not has_kernel(isa, dtype):
+        pytest.skip(f"{isa}: no row-pair kernel for {dtype} (they exist for int8, and bfloat16 with AVX512_BF16)")
 
 
 def random_pruned(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -126,6 +143,7 @@ M_SIZES = [1, 2, 3, 8, 16, 33, 256]
 @pytest.mark.parametrize("M", M_SIZES)
 @pytest.mark.parametrize("K", [4, 100, 320])
 def test_float_matches_reference(isa, dtype, M, K):
+    need_kernel(isa, dtype)
     N = 37  # odd: partial register / thread tiles
     w = random_pruned(N, K, dtype)
     c = core.compress_24(w)
@@ -149,6 +167,7 @@ def test_int8_exact(isa, M, K):
 @pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.int8])
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
 def test_epilogue(isa, dtype, activation):
+    need_kernel(isa, dtype)
     M, N, K = 5, 45, 132
     w = random_pruned(N, K, dtype)
     x = random_x(M, K, dtype)
@@ -167,6 +186,7 @@ def test_epilogue(isa, dtype, activation):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_out_dtype_float(isa, out_dtype):
+    need_kernel(isa, torch.bfloat16)
     x = random_x(7, 64, torch.bfloat16)
     w = random_pruned(19, 64, torch.bfloat16)
     bias = torch.randn(19)
@@ -198,6 +218,8 @@ def test_int8_out_dtypes(isa):
 
 def test_identity_reproduces_weight_exactly(isa):
     for dtype in FLOAT_TYPES:
+        if not has_kernel(isa, dtype):
+            continue
         w = random_pruned(24, 40, dtype)
         y = core.sparse_linear(torch.eye(40, dtype=dtype), core.compress_24(w))
         assert torch.equal(y, w.t())
@@ -208,6 +230,7 @@ def test_identity_reproduces_weight_exactly(isa):
 
 @pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.int8])
 def test_non_contiguous_and_3d_input(isa, dtype):
+    need_kernel(isa, dtype)
     K, N = 64, 33
     w = random_pruned(N, K, dtype)
     c = core.compress_24(w)
@@ -263,6 +286,51 @@ def test_token_lanes_multi_tile_and_chunk(monkeypatch, isa_name, dtype, M):
     bias = torch.randn(N)
     yb = core.sparse_linear(x, c, bias=bias, activation="relu")
     assert_close_policy(yb, x, w, bias=bias, activation="relu")
+
+
+@pytest.mark.skipif(not _AVX512_HERE, reason="row-pair kernels need AVX-512")
+@pytest.mark.parametrize("isa_name", ["avx512", "avx512-base"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("K", [1028, 2052, 3000, 36])
+@pytest.mark.parametrize("M", [17, 80, 130])
+def test_row_pairs_k_blocks_and_tiles(monkeypatch, isa_name, dtype, K, M):
+    # The row-pair kernels walk K in blocks of 1024 columns with a partial last chunk riding in the last block:
+    # K = 1028 (one block + the 4-column tail), 2052 (two blocks + tail), 3000 (three blocks, a 24-column tail), 36
+    # (one whole chunk + tail); several 64-row activation tiles with partial 8-row blocks; N odd (a last pair with one
+    # row) and not a multiple of the 32-row thread tile.
+    if not has_kernel(f"{isa_name}+pairs", dtype):
+        pytest.skip(f"{isa_name}: no row-pair kernel for {dtype}")
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa_name)
+    monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "pairs")
+    N = 45
+    w = random_pruned(N, K, dtype)
+    x = random_x(M, K, dtype)
+    c = core.compress_24(w)
+    if dtype == torch.int8:
+        assert torch.equal(core.sparse_linear(x, c).long(), x.long() @ w.long().t())
+        return
+    y = core.sparse_linear(x, c, out_dtype=torch.float32)
+    assert_close_policy(y, x, w, out_dtype=torch.float32)
+    bias = torch.randn(N)
+    yb = core.sparse_linear(x, c, bias=bias, activation="gelu")
+    assert_close_policy(yb, x, w, bias=bias, activation="gelu")
+
+
+@pytest.mark.skipif(not (_AVX512_HERE and "avx512_bf16" in _FLAGS), reason="bf16 row-pair kernels need AVX512_BF16")
+def test_auto_layout_switches_to_row_pairs_for_bf16(monkeypatch):
+    # The row kernels and the row-pair kernels sum a row's products in different orders (16 groups per lane set vs
+    # 8 groups and K blocks), so their float32 results differ in the last bits; auto must be the one expected for M.
+    K, N = 2048, 24
+    w = random_pruned(N, K, torch.bfloat16)
+    c = core.compress_24(w)
+    for M, expect in [(1, "rows"), (16, "rows"), (80, "pairs"), (256, "pairs")]:
+        x = random_x(M, K, torch.bfloat16)
+        outs = {}
+        for layout in ("rows", "pairs", "auto"):
+            monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", layout)
+            outs[layout] = core.sparse_linear(x, c, out_dtype=torch.float32)
+        assert not torch.equal(outs["rows"], outs["pairs"]), "the two families gave bit-identical sums"
+        assert torch.equal(outs["auto"], outs[expect]), f"M = {M}: auto did not run the {expect} kernels"
 
 
 @pytest.mark.skipif(not _AVX512_HERE, reason="token-lane kernels need AVX-512")
@@ -341,13 +409,20 @@ def test_errors(monkeypatch):
     with pytest.raises(ValueError, match="the weight is on cpu but x is on meta"):
         core.sparse_linear(torch.randn(2, 16, device="meta"), c)
     monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "columns")
-    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_SPMM_LAYOUT=columns is not understood; use auto"):
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_SPMM_LAYOUT=columns is not understood; use auto \\(default\\), "
+                       "rows, pairs or tokens"):
         ops.spmm_24(x, c.values, c.codes)
     if _ISA_NEEDS["avx2"] <= _FLAGS:
         monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "tokens")
         monkeypatch.setenv("SPARSEKERN_CPU_ISA", "avx2")
         with pytest.raises(RuntimeError, match="LAYOUT=tokens needs the AVX-512 kernels"):
             ops.spmm_24(x, c.values, c.codes)
+    if _AVX512_HERE:
+        monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "pairs")
+        monkeypatch.setenv("SPARSEKERN_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match=r"LAYOUT=pairs needs the AVX-512 kernels and bfloat16 \(with "
+                           r"AVX512_BF16\) or int8 weights"):
+            ops.spmm_24(x, c.values, c.codes)  # float32 weights: no row-pair kernel
     monkeypatch.delenv("SPARSEKERN_CPU_SPMM_LAYOUT")
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_ISA=sse9 is not understood; use avx512, avx512-base"):

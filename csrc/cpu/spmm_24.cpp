@@ -138,24 +138,39 @@ Kernel choose_kernel(WType w, const IsaChoice& c) {
   return scalar_kernel(w);
 }
 
-// Kernel family: row kernels (K in the vector lanes; best for a few activation rows) or token-lane kernels (16
-// activation rows in the lanes; AVX-512 only), see spmm_24.h. SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|tokens (read on
-// every call, like SPARSEKERN_CPU_ISA): auto takes token lanes from the kernel's own min_m (the crossover measured on
-// the 2-core Zen 4 development machine, spmm_24_tokens_avx512.cpp: fp32 from M = 32, int8 from 256, bf16 never)
-// where the ISA has them.
-bool use_token_lanes(int64_t M, const IsaChoice& c, WType w, TokenKernel* tk) {
+// Kernel family (SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|pairs|tokens, read on every call like SPARSEKERN_CPU_ISA):
+//   rows:   K in the vector lanes, one weight row per vector (best for a few activation rows; every ISA);
+//   pairs:  K in the lanes, two weight rows per vector, K-blocked (AVX-512; bfloat16 with AVX512_BF16, int8);
+//   tokens: 16 activation rows in the lanes (AVX-512), see spmm_24.h.
+// auto takes pairs from their min_m where they exist for the dtype, else tokens from theirs, else rows (crossovers
+// measured on the 2-core Zen 4 development machine: fp32 tokens from M = 32; bf16 / int8 pairs from M = 80).
+enum class Family { kRows, kPairs, kTokens };
+
+Family choose_family(int64_t M, const IsaChoice& c, WType w, Kernel* pk, TokenKernel* tk) {
   const char* env = std::getenv("SPARSEKERN_CPU_SPMM_LAYOUT");
   const std::string v = env == nullptr ? std::string() : std::string(env);
-  TORCH_CHECK(v.empty() || v == "auto" || v == "rows" || v == "tokens", "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=",
-              v, " is not understood; use auto (default), rows or tokens");
-  if (v == "rows") return false;
-  const bool have = c.isa == Isa::kAvx512 && avx512_token_kernel(w, c.extensions, tk);
-  if (v == "tokens") {
-    TORCH_CHECK(have, "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=tokens needs the AVX-512 kernels, but the ISA "
-                "in use is not AVX-512 (SPARSEKERN_CPU_ISA or the CPU); use rows or auto");
-    return true;
+  TORCH_CHECK(v.empty() || v == "auto" || v == "rows" || v == "pairs" || v == "tokens",
+              "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=", v,
+              " is not understood; use auto (default), rows, pairs or tokens");
+  if (v == "rows") return Family::kRows;
+  int64_t pair_min_m = 0;
+  const bool avx512 = c.isa == Isa::kAvx512;
+  const bool have_pairs = avx512 && avx512_pair_kernel(w, c.extensions, pk, &pair_min_m);
+  const bool have_tokens = avx512 && avx512_token_kernel(w, c.extensions, tk);
+  if (v == "pairs") {
+    TORCH_CHECK(have_pairs, "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=pairs needs the AVX-512 kernels and "
+                "bfloat16 (with AVX512_BF16) or int8 weights; the ISA in use (SPARSEKERN_CPU_ISA or the CPU) or the "
+                "weight dtype has none; use rows, tokens or auto");
+    return Family::kPairs;
   }
-  return have && M >= tk->min_m;
+  if (v == "tokens") {
+    TORCH_CHECK(have_tokens, "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=tokens needs the AVX-512 kernels, but the "
+                "ISA in use is not AVX-512 (SPARSEKERN_CPU_ISA or the CPU); use rows or auto");
+    return Family::kTokens;
+  }
+  if (have_pairs && M >= pair_min_m) return Family::kPairs;
+  if (have_tokens && M >= tk->min_m) return Family::kTokens;
+  return Family::kRows;
 }
 
 // ------------------------------------------------------------------------------------------------- epilogue
@@ -341,8 +356,10 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
 
   const IsaChoice isa = requested_isa();
   TokenKernel tk{};
-  const bool tokens = use_token_lanes(M, isa, wt, &tk);
-  Kernel kern = tokens ? Kernel{tk.xtype, tk.tile, tk.name} : choose_kernel(wt, isa);
+  Kernel pk{};
+  const Family family = choose_family(M, isa, wt, &pk, &tk);
+  const bool tokens = family == Family::kTokens;
+  Kernel kern = tokens ? Kernel{tk.xtype, tk.tile, tk.name} : family == Family::kPairs ? pk : choose_kernel(wt, isa);
   const Tensor vc = values.contiguous(), cc = codes.contiguous();
   // Activations once per call: the kernel's input type, contiguous, zero-padded to whole chunks (row kernels) or
   // to whole blocks of 16 rows (token lanes, which then build their table from these rows).
@@ -353,6 +370,19 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
   if (Mp > M) xp.narrow(0, M, Mp - M).zero_();
   xp.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
   Tensor table;
+  const int64_t xs = kern.x_block + 32;
+  if (!tokens && kern.x_block > 0) {  // K-blocked copy for the kernel (spmm_24.h)
+    const int64_t nblk = x_blocks(K, kern.x_block);
+    table = scratch(1, {nblk, M, xs}, xp.scalar_type());
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t c0 = b * kern.x_block, n = std::min(xs, ldx - c0);
+        Tensor dst = table.select(0, b).narrow(0, m0, m1 - m0);
+        dst.narrow(1, 0, n).copy_(xp.narrow(0, m0, m1 - m0).narrow(1, c0, n));
+        if (n < xs) dst.narrow(1, n, xs - n).zero_();
+      }
+    });
+  }
   if (tokens) {
     table = scratch(1, {token_table_bytes(tk.table, M, K)}, at::kByte);
     at::parallel_for(0, token_tiles(M), 1, [&](int64_t j0, int64_t j1) {
@@ -369,13 +399,15 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
   p.codes = cc.data_ptr<uint8_t>();
   p.code_stride = cb;
   p.xtype = kern.xtype;
-  p.x = tokens ? table.data_ptr() : xp.data_ptr();
+  p.x = tokens || kern.x_block > 0 ? table.data_ptr() : xp.data_ptr();
   // Row kernels: the row stride of x (token lanes address their table by its layout, spmm_24.h).
-  p.ldx = tokens ? 0 : ldx;
+  p.ldx = tokens ? 0 : kern.x_block > 0 ? xs : ldx;
 
   // Output tiles: NT weight rows x MT activation rows. Threads split N (each weight row is streamed by one thread);
   // for M > MT the tile loops over row blocks of x while its NT weight rows stay in cache.
-  constexpr int64_t NT = 32, MT = 64;
+  // Contract with the tile kernels: one thread runs all of an n-tile's row blocks, in order from m0 = 0 (the row-pair
+  // kernels build their per-n-tile panels at m0 = 0 and reuse them for the later blocks).
+  constexpr int64_t NT = kTileN, MT = kTileM;
   const int64_t n_tiles = (N + NT - 1) / NT;
   const bool exact_int = is_int && od == at::kInt && !ep.any();
   at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {

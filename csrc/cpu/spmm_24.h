@@ -18,6 +18,8 @@ namespace spmm {
 
 // Prepared activation rows are zero-padded to a multiple of this many columns (the widest kernel chunk).
 constexpr int64_t kXPad = 64;
+// The driver's output tiles: at most kTileN weight rows x kTileM activation rows per TileFn call.
+constexpr int64_t kTileN = 32, kTileM = 64;
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -46,7 +48,17 @@ struct Kernel {
   XType xtype;
   TileFn tile;
   const char* name;  // for error messages / debugging
+  // 0: the kernel reads x as prepared ([M, ldx] row-major). > 0: as K blocks of x_block columns (a multiple of 32)
+  // plus one chunk of 32 (the partial last chunk of K, x_blocks()): block b is [M][x_block + 32] holding columns
+  // [b * x_block, b * x_block + x_block + 32) (zero past K), the blocks one after another; p.ldx = x_block + 32.
+  int64_t x_block = 0;
 };
+// Number of K blocks of a blocked-x kernel: whole 32-column chunks in blocks of x_block columns, at least one (the
+// partial last chunk rides in the last block's extra chunk).
+inline int64_t x_blocks(int64_t K, int64_t x_block) {
+  const int64_t whole = K / 32 * 32;
+  return std::max<int64_t>(1, (whole + x_block - 1) / x_block);
+}
 
 // Runs a tile as register tiles of NB weight rows x MB activation rows: Micro<nb, mb>::run(p, n, m, acc, ld) for
 // nb <= NB, mb <= MB computes acc[j * ld + i] for the nb x mb block at (n, m). Edge blocks use the smaller
@@ -89,6 +101,10 @@ const CpuFeatures& cpu_features();
 // extensions = false: only AVX-512 F/BW/VL/DQ kernels, even where the CPU has AVX512_BF16 / AVX512_VNNI (the paths
 // such CPUs take; forced with SPARSEKERN_CPU_ISA=avx512-base so they are tested on any AVX-512 machine).
 bool avx512_kernel(WType w, bool extensions, Kernel* out);
+// Row-pair kernels (spmm_24_avx512.cpp; 16-bit lanes: bfloat16 with AVX512_BF16, int8): two weight rows per vector,
+// one-source permutes, K-blocked with prepared index panels (x_block > 0). False where none exists for w; min_m: the
+// smallest M at which auto picks them.
+bool avx512_pair_kernel(WType w, bool extensions, Kernel* out, int64_t* min_m);
 bool avx2_kernel(WType w, Kernel* out);
 
 // ------------------------------------------------------------------------------------------------- token lanes

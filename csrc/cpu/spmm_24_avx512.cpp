@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/spmm_24.h"
 
@@ -143,6 +144,14 @@ struct BF16Pairs : Pairs16Common {
     return _mm512_dpbf16_ps(s, (__m512bh)w, (__m512bh)gather(x, idx));
   }
   SK_AVX512_BF16 static inline float reduce(vec s) { return _mm512_reduce_add_ps(s); }
+  // Row-pair kernels: 16 values of one row; a pre-gathered dot product; the sum of lanes 0-7 or 8-15.
+  SK_AVX512_BF16 static inline vec load(const acc_t* p) { return _mm512_loadu_ps(p); }
+  SK_AVX512_BF16 static inline void store(acc_t* p, vec v) { _mm512_storeu_ps(p, v); }
+  SK_AVX512_BF16 static inline __m256i load_half(const wt* v, __mmask16 k) { return _mm256_maskz_loadu_epi16(k, v); }
+  SK_AVX512_BF16 static inline vec dp(vec s, __m512i w, __m512i xg) { return _mm512_dpbf16_ps(s, (__m512bh)w, (__m512bh)xg); }
+  SK_AVX512_BF16 static inline float reduce_half(vec s, __mmask16 half) {
+    return _mm512_reduce_add_ps(_mm512_maskz_mov_ps(half, s));
+  }
 };
 // int8 values (widened to int16) x int16 activations -> exact int32: vpdpwssd (VNNI) ...
 struct I8PairsVnni : Pairs16Common {
@@ -158,6 +167,15 @@ struct I8PairsVnni : Pairs16Common {
     return _mm512_dpwssd_epi32(s, w, gather(x, idx));
   }
   SK_AVX512_VNNI static inline int32_t reduce(vec s) { return _mm512_reduce_add_epi32(s); }
+  SK_AVX512_VNNI static inline vec load(const acc_t* p) { return _mm512_loadu_si512(p); }
+  SK_AVX512_VNNI static inline void store(acc_t* p, vec v) { _mm512_storeu_si512(p, v); }
+  SK_AVX512_VNNI static inline __m256i load_half(const wt* v, __mmask16 k) {
+    return _mm256_cvtepi8_epi16(_mm_maskz_loadu_epi8(k, v));
+  }
+  SK_AVX512_VNNI static inline vec dp(vec s, __m512i w, __m512i xg) { return _mm512_dpwssd_epi32(s, w, xg); }
+  SK_AVX512_VNNI static inline int32_t reduce_half(vec s, __mmask16 half) {
+    return _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(half, s));
+  }
 };
 // ... or vpmaddwd + vpaddd without VNNI.
 struct I8Pairs : Pairs16Common {
@@ -171,6 +189,15 @@ struct I8Pairs : Pairs16Common {
     return _mm512_add_epi32(s, _mm512_madd_epi16(w, gather(x, idx)));
   }
   SK_AVX512 static inline int32_t reduce(vec s) { return _mm512_reduce_add_epi32(s); }
+  SK_AVX512 static inline vec load(const acc_t* p) { return _mm512_loadu_si512(p); }
+  SK_AVX512 static inline void store(acc_t* p, vec v) { _mm512_storeu_si512(p, v); }
+  SK_AVX512 static inline __m256i load_half(const wt* v, __mmask16 k) {
+    return _mm256_cvtepi8_epi16(_mm_maskz_loadu_epi8(k, v));
+  }
+  SK_AVX512 static inline vec dp(vec s, __m512i w, __m512i xg) { return _mm512_add_epi32(s, _mm512_madd_epi16(w, xg)); }
+  SK_AVX512 static inline int32_t reduce_half(vec s, __mmask16 half) {
+    return _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(half, s));
+  }
 };
 
 // ------------------------------------------------------------------------------------------------- micro kernel
@@ -258,6 +285,166 @@ SK_DEFINE_MICRO(micro_bf16, SK_AVX512_BF16)
 SK_DEFINE_MICRO(micro_vnni, SK_AVX512_VNNI)
 #undef SK_DEFINE_MICRO
 
+// ------------------------------------------------------------------------------------------------- row-pair kernels
+// 16-bit lanes (bfloat16, int8 as int16), two weight rows per vector. A chunk is 8 groups = 32 columns of x = ONE zmm,
+// so the gather is a one-source vpermw instead of the two-source vpermt2w above: on Zen 4 a vpermt2w + vdpbf16ps pair
+// issues at ~1.95 cycles, a vpermw + vdpbf16ps pair at ~1.39 (tools/cpu_microbench.cpp; a dense vdpbf16ps GEMM needs
+// 2 instructions for the same 32 kept products, i.e. 2 cycles). 8 groups of one row fill only 16 of the 32 lanes, so
+// lanes 0-15 take row A's 16 kept values and lanes 16-31 row B's, both gathered from the same x chunk:
+//   lane l: row A + (l >= 16), group (l % 16) / 2, column 4 * ((l % 16) / 2) + ((word >> 2l) & 3),
+// word = row A's 32 code bits | row B's << 32 (the same bit walk as idx16_from_codes, another base). One fp32 (or
+// int32) accumulator lane sums a group's pair; lanes 0-7 belong to row A, 8-15 to row B.
+SK_AVX512 inline __m512i idx16_pair_from_codes(uint64_t word) {
+  const __m512i slice = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0,
+                                         0, 0, 0, 0, 0, 0);
+  const __m512i shifts = _mm512_set_epi16(14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4,
+                                          2, 0, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i base = _mm512_set_epi16(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0, 28, 28, 24, 24, 20,
+                                        20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+  const __m512i w = _mm512_permutexvar_epi16(slice, _mm512_set1_epi64(static_cast<long long>(word)));
+  return _mm512_ternarylogic_epi32(_mm512_srlv_epi16(w, shifts), _mm512_set1_epi16(3), base, 0xEA);
+}
+
+// Blocking (large M): the row-pair tile walks K in blocks of kPairKC chunks (1024 columns). Per K block it first
+// builds a panel per block of kNB2 weight rows: for each chunk and pair, the index vector and the value vector (the two
+// rows' halves side by side), so the micro kernel's chunk step is loads + vpermw + vdpbf16ps only (building the index
+// in the loop put a GPR -> vector dependency chain on every chunk, and it is shared by all activation-row blocks anyway).
+// Then activation-row blocks outside weight-row blocks: a block's x rows are copied into an aligned buffer (constant
+// offsets, no 4 KB-strided rows) and stay in L1 while all the tile's weight rows pass over them. Partial sums park in
+// the tile's buffer between K blocks.
+constexpr int64_t kPairKC = 32;
+constexpr int kNB2 = 4, kMB2 = 8;                     // register tile: 2 pairs x 8 activation rows = 16 accumulators
+constexpr int kPairs = kNB2 / 2;
+constexpr int64_t kPairXS = (kPairKC + 1) * 32;      // x buffer row: the block's chunks + the partial last chunk
+constexpr int64_t kPanelVecs = (kPairKC + 1) * kPairs * 2;  // one weight-row block's panel, in zmm
+
+#define SK_DEFINE_PAIR_ROWS(NAME, ATTR)                                                                             \
+  /* Panel of rows [n, n + nb) (nb <= kNB2; missing rows get zero values) for chunks [ch0, ch0 + nch), the last     \
+     one partial when it is chunk `full` (K not a multiple of 32). */                                               \
+  template <class Ops>                                                                                              \
+  ATTR void NAME##_panel(const Problem& p, int64_t n, int nb, int64_t ch0, int64_t nch, __m512i* panel) {           \
+    using wt = typename Ops::wt;                                                                                    \
+    const int64_t G = p.K / 4, full = G / 8, rem = G - 8 * full, half_k = p.K / 2;                                  \
+    for (int64_t i = 0; i < nch; ++i) {                                                                             \
+      const int64_t ch = ch0 + i;                                                                                   \
+      const bool part = ch == full;                                                                                 \
+      const __mmask16 k = part ? static_cast<__mmask16>((1u << (2 * rem)) - 1) : static_cast<__mmask16>(0xFFFF);   \
+      for (int q = 0; q < kPairs; ++q) {                                                                            \
+        uint64_t word = 0;                                                                                          \
+        __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};                                        \
+        for (int h = 0; h < 2; ++h) {                                                                               \
+          const int r = 2 * q + h;                                                                                  \
+          if (r >= nb) break;                                                                                       \
+          const uint8_t* c = p.codes + (n + r) * p.code_stride;                                                     \
+          uint32_t wd;                                                                                              \
+          if (part) {                                                                                               \
+            wd = static_cast<uint32_t>(tail_code_bits(c, 8 * full, rem));                                           \
+          } else {                                                                                                  \
+            std::memcpy(&wd, c + 4 * ch, 4);                                                                        \
+          }                                                                                                         \
+          word |= static_cast<uint64_t>(wd) << (32 * h);                                                            \
+          half[h] = Ops::load_half(static_cast<const wt*>(p.values) + (n + r) * half_k + 16 * ch, k);               \
+        }                                                                                                           \
+        panel[(i * kPairs + q) * 2] = idx16_pair_from_codes(word);                                                  \
+        panel[(i * kPairs + q) * 2 + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);          \
+      }                                                                                                             \
+    }                                                                                                               \
+  }                                                                                                                 \
+  /* MB activation rows (xb, kPairXS apart) x the panel's 2 pairs over its nch chunks; writes rows [0, nb). park:   \
+     this block's slot (pair q, row j at (q * kTileM + j) * 16 elements); first: start from zero, else from     \
+     park; last: reduce into acc, else park. */                                                                     \
+  template <class Ops, int MB>                                                                                      \
+  ATTR void NAME(const __m512i* panel, const uint16_t* xb, int64_t nch, int nb, typename Ops::acc_t* park,          \
+                 bool first, bool last, typename Ops::acc_t* acc, int64_t ld) {                                     \
+    typename Ops::vec s[kPairs][MB];                                                                                \
+    _Pragma("GCC unroll 8")                                                                                         \
+    for (int q = 0; q < kPairs; ++q)                                                                                \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int j = 0; j < MB; ++j) s[q][j] = first ? Ops::zero() : Ops::load(park + (q * kTileM + j) * 16);    \
+    for (int64_t i = 0; i < nch; ++i) {                                                                             \
+      const __m512i* pc = panel + i * kPairs * 2;                                                                   \
+      __m512i idx[kPairs], w[kPairs];                                                                               \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int q = 0; q < kPairs; ++q) {                                                                            \
+        idx[q] = _mm512_load_si512(pc + 2 * q);                                                                     \
+        w[q] = _mm512_load_si512(pc + 2 * q + 1);                                                                   \
+      }                                                                                                             \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int j = 0; j < MB; ++j) {                                                                                \
+        const __m512i xc = _mm512_load_si512(xb + j * kPairXS + 32 * i);                                            \
+        _Pragma("GCC unroll 8")                                                                                     \
+        for (int q = 0; q < kPairs; ++q) s[q][j] = Ops::dp(s[q][j], w[q], _mm512_permutexvar_epi16(idx[q], xc));    \
+      }                                                                                                             \
+    }                                                                                                               \
+    _Pragma("GCC unroll 8")                                                                                         \
+    for (int q = 0; q < kPairs; ++q)                                                                                \
+      _Pragma("GCC unroll 8")                                                                                       \
+      for (int j = 0; j < MB; ++j) {                                                                                \
+        if (!last) {                                                                                                \
+          Ops::store(park + (q * kTileM + j) * 16, s[q][j]);                                                    \
+          continue;                                                                                                 \
+        }                                                                                                           \
+        if (2 * q < nb) acc[j * ld + 2 * q] = Ops::reduce_half(s[q][j], static_cast<__mmask16>(0x00FF));            \
+        if (2 * q + 1 < nb) acc[j * ld + 2 * q + 1] = Ops::reduce_half(s[q][j], static_cast<__mmask16>(0xFF00));    \
+      }                                                                                                             \
+  }                                                                                                                 \
+  /* One driver tile [m0, m1) x [n0, n1) (at most kTileM x kTileN). */                                     \
+  template <class Ops>                                                                                              \
+  struct NAME##_tile {                                                                                              \
+    using acc_t = typename Ops::acc_t;                                                                              \
+    using MicroFn = void (*)(const __m512i*, const uint16_t*, int64_t, int, acc_t*, bool, bool, acc_t*, int64_t);   \
+    template <int... Is>                                                                                            \
+    static constexpr std::array<MicroFn, sizeof...(Is)> make(std::integer_sequence<int, Is...>) {                   \
+      return {&NAME<Ops, Is + 1>...};                                                                               \
+    }                                                                                                               \
+    /* The panels of the whole K for this thread's current weight rows: built when the driver starts them (m0 = 0:  \
+       it walks a tile's activation-row blocks in order on one thread, spmm_24.cpp) and reused for the later ones. */\
+    static void run(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* accv, int64_t ld) {     \
+      static constexpr std::array<MicroFn, kMB2> table = make(std::make_integer_sequence<int, kMB2>{});             \
+      acc_t* acc = static_cast<acc_t*>(accv);                                                                       \
+      alignas(64) acc_t park[kTileN / 2 * kTileM * 16];                                                     \
+      const int64_t full = p.K / 32, parts = full * 32 < p.K ? 1 : 0;                                               \
+      const int64_t nblk = std::max<int64_t>(1, (full + kPairKC - 1) / kPairKC);                                    \
+      const int64_t blk_vecs = kTileN / kNB2 * kPanelVecs;                                                      \
+      thread_local std::vector<char> panel_bytes; /* 64-byte aligned by hand below */                               \
+      if (m0 == 0 && static_cast<int64_t>(panel_bytes.size()) < (nblk * blk_vecs + 1) * 64)                         \
+        panel_bytes.resize((nblk * blk_vecs + 1) * 64);                                                             \
+      __m512i* const panels = reinterpret_cast<__m512i*>(                                                           \
+          (reinterpret_cast<uintptr_t>(panel_bytes.data()) + 63) & ~static_cast<uintptr_t>(63));                    \
+      if (m0 == 0) {                                                                                                \
+        for (int64_t b = 0; b < nblk; ++b) {                                                                        \
+          const int64_t ch0 = b * kPairKC, ch1 = std::min(full, ch0 + kPairKC);                                     \
+          const int64_t nch = ch1 - ch0 + (b == nblk - 1 ? parts : 0);                                              \
+          for (int64_t n = n0; n < n1; n += kNB2)                                                                   \
+            NAME##_panel<Ops>(p, n, static_cast<int>(std::min<int64_t>(kNB2, n1 - n)), ch0, nch,                    \
+                              panels + b * blk_vecs + (n - n0) / kNB2 * kPanelVecs);                         \
+        }                                                                                                           \
+      }                                                                                                             \
+      const uint16_t* x = static_cast<const uint16_t*>(p.x);                                                        \
+      for (int64_t b = 0; b < nblk; ++b) {                                                                          \
+        const int64_t ch0 = b * kPairKC, ch1 = std::min(full, ch0 + kPairKC);                                       \
+        const bool first = b == 0, last = b == nblk - 1;                                                            \
+        const int64_t nch = ch1 - ch0 + (last ? parts : 0);                                                         \
+        const __m512i* panel = panels + b * blk_vecs;                                                        \
+        for (int64_t m = m0; m < m1; m += kMB2) {                                                                   \
+          const int mb = static_cast<int>(std::min<int64_t>(kMB2, m1 - m));                                         \
+          const uint16_t* xb = x + (b * p.M + m) * kPairXS; /* the driver's K-blocked copy */                       \
+          for (int64_t n = n0; n < n1; n += kNB2) {                                                                 \
+            table[mb - 1](panel + (n - n0) / kNB2 * kPanelVecs, xb, nch,                                            \
+                          static_cast<int>(std::min<int64_t>(kNB2, n1 - n)),                                        \
+                          park + ((n - n0) / 2 * kTileM + (m - m0)) * 16, first, last,                          \
+                          acc + (m - m0) * ld + (n - n0), ld);                                                      \
+          }                                                                                                         \
+        }                                                                                                           \
+      }                                                                                                             \
+    }                                                                                                               \
+  };
+
+SK_DEFINE_PAIR_ROWS(pair_rows_base, SK_AVX512)
+SK_DEFINE_PAIR_ROWS(pair_rows_bf16, SK_AVX512_BF16)
+SK_DEFINE_PAIR_ROWS(pair_rows_vnni, SK_AVX512_VNNI)
+#undef SK_DEFINE_PAIR_ROWS
+
 // ------------------------------------------------------------------------------------------------- tiles
 // Register tile 4 weight rows x 4 activation rows: 16 accumulators + 4 index + 4 value + 2 activation registers fit
 // the 32 zmm; edge tiles use the smaller instantiations (tile_loop in spmm_24.h).
@@ -267,8 +454,9 @@ SK_DEFINE_MICRO(micro_vnni, SK_AVX512_VNNI)
 // bound by the weight stream, which is 53-56 % of the dense bytes (~15-19 GB/s reached): ~1.7x faster than F.linear
 // in fp32; in bf16 3-5x against the F.linear we measured on the loaded machine, but only ~1.3-1.5x against the 4.5 ms
 // quiet-machine figure of issue 10. From M ~ 8 on bf16 is bound by vector instruction issue, and 2 instructions per 32
-// kept products is no better than a dense vdpbf16ps kernel's 1 per 32 dense products: dense wins there (the layer's
-// policy should pick it); fp32 stays ahead up to M = 256 because PyTorch's dense fp32 CPU GEMM is slow on this CPU.
+// kept products is no better than a dense vdpbf16ps kernel's 1 per 32 dense products (tools/cpu_microbench.cpp: a
+// vpermt2w + vdpbf16ps pair issues at ~1.95 cycles on Zen 4, one vdpbf16ps at 1). From M = 80 on the row-pair kernels
+// below (one-source vpermw, ~1.39 cycles a pair, K-blocked) take over for bf16 and int8; fp32 goes to the token lanes.
 // Tried and measured slower, so not kept: 2 x 8 register tiles, K-blocking with parked vector accumulators, caching
 // the index vectors across activation-row blocks. Software prefetch of the next weight rows (in the last pass over
 // the current ones) is kept: neutral to slightly positive. bf16 tiles of 3 x 6, 2 x 8 and 4 x 5 were measured against
@@ -332,6 +520,31 @@ bool avx512_kernel(WType w, bool extensions, Kernel* out) {
       return true;
   }
   return false;
+}
+
+// Smallest M at which auto picks the row-pair kernels (measured on the 2-core Zen 4 development machine, 2 threads,
+// 11008 x 4096 and 4096 x 11008, 2026-11-24, docs/benchmarks.md): bf16 equal to the row kernels at M = 64 and ahead
+// from 96 (M = 256: 1.27x the row kernels, 1.10x dense F.linear); int8 (VNNI) equal at 64, 1.25x at 128, 1.43x at
+// 256 (also ahead of the int8 token lanes, 1.26x at 256). Below, building the panels is not paid back.
+constexpr int64_t kPairMinM = 80;
+
+bool avx512_pair_kernel(WType w, bool extensions, Kernel* out, int64_t* min_m) {
+  const CpuFeatures& f = cpu_features();
+  if (!f.avx512) return false;
+  *min_m = kPairMinM;
+  if (w == WType::kBF16 && extensions && f.avx512_bf16) {
+    *out = {XType::kBF16, &pair_rows_bf16_tile<BF16Pairs>::run, "avx512-bf16-dp-pairs", kPairKC * 32};
+    return true;
+  }
+  if (w == WType::kI8) {
+    if (extensions && f.avx512_vnni) {
+      *out = {XType::kI16, &pair_rows_vnni_tile<I8PairsVnni>::run, "avx512-i8-vnni-pairs", kPairKC * 32};
+    } else {
+      *out = {XType::kI16, &pair_rows_base_tile<I8Pairs>::run, "avx512-i8-pairs", kPairKC * 32};
+    }
+    return true;
+  }
+  return false;  // fp32 / fp16 weights, and bf16 without AVX512_BF16, have no row-pair kernel
 }
 
 }  // namespace spmm

@@ -49,7 +49,7 @@ constexpr int kR = 4;                 // weight rows per register tile
 constexpr int kT = 4;                 // token blocks (of 16) per register tile
 constexpr int64_t kSumGroups = 64;     // groups summed in registers before adding into the partial sums (even)
 constexpr int64_t kChunkGroups = 256;  // groups per L2 chunk of the table (even: micro kernels start at even groups)
-constexpr int64_t kTileRows = 32;     // the largest tile the driver hands over (NT x MT in spmm_24.cpp)
+constexpr int64_t kTileRows = kTileN;  // the largest tile the driver hands over (spmm_24.h)
 constexpr int64_t kTileTokens = kT * kTokenBlock;
 
 // code -> table slot (kSlotCodes order); invalid codes -> 0.
@@ -395,7 +395,9 @@ void build_token_table(TokenTable t, const void* xp, int64_t ldx, int64_t M, int
 // Smallest M at which auto picks these kernels over the row kernels: the crossover measured on the 2-core Zen 4
 // development machine (2 threads, 11008 x 4096 and 4096 x 11008, 2026-11-24, docs/benchmarks.md):
 //   fp32 table: equal at M = 16, ahead from M = 32-64 (M = 256: 1.3-1.5x the row kernels);
-//   int8 pairs: behind up to M = 64, ~8 % ahead at M = 256;
+//   int8 pairs: behind up to M = 64, ~8 % ahead of the row kernels at M = 256 — but the row-pair kernels
+//   (spmm_24_avx512.cpp) exist for int8 wherever these do and auto takes them from M = 80 (1.26x these at M = 256),
+//   so auto no longer reaches these for int8; they stay selectable and tested;
 //   bf16 pairs: never ahead there (one vdpbf16ps per 16 tokens is bound by its 64-byte table load, where the row
 //   kernels share each activation load across 4 weight rows), so auto never takes it; it stays selectable with
 //   SPARSEKERN_CPU_SPMM_LAYOUT=tokens (tested) for CPUs with more load bandwidth per multiply-add.

@@ -304,16 +304,18 @@ def cslt_shape_ok(n: int, k: int, dtype: torch.dtype) -> bool:
     return n % mult == 0 and k % mult == 0 and dtype.itemsize <= 2
 
 
-# Unmeasured CPU layers that keep a dense copy use it from this batch size on (a bucket, see m_bucket): below it the
-# CPU 2:4 kernels win on the development machine in every dtype measured (docs/benchmarks.md).
-CPU_DENSE_CACHE_MIN_M = 128
+# Unmeasured CPU layers that keep a dense copy use it from this batch size on (a bucket, see m_bucket: M > 2048): below
+# it the CPU 2:4 kernels were at least as fast as dense F.linear on the development machine in every dtype measured
+# (2026-11-24, 11008 x 4096, 2 threads: bf16 1.21x at M = 1024 and 1.02x at 2048 with the row-pair kernels, fp32
+# 1.16x at 1024; docs/benchmarks.md). A measured policy table (kernel_dense_cache) overrides this per shape.
+CPU_DENSE_CACHE_MIN_M = 4096
 
 
 def default_kernel(device_type: str, m: int, *, has_cslt: bool, has_cuda_spmm24: bool,
                    has_dense_cache: bool = False) -> str:
     """The safe choice where nothing was measured.
 
-    CPU: the CPU 2:4 kernel; for a layer that keeps a dense copy, that copy from M > 64 (CPU_DENSE_CACHE_MIN_M).
+    CPU: the CPU 2:4 kernel; for a layer that keeps a dense copy, that copy from M > 2048 (CPU_DENSE_CACHE_MIN_M).
     CUDA: cuSPARSELt when the layer has a cuSPARSELt buffer (the shape passed its rules); else our portable-format
     kernel if it is compiled for CUDA; else the dense fallback, which is slow but correct.
     """
