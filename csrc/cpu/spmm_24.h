@@ -49,8 +49,9 @@ struct Kernel {
   TileFn tile;
   const char* name;  // for error messages / debugging
   // 0: the kernel reads x as prepared ([M, ldx] row-major). > 0: as K blocks of x_block columns (a multiple of 32)
-  // plus one chunk of 32 (the partial last chunk of K, x_blocks()): block b is [M][x_block + 32] holding columns
-  // [b * x_block, b * x_block + x_block + 32) (zero past K), the blocks one after another; p.ldx = x_block + 32.
+  // plus one chunk of 32 (room for the partial last chunk of K): block b is [M][x_block + 32] holding columns
+  // [b * x_block, b * x_block + x_block + 32) (zero past K), the blocks one after another (x_blocks() of them);
+  // p.ldx = x_block + 32.
   int64_t x_block = 0;
 };
 // Number of K blocks of a blocked-x kernel: whole 32-column chunks in blocks of x_block columns, at least one (the

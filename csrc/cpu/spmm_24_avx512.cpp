@@ -286,14 +286,16 @@ SK_DEFINE_MICRO(micro_vnni, SK_AVX512_VNNI)
 #undef SK_DEFINE_MICRO
 
 // ------------------------------------------------------------------------------------------------- row-pair kernels
-// 16-bit lanes (bfloat16, int8 as int16), two weight rows per vector. A chunk is 8 groups = 32 columns of x = ONE zmm,
-// so the gather is a one-source vpermw instead of the two-source vpermt2w above: on Zen 4 a vpermt2w + vdpbf16ps pair
-// issues at ~1.95 cycles, a vpermw + vdpbf16ps pair at ~1.39 (tools/cpu_microbench.cpp; a dense vdpbf16ps GEMM needs
-// 2 instructions for the same 32 kept products, i.e. 2 cycles). 8 groups of one row fill only 16 of the 32 lanes, so
-// lanes 0-15 take row A's 16 kept values and lanes 16-31 row B's, both gathered from the same x chunk:
+// 16-bit lanes (bfloat16 pairs, int8 as int16 pairs), two weight rows per vector. A chunk is 8 groups = 32 columns of
+// x = ONE zmm, so the gather is a one-source vpermw instead of the two-source vpermt2w above: on Zen 4 a vpermt2w +
+// vdpbf16ps pair issues at ~1.95 cycles, a vpermw + vdpbf16ps pair at ~1.39 (tools/cpu_microbench.cpp), against the 2
+// vdpbf16ps (2 cycles) of a dense GEMM for the same 32 kept products. 8 groups of one row fill only 16 of the 32 lanes,
+// so lanes 0-15 take row A's 16 kept values and lanes 16-31 row B's, both gathered from the same x chunk:
 //   lane l: row A + (l >= 16), group (l % 16) / 2, column 4 * ((l % 16) / 2) + ((word >> 2l) & 3),
 // word = row A's 32 code bits | row B's << 32 (the same bit walk as idx16_from_codes, another base). One fp32 (or
 // int32) accumulator lane sums a group's pair; lanes 0-7 belong to row A, 8-15 to row B.
+// (A float32 version, vpermps + FMA with 8 kept values per row, was measured too: 1.0-1.4x dense but always behind the
+// token-lane kernels, which need no permute at all for fp32; not kept.)
 SK_AVX512 inline __m512i idx16_pair_from_codes(uint64_t word) {
   const __m512i slice = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0,
                                          0, 0, 0, 0, 0, 0);
@@ -304,63 +306,80 @@ SK_AVX512 inline __m512i idx16_pair_from_codes(uint64_t word) {
   const __m512i w = _mm512_permutexvar_epi16(slice, _mm512_set1_epi64(static_cast<long long>(word)));
   return _mm512_ternarylogic_epi32(_mm512_srlv_epi16(w, shifts), _mm512_set1_epi16(3), base, 0xEA);
 }
-
-// Blocking (large M): the row-pair tile walks K in blocks of kPairKC chunks (1024 columns). Per K block it first
-// builds a panel per block of kNB2 weight rows: for each chunk and pair, the index vector and the value vector (the two
-// rows' halves side by side), so the micro kernel's chunk step is loads + vpermw + vdpbf16ps only (building the index
-// in the loop put a GPR -> vector dependency chain on every chunk, and it is shared by all activation-row blocks anyway).
-// Then activation-row blocks outside weight-row blocks: a block's x rows are copied into an aligned buffer (constant
-// offsets, no 4 KB-strided rows) and stay in L1 while all the tile's weight rows pass over them. Partial sums park in
-// the tile's buffer between K blocks.
-constexpr int64_t kPairKC = 32;
-constexpr int kNB2 = 4, kMB2 = 8;                     // register tile: 2 pairs x 8 activation rows = 16 accumulators
+// Lane policy of the row-pair kernels on top of the pair policies above: chunk width, code bits per row and chunk,
+// the index builder, the join of two rows' half-vector values, the gathered multiply-add.
+template <class Base>
+struct Pair16 : Base {  // Base: BF16Pairs / I8PairsVnni / I8Pairs
+  using xt = uint16_t;
+  using half_t = __m256i;
+  using hmask_t = __mmask16;
+  static constexpr int kChunkCols = 32, kRowBits = 32;
+  static inline uint64_t code_bits(const uint8_t* c, int64_t ch) {
+    uint32_t w;
+    std::memcpy(&w, c + 4 * ch, 4);
+    return w;
+  }
+  SK_AVX512 static inline __m512i idx_pair(uint64_t word) { return idx16_pair_from_codes(word); }
+  SK_AVX512 static inline half_t zero_half() { return _mm256_setzero_si256(); }
+  SK_AVX512 static inline __m512i join(half_t a, half_t b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+  }
+  SK_AVX512 static inline __m512i load_x(const xt* x) { return _mm512_load_si512(x); }
+  SK_AVX512 static inline __m512i gather(__m512i idx, __m512i x) { return _mm512_permutexvar_epi16(idx, x); }
+  static inline typename Base::vec fma(typename Base::vec s, __m512i w, __m512i xg) { return Base::dp(s, w, xg); }
+};
+// Blocking (large M): the row-pair tile walks K in blocks of kPairCols columns. Per K block it first builds a panel
+// per block of kNB2 weight rows: for each chunk and pair, the index vector and the value vector (the two rows' halves
+// side by side), so the micro kernel's chunk step is loads + permute + multiply-add only (building the index in the
+// loop put a GPR -> vector dependency chain on every chunk; and it is shared by all activation-row blocks). The panels
+// of a thread's current weight rows are built once, at its first activation-row tile, and reused for the others. Then
+// activation-row blocks outside weight-row blocks: a block's x rows come from the driver's K-blocked copy (constant
+// row stride, Kernel::x_block) and stay in L1 while all the tile's weight rows pass over them. Partial sums park in the
+// tile's buffer between K blocks.
+constexpr int64_t kPairCols = 1024;
+constexpr int kNB2 = 4, kMB2 = 8;  // register tile: 2 pairs x 8 activation rows = 16 accumulators
 constexpr int kPairs = kNB2 / 2;
-constexpr int64_t kPairXS = (kPairKC + 1) * 32;      // x buffer row: the block's chunks + the partial last chunk
-constexpr int64_t kPanelVecs = (kPairKC + 1) * kPairs * 2;  // one weight-row block's panel, in zmm
+constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blocked x (spmm_24.h)
 
 #define SK_DEFINE_PAIR_ROWS(NAME, ATTR)                                                                             \
   /* Panel of rows [n, n + nb) (nb <= kNB2; missing rows get zero values) for chunks [ch0, ch0 + nch), the last     \
-     one partial when it is chunk `full` (K not a multiple of 32). */                                               \
+     one partial when it is chunk `full` (K not a multiple of the chunk width). */                                  \
   template <class Ops>                                                                                              \
   ATTR void NAME##_panel(const Problem& p, int64_t n, int nb, int64_t ch0, int64_t nch, __m512i* panel) {           \
     using wt = typename Ops::wt;                                                                                    \
-    const int64_t G = p.K / 4, full = G / 8, rem = G - 8 * full, half_k = p.K / 2;                                  \
+    constexpr int GC = Ops::kChunkCols / 4; /* groups per chunk */                                                  \
+    const int64_t G = p.K / 4, full = G / GC, rem = G - GC * full, half_k = p.K / 2;                                \
     for (int64_t i = 0; i < nch; ++i) {                                                                             \
       const int64_t ch = ch0 + i;                                                                                   \
       const bool part = ch == full;                                                                                 \
-      const __mmask16 k = part ? static_cast<__mmask16>((1u << (2 * rem)) - 1) : static_cast<__mmask16>(0xFFFF);   \
+      const auto k = static_cast<typename Ops::hmask_t>(part ? (1u << (2 * rem)) - 1 : (1u << (2 * GC)) - 1);       \
       for (int q = 0; q < kPairs; ++q) {                                                                            \
         uint64_t word = 0;                                                                                          \
-        __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};                                        \
+        typename Ops::half_t half[2] = {Ops::zero_half(), Ops::zero_half()};                                        \
         for (int h = 0; h < 2; ++h) {                                                                               \
           const int r = 2 * q + h;                                                                                  \
           if (r >= nb) break;                                                                                       \
           const uint8_t* c = p.codes + (n + r) * p.code_stride;                                                     \
-          uint32_t wd;                                                                                              \
-          if (part) {                                                                                               \
-            wd = static_cast<uint32_t>(tail_code_bits(c, 8 * full, rem));                                           \
-          } else {                                                                                                  \
-            std::memcpy(&wd, c + 4 * ch, 4);                                                                        \
-          }                                                                                                         \
-          word |= static_cast<uint64_t>(wd) << (32 * h);                                                            \
-          half[h] = Ops::load_half(static_cast<const wt*>(p.values) + (n + r) * half_k + 16 * ch, k);               \
+          const uint64_t bits = part ? tail_code_bits(c, GC * full, rem) : Ops::code_bits(c, ch);                   \
+          word |= bits << (Ops::kRowBits * h);                                                                      \
+          half[h] = Ops::load_half(static_cast<const wt*>(p.values) + (n + r) * half_k + 2 * GC * ch, k);           \
         }                                                                                                           \
-        panel[(i * kPairs + q) * 2] = idx16_pair_from_codes(word);                                                  \
-        panel[(i * kPairs + q) * 2 + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);          \
+        panel[(i * kPairs + q) * 2] = Ops::idx_pair(word);                                                          \
+        panel[(i * kPairs + q) * 2 + 1] = Ops::join(half[0], half[1]);                                              \
       }                                                                                                             \
     }                                                                                                               \
   }                                                                                                                 \
-  /* MB activation rows (xb, kPairXS apart) x the panel's 2 pairs over its nch chunks; writes rows [0, nb). park:   \
-     this block's slot (pair q, row j at (q * kTileM + j) * 16 elements); first: start from zero, else from     \
-     park; last: reduce into acc, else park. */                                                                     \
+  /* MB activation rows (xb, kPairXS apart) x the panel's pairs over its nch chunks; writes rows [0, nb). park:     \
+     this block's slot (pair q, row j at (q * kTileM + j) * 16 elements); first: start from zero, else from park;   \
+     last: reduce into acc, else park. */                                                                           \
   template <class Ops, int MB>                                                                                      \
-  ATTR void NAME(const __m512i* panel, const uint16_t* xb, int64_t nch, int nb, typename Ops::acc_t* park,          \
+  ATTR void NAME(const __m512i* panel, const typename Ops::xt* xb, int64_t nch, int nb, typename Ops::acc_t* park,  \
                  bool first, bool last, typename Ops::acc_t* acc, int64_t ld) {                                     \
     typename Ops::vec s[kPairs][MB];                                                                                \
     _Pragma("GCC unroll 8")                                                                                         \
     for (int q = 0; q < kPairs; ++q)                                                                                \
       _Pragma("GCC unroll 8")                                                                                       \
-      for (int j = 0; j < MB; ++j) s[q][j] = first ? Ops::zero() : Ops::load(park + (q * kTileM + j) * 16);    \
+      for (int j = 0; j < MB; ++j) s[q][j] = first ? Ops::zero() : Ops::load(park + (q * kTileM + j) * 16);         \
     for (int64_t i = 0; i < nch; ++i) {                                                                             \
       const __m512i* pc = panel + i * kPairs * 2;                                                                   \
       __m512i idx[kPairs], w[kPairs];                                                                               \
@@ -371,9 +390,9 @@ constexpr int64_t kPanelVecs = (kPairKC + 1) * kPairs * 2;  // one weight-row bl
       }                                                                                                             \
       _Pragma("GCC unroll 8")                                                                                       \
       for (int j = 0; j < MB; ++j) {                                                                                \
-        const __m512i xc = _mm512_load_si512(xb + j * kPairXS + 32 * i);                                            \
+        const auto xc = Ops::load_x(xb + j * kPairXS + Ops::kChunkCols * i);                                        \
         _Pragma("GCC unroll 8")                                                                                     \
-        for (int q = 0; q < kPairs; ++q) s[q][j] = Ops::dp(s[q][j], w[q], _mm512_permutexvar_epi16(idx[q], xc));    \
+        for (int q = 0; q < kPairs; ++q) s[q][j] = Ops::fma(s[q][j], w[q], Ops::gather(idx[q], xc));                \
       }                                                                                                             \
     }                                                                                                               \
     _Pragma("GCC unroll 8")                                                                                         \
@@ -381,31 +400,32 @@ constexpr int64_t kPanelVecs = (kPairKC + 1) * kPairs * 2;  // one weight-row bl
       _Pragma("GCC unroll 8")                                                                                       \
       for (int j = 0; j < MB; ++j) {                                                                                \
         if (!last) {                                                                                                \
-          Ops::store(park + (q * kTileM + j) * 16, s[q][j]);                                                    \
+          Ops::store(park + (q * kTileM + j) * 16, s[q][j]);                                                        \
           continue;                                                                                                 \
         }                                                                                                           \
         if (2 * q < nb) acc[j * ld + 2 * q] = Ops::reduce_half(s[q][j], static_cast<__mmask16>(0x00FF));            \
         if (2 * q + 1 < nb) acc[j * ld + 2 * q + 1] = Ops::reduce_half(s[q][j], static_cast<__mmask16>(0xFF00));    \
       }                                                                                                             \
   }                                                                                                                 \
-  /* One driver tile [m0, m1) x [n0, n1) (at most kTileM x kTileN). */                                     \
+  /* One driver tile [m0, m1) x [n0, n1) (at most kTileM x kTileN). */                                              \
   template <class Ops>                                                                                              \
   struct NAME##_tile {                                                                                              \
     using acc_t = typename Ops::acc_t;                                                                              \
-    using MicroFn = void (*)(const __m512i*, const uint16_t*, int64_t, int, acc_t*, bool, bool, acc_t*, int64_t);   \
+    using xt = typename Ops::xt;                                                                                    \
+    using MicroFn = void (*)(const __m512i*, const xt*, int64_t, int, acc_t*, bool, bool, acc_t*, int64_t);         \
+    static constexpr int64_t kKC = kPairCols / Ops::kChunkCols;        /* chunks per K block */                     \
+    static constexpr int64_t kPanelVecs = (kKC + 1) * kPairs * 2;      /* one weight-row block's panel, in zmm */   \
     template <int... Is>                                                                                            \
     static constexpr std::array<MicroFn, sizeof...(Is)> make(std::integer_sequence<int, Is...>) {                   \
       return {&NAME<Ops, Is + 1>...};                                                                               \
     }                                                                                                               \
-    /* The panels of the whole K for this thread's current weight rows: built when the driver starts them (m0 = 0:  \
-       it walks a tile's activation-row blocks in order on one thread, spmm_24.cpp) and reused for the later ones. */\
     static void run(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* accv, int64_t ld) {     \
       static constexpr std::array<MicroFn, kMB2> table = make(std::make_integer_sequence<int, kMB2>{});             \
       acc_t* acc = static_cast<acc_t*>(accv);                                                                       \
-      alignas(64) acc_t park[kTileN / 2 * kTileM * 16];                                                     \
-      const int64_t full = p.K / 32, parts = full * 32 < p.K ? 1 : 0;                                               \
-      const int64_t nblk = std::max<int64_t>(1, (full + kPairKC - 1) / kPairKC);                                    \
-      const int64_t blk_vecs = kTileN / kNB2 * kPanelVecs;                                                      \
+      alignas(64) acc_t park[kTileN / 2 * kTileM * 16];                                                             \
+      const int64_t full = p.K / Ops::kChunkCols, parts = full * Ops::kChunkCols < p.K ? 1 : 0;                     \
+      const int64_t nblk = std::max<int64_t>(1, (full + kKC - 1) / kKC);                                            \
+      const int64_t blk_vecs = kTileN / kNB2 * kPanelVecs;                                                          \
       thread_local std::vector<char> panel_bytes; /* 64-byte aligned by hand below */                               \
       if (m0 == 0 && static_cast<int64_t>(panel_bytes.size()) < (nblk * blk_vecs + 1) * 64)                         \
         panel_bytes.resize((nblk * blk_vecs + 1) * 64);                                                             \
@@ -413,32 +433,32 @@ constexpr int64_t kPanelVecs = (kPairKC + 1) * kPairs * 2;  // one weight-row bl
           (reinterpret_cast<uintptr_t>(panel_bytes.data()) + 63) & ~static_cast<uintptr_t>(63));                    \
       if (m0 == 0) {                                                                                                \
         for (int64_t b = 0; b < nblk; ++b) {                                                                        \
-          const int64_t ch0 = b * kPairKC, ch1 = std::min(full, ch0 + kPairKC);                                     \
+          const int64_t ch0 = b * kKC, ch1 = std::min(full, ch0 + kKC);                                             \
           const int64_t nch = ch1 - ch0 + (b == nblk - 1 ? parts : 0);                                              \
           for (int64_t n = n0; n < n1; n += kNB2)                                                                   \
             NAME##_panel<Ops>(p, n, static_cast<int>(std::min<int64_t>(kNB2, n1 - n)), ch0, nch,                    \
-                              panels + b * blk_vecs + (n - n0) / kNB2 * kPanelVecs);                         \
+                              panels + b * blk_vecs + (n - n0) / kNB2 * kPanelVecs);                                \
         }                                                                                                           \
       }                                                                                                             \
-      const uint16_t* x = static_cast<const uint16_t*>(p.x);                                                        \
+      const xt* x = static_cast<const xt*>(p.x);                                                                    \
       for (int64_t b = 0; b < nblk; ++b) {                                                                          \
-        const int64_t ch0 = b * kPairKC, ch1 = std::min(full, ch0 + kPairKC);                                       \
+        const int64_t ch0 = b * kKC, ch1 = std::min(full, ch0 + kKC);                                               \
         const bool first = b == 0, last = b == nblk - 1;                                                            \
         const int64_t nch = ch1 - ch0 + (last ? parts : 0);                                                         \
-        const __m512i* panel = panels + b * blk_vecs;                                                        \
+        const __m512i* panel = panels + b * blk_vecs;                                                               \
         for (int64_t m = m0; m < m1; m += kMB2) {                                                                   \
           const int mb = static_cast<int>(std::min<int64_t>(kMB2, m1 - m));                                         \
-          const uint16_t* xb = x + (b * p.M + m) * kPairXS; /* the driver's K-blocked copy */                       \
+          const xt* xb = x + (b * p.M + m) * kPairXS; /* the driver's K-blocked copy */                             \
           for (int64_t n = n0; n < n1; n += kNB2) {                                                                 \
             table[mb - 1](panel + (n - n0) / kNB2 * kPanelVecs, xb, nch,                                            \
                           static_cast<int>(std::min<int64_t>(kNB2, n1 - n)),                                        \
-                          park + ((n - n0) / 2 * kTileM + (m - m0)) * 16, first, last,                          \
+                          park + ((n - n0) / 2 * kTileM + (m - m0)) * 16, first, last,                              \
                           acc + (m - m0) * ld + (n - n0), ld);                                                      \
           }                                                                                                         \
         }                                                                                                           \
       }                                                                                                             \
     }                                                                                                               \
-  };
+  };                                                                                                                \
 
 SK_DEFINE_PAIR_ROWS(pair_rows_base, SK_AVX512)
 SK_DEFINE_PAIR_ROWS(pair_rows_bf16, SK_AVX512_BF16)
@@ -533,18 +553,18 @@ bool avx512_pair_kernel(WType w, bool extensions, Kernel* out, int64_t* min_m) {
   if (!f.avx512) return false;
   *min_m = kPairMinM;
   if (w == WType::kBF16 && extensions && f.avx512_bf16) {
-    *out = {XType::kBF16, &pair_rows_bf16_tile<BF16Pairs>::run, "avx512-bf16-dp-pairs", kPairKC * 32};
+    *out = {XType::kBF16, &pair_rows_bf16_tile<Pair16<BF16Pairs>>::run, "avx512-bf16-dp-pairs", kPairCols};
     return true;
   }
   if (w == WType::kI8) {
     if (extensions && f.avx512_vnni) {
-      *out = {XType::kI16, &pair_rows_vnni_tile<I8PairsVnni>::run, "avx512-i8-vnni-pairs", kPairKC * 32};
+      *out = {XType::kI16, &pair_rows_vnni_tile<Pair16<I8PairsVnni>>::run, "avx512-i8-vnni-pairs", kPairCols};
     } else {
-      *out = {XType::kI16, &pair_rows_base_tile<I8Pairs>::run, "avx512-i8-pairs", kPairKC * 32};
+      *out = {XType::kI16, &pair_rows_base_tile<Pair16<I8Pairs>>::run, "avx512-i8-pairs", kPairCols};
     }
     return true;
   }
-  return false;  // fp32 / fp16 weights, and bf16 without AVX512_BF16, have no row-pair kernel
+  return false;  // float32 / float16 weights, and bfloat16 without AVX512_BF16: no row-pair kernel
 }
 
 }  // namespace spmm
