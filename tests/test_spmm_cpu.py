@@ -317,20 +317,26 @@ def test_row_pairs_k_blocks_and_tiles(monkeypatch, isa_name, dtype, K, M):
 
 
 @pytest.mark.skipif(not (_AVX512_HERE and "avx512_bf16" in _FLAGS), reason="bf16 row-pair kernels need AVX512_BF16")
-def test_auto_layout_switches_to_row_pairs_for_bf16(monkeypatch):
-    # The row kernels and the row-pair kernels sum a row's products in different orders (16 groups per lane set vs
-    # 8 groups and K blocks), so their float32 results differ in the last bits; auto must be the one expected for M.
+def test_bf16_kernel_choice_by_m(monkeypatch):
+    # bf16 with AVX512_BF16: the rows family runs the one-row-per-vector kernels below M = 8 and the unblocked
+    # row-pair kernels from M = 8; the pairs family the K-blocked row-pair kernels. Both row-pair kernels add each row's
+    # products in the same order (parking a partial sum between K blocks does not round), so they agree bit for bit;
+    # the one-row kernels add in another order, so for a long K their float32 sums differ in the last bits.
     K, N = 2048, 24
     w = random_pruned(N, K, torch.bfloat16)
     c = core.compress_24(w)
-    for M, expect in [(1, "rows"), (16, "rows"), (80, "pairs"), (256, "pairs")]:
-        x = random_x(M, K, torch.bfloat16)
-        outs = {}
-        for layout in ("rows", "pairs", "auto"):
-            monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", layout)
-            outs[layout] = core.sparse_linear(x, c, out_dtype=torch.float32)
-        assert not torch.equal(outs["rows"], outs["pairs"]), "the two families gave bit-identical sums"
-        assert torch.equal(outs["auto"], outs[expect]), f"M = {M}: auto did not run the {expect} kernels"
+    x = random_x(256, K, torch.bfloat16)
+
+    def run(layout, m):
+        monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", layout)
+        return core.sparse_linear(x[:m], c, out_dtype=torch.float32)
+
+    few, many, blocked = run("rows", 4), run("rows", 8), run("pairs", 8)
+    assert torch.equal(many, blocked), "the unblocked and K-blocked row-pair kernels disagree"
+    assert not torch.equal(few, many[:4]), "rows at M = 4 and M = 8 gave bit-identical sums: no kernel switch"
+    assert_close_policy(few, x[:4], w, out_dtype=torch.float32)
+    for m in (1, 4, 16, 80, 256):
+        assert torch.equal(run("auto", m), run("rows" if m < 80 else "pairs", m)), f"auto at M = {m}"
 
 
 @pytest.mark.skipif(not _AVX512_HERE, reason="token-lane kernels need AVX-512")
