@@ -316,6 +316,25 @@ def test_row_pairs_k_blocks_and_tiles(monkeypatch, isa_name, dtype, K, M):
     assert_close_policy(yb, x, w, bias=bias, activation="gelu")
 
 
+@pytest.mark.skipif(not _AVX512_HERE, reason="row-pair kernels need AVX-512")
+@pytest.mark.parametrize("isa_name", ["avx512", "avx512-base"])
+def test_int8_row_pairs_extremes_and_long_k(monkeypatch, isa_name):
+    # int8 row pairs: with VNNI + VBMI (the "avx512" name on this CPU) x is stored as x + 128 and multiplied by
+    # vpdpbusd, the kernel subtracting 128 x the row's value sum; int8's extremes (-128, 127) on both sides must stay
+    # exact. Beyond K = 65792 that kernel's int32 bound is not guaranteed, so the int16-pair kernel runs instead.
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa_name)
+    monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "pairs")
+    gen = torch.Generator().manual_seed(7)
+    for K, N, M in [(4096 + 36, 9, 83), (65796, 3, 81)]:
+        ext = torch.tensor([-128, 127], dtype=torch.int8)
+        w = ext[torch.randint(0, 2, (N, K), generator=gen)]
+        keep = core.prune_nm(torch.rand(N, K, generator=gen), 2, 4)[0] != 0  # a random 2:4 pattern
+        w = torch.where(keep, w, torch.zeros_like(w))
+        x = ext[torch.randint(0, 2, (M, K), generator=gen)]
+        y = core.sparse_linear(x, core.compress_24(w))
+        assert torch.equal(y.long(), x.long() @ w.long().t()), f"K = {K}"
+
+
 @pytest.mark.skipif(not (_AVX512_HERE and "avx512_bf16" in _FLAGS), reason="bf16 row-pair kernels need AVX512_BF16")
 def test_bf16_kernel_choice_by_m(monkeypatch):
     # bf16 with AVX512_BF16: the rows family runs the one-row-per-vector kernels below M = 8 and the unblocked

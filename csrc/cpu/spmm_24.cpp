@@ -40,6 +40,7 @@ const CpuFeatures& cpu_features() {
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     c.avx512_bf16 = c.avx512 && __builtin_cpu_supports("avx512bf16");
     c.avx512_vnni = c.avx512 && __builtin_cpu_supports("avx512vnni");
+    c.avx512_vbmi = c.avx512 && __builtin_cpu_supports("avx512vbmi");
     c.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     return c;
   }();
@@ -143,10 +144,11 @@ Kernel choose_kernel(WType w, const IsaChoice& c) {
 //   pairs:  K in the lanes, two weight rows per vector, K-blocked (AVX-512; bfloat16 with AVX512_BF16, int8);
 //   tokens: 16 activation rows in the lanes (AVX-512), see spmm_24.h.
 // auto takes pairs from their min_m where they exist for the dtype, else tokens from theirs, else rows (crossovers
-// measured on the 2-core Zen 4 development machine: fp32 tokens from M = 32; bf16 / int8 pairs from M = 80).
+// measured on the 2-core Zen 4 development machine: fp32 tokens from M = 32; bf16 pairs from M = 80; int8 pairs from
+// M = 24 with VNNI + VBMI (vpdpbusd), else from 80).
 enum class Family { kRows, kPairs, kTokens };
 
-Family choose_family(int64_t M, const IsaChoice& c, WType w, Kernel* pk, TokenKernel* tk) {
+Family choose_family(int64_t M, int64_t K, const IsaChoice& c, WType w, Kernel* pk, TokenKernel* tk) {
   const char* env = std::getenv("SPARSEKERN_CPU_SPMM_LAYOUT");
   const std::string v = env == nullptr ? std::string() : std::string(env);
   TORCH_CHECK(v.empty() || v == "auto" || v == "rows" || v == "pairs" || v == "tokens",
@@ -155,7 +157,7 @@ Family choose_family(int64_t M, const IsaChoice& c, WType w, Kernel* pk, TokenKe
   if (v == "rows") return Family::kRows;
   int64_t pair_min_m = 0;
   const bool avx512 = c.isa == Isa::kAvx512;
-  const bool have_pairs = avx512 && avx512_pair_kernel(w, c.extensions, pk, &pair_min_m);
+  const bool have_pairs = avx512 && avx512_pair_kernel(w, c.extensions, K, pk, &pair_min_m);
   const bool have_tokens = avx512 && avx512_token_kernel(w, c.extensions, tk);
   if (v == "pairs") {
     TORCH_CHECK(have_pairs, "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=pairs needs the AVX-512 kernels and "
@@ -261,6 +263,8 @@ at::ScalarType xtype_dtype(XType t) {
       return at::kShort;
     case XType::kI32:
       return at::kInt;
+    case XType::kU8:
+      return at::kChar;  // filled with int8 x, then the sign bit flipped in place (x + 128 as uint8 bits)
   }
   TORCH_CHECK(false, "unreachable");
 }
@@ -357,7 +361,7 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
   const IsaChoice isa = requested_isa();
   TokenKernel tk{};
   Kernel pk{};
-  const Family family = choose_family(M, isa, wt, &pk, &tk);
+  const Family family = choose_family(M, K, isa, wt, &pk, &tk);
   const bool tokens = family == Family::kTokens;
   Kernel kern = tokens ? Kernel{tk.xtype, tk.tile, tk.name} : family == Family::kPairs ? pk : choose_kernel(wt, isa);
   const Tensor vc = values.contiguous(), cc = codes.contiguous();
@@ -369,10 +373,11 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
   if (ldx > K) xp.narrow(1, K, ldx - K).zero_();
   if (Mp > M) xp.narrow(0, M, Mp - M).zero_();
   xp.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
+  if (kern.xtype == XType::kU8) xp.bitwise_xor_(-128);  // x + 128 as uint8 bits (the padding becomes x = 0 too)
   Tensor table;
-  const int64_t xs = kern.x_block + 32;
+  const int64_t xs = kern.x_block + kern.x_chunk;
   if (!tokens && kern.x_block > 0) {  // K-blocked copy for the kernel (spmm_24.h)
-    const int64_t nblk = x_blocks(K, kern.x_block);
+    const int64_t nblk = x_blocks(K, kern.x_block, kern.x_chunk);
     table = scratch(1, {nblk, M, xs}, xp.scalar_type());
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t b = 0; b < nblk; ++b) {

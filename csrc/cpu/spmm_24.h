@@ -27,7 +27,13 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 enum class WType { kF32, kF16, kBF16, kI8 };
 
 // Dtype of the prepared activations ([M, ldx], contiguous, zero-padded): chosen by the kernel (x_type_for).
-enum class XType { kF32, kBF16, kI16, kI32 };
+enum class XType {
+  kF32,
+  kBF16,
+  kI16,
+  kI32,
+  kU8  // int8 activations stored as x + 128 (uint8 bits: the sign bit flipped), for vpdpbusd
+};
 
 struct Problem {
   int64_t M = 0, N = 0, K = 0;  // K is a multiple of 4
@@ -48,16 +54,17 @@ struct Kernel {
   XType xtype;
   TileFn tile;
   const char* name;  // for error messages / debugging
-  // 0: the kernel reads x as prepared ([M, ldx] row-major). > 0: as K blocks of x_block columns (a multiple of 32)
-  // plus one chunk of 32 (room for the partial last chunk of K): block b is [M][x_block + 32] holding columns
-  // [b * x_block, b * x_block + x_block + 32) (zero past K), the blocks one after another (x_blocks() of them);
-  // p.ldx = x_block + 32.
+  // 0: the kernel reads x as prepared ([M, ldx] row-major). > 0: as K blocks of x_block columns (a multiple of
+  // x_chunk, the kernel's chunk width, 32 or 64) plus one more chunk (room for the partial last chunk of K): block b
+  // is [M][x_block + x_chunk] holding columns [b * x_block, (b + 1) * x_block + x_chunk) (past K: the prepared
+  // padding, then zeros), the blocks one after another (x_blocks() of them); p.ldx = x_block + x_chunk.
   int64_t x_block = 0;
+  int64_t x_chunk = 32;
 };
-// Number of K blocks of a blocked-x kernel: whole 32-column chunks in blocks of x_block columns, at least one (the
-// partial last chunk rides in the last block's extra chunk).
-inline int64_t x_blocks(int64_t K, int64_t x_block) {
-  const int64_t whole = K / 32 * 32;
+// Number of K blocks of a blocked-x kernel: its whole chunks in blocks of x_block columns, at least one (the partial
+// last chunk rides in the last block's extra chunk).
+inline int64_t x_blocks(int64_t K, int64_t x_block, int64_t x_chunk) {
+  const int64_t whole = K / x_chunk * x_chunk;
   return std::max<int64_t>(1, (whole + x_block - 1) / x_block);
 }
 
@@ -93,7 +100,8 @@ void tile_loop(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
 struct CpuFeatures {
   bool avx512 = false;       // avx512f + bw + vl + dq: every AVX-512 kernel
   bool avx512_bf16 = false;  // + AVX512_BF16 (vdpbf16ps)
-  bool avx512_vnni = false;  // + AVX512_VNNI (vpdpwssd)
+  bool avx512_vnni = false;  // + AVX512_VNNI (vpdpwssd, vpdpbusd)
+  bool avx512_vbmi = false;  // + AVX512_VBMI (vpermb, vpmultishiftqb)
   bool avx2 = false;         // avx2 + fma + f16c: the AVX2 kernels
 };
 const CpuFeatures& cpu_features();
@@ -102,10 +110,10 @@ const CpuFeatures& cpu_features();
 // extensions = false: only AVX-512 F/BW/VL/DQ kernels, even where the CPU has AVX512_BF16 / AVX512_VNNI (the paths
 // such CPUs take; forced with SPARSEKERN_CPU_ISA=avx512-base so they are tested on any AVX-512 machine).
 bool avx512_kernel(WType w, bool extensions, Kernel* out);
-// Row-pair kernels (spmm_24_avx512.cpp; 16-bit lanes: bfloat16 with AVX512_BF16, int8): two weight rows per vector,
-// one-source permutes, K-blocked with prepared index panels (x_block > 0). False where none exists for w; min_m: the
-// smallest M at which auto picks them.
-bool avx512_pair_kernel(WType w, bool extensions, Kernel* out, int64_t* min_m);
+// Row-pair kernels (spmm_24_avx512.cpp; bfloat16 with AVX512_BF16, int8): two weight rows per vector, one-source
+// permutes, K-blocked with prepared index panels (x_block > 0). False where none exists for w; min_m: the smallest M
+// at which auto picks them.
+bool avx512_pair_kernel(WType w, bool extensions, int64_t K, Kernel* out, int64_t* min_m);
 bool avx2_kernel(WType w, Kernel* out);
 
 // ------------------------------------------------------------------------------------------------- token lanes

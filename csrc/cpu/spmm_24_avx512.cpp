@@ -313,13 +313,14 @@ struct Pair16 : Base {  // Base: BF16Pairs / I8PairsVnni / I8Pairs
   using xt = uint16_t;
   using half_t = __m256i;
   using hmask_t = __mmask16;
-  static constexpr int kChunkCols = 32, kRowBits = 32;
+  static constexpr int kChunkCols = 32;
+  static constexpr int32_t kOffset = 0;  // x is used as is
   static inline uint64_t code_bits(const uint8_t* c, int64_t ch) {
     uint32_t w;
     std::memcpy(&w, c + 4 * ch, 4);
     return w;
   }
-  SK_AVX512 static inline __m512i idx_pair(uint64_t word) { return idx16_pair_from_codes(word); }
+  SK_AVX512 static inline __m512i idx_pair(uint64_t a, uint64_t b) { return idx16_pair_from_codes(a | b << 32); }
   SK_AVX512 static inline half_t zero_half() { return _mm256_setzero_si256(); }
   SK_AVX512 static inline __m512i join(half_t a, half_t b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
@@ -328,6 +329,59 @@ struct Pair16 : Base {  // Base: BF16Pairs / I8PairsVnni / I8Pairs
   SK_AVX512 static inline __m512i gather(__m512i idx, __m512i x) { return _mm512_permutexvar_epi16(idx, x); }
   static inline typename Base::vec fma(typename Base::vec s, __m512i w, __m512i xg) { return Base::dp(s, w, xg); }
 };
+// int8 x int8 by vpdpbusd (AVX512_VNNI with AVX512_VBMI for the byte permute): 4 products per 32-bit lane, i.e. two
+// groups' kept pairs, so ONE instruction covers 32 kept values of each of two rows. A chunk is 16 groups = 64 columns
+// of x = one zmm of bytes; lanes 0-7 hold row A's 32 kept values, lanes 8-15 row B's. vpdpbusd multiplies unsigned by
+// signed bytes, so the driver stores x + 128 as uint8 (XType::kU8) and the kernel subtracts 128 * (sum of the row's
+// kept values) at the end: exact in int32 while K * 255 * 128 < 2^31 (K < 65793; avx512_pair_kernel checks).
+//   byte j of the index: row A + (j >= 32), group (j % 32) / 2, column 4 * ((j % 32) / 2) + ((row word >> 2 (j % 32)) & 3)
+// (row word = the row's 64 code bits of the chunk), built by one vpmultishiftqb.
+#define SK_AVX512_U8 __attribute__((target(SK_AVX512_BASE ",avx512vnni,avx512vbmi")))
+SK_AVX512_U8 inline __m512i idx8_pair_from_codes(uint64_t a, uint64_t b) {
+  alignas(64) static constexpr uint8_t kCtrl[64] = {
+      0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+      44, 46, 48, 50, 52, 54, 56, 58, 60, 62, 0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22,
+      24, 26, 28, 30, 32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  alignas(64) static constexpr uint8_t kBase[64] = {
+      0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20, 20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
+      44, 44, 48, 48, 52, 52, 56, 56, 60, 60, 0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20, 20,
+      24, 24, 28, 28, 32, 32, 36, 36, 40, 40, 44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+  const __m512i words = _mm512_inserti64x4(_mm512_set1_epi64(static_cast<long long>(a)),
+                                           _mm256_set1_epi64x(static_cast<long long>(b)), 1);
+  const __m512i bits = _mm512_multishift_epi64_epi8(_mm512_load_si512(kCtrl), words);
+  return _mm512_ternarylogic_epi32(bits, _mm512_set1_epi8(3), _mm512_load_si512(kBase), 0xEA);
+}
+struct PairU8 {
+  using wt = int8_t;
+  using xt = uint8_t;
+  using vec = __m512i;
+  using acc_t = int32_t;
+  using half_t = __m256i;
+  using hmask_t = __mmask32;
+  static constexpr int kChunkCols = 64;
+  static constexpr int32_t kOffset = 128;  // x is stored as x + 128
+  static inline uint64_t code_bits(const uint8_t* c, int64_t ch) {
+    uint64_t w;
+    std::memcpy(&w, c + 8 * ch, 8);
+    return w;
+  }
+  SK_AVX512_U8 static inline __m512i idx_pair(uint64_t a, uint64_t b) { return idx8_pair_from_codes(a, b); }
+  SK_AVX512_U8 static inline half_t zero_half() { return _mm256_setzero_si256(); }
+  SK_AVX512_U8 static inline half_t load_half(const wt* v, hmask_t k) { return _mm256_maskz_loadu_epi8(k, v); }
+  SK_AVX512_U8 static inline __m512i join(half_t a, half_t b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+  }
+  SK_AVX512_U8 static inline vec zero() { return _mm512_setzero_si512(); }
+  SK_AVX512_U8 static inline vec load(const acc_t* p) { return _mm512_loadu_si512(p); }
+  SK_AVX512_U8 static inline void store(acc_t* p, vec v) { _mm512_storeu_si512(p, v); }
+  SK_AVX512_U8 static inline __m512i load_x(const xt* x) { return _mm512_load_si512(x); }
+  SK_AVX512_U8 static inline __m512i gather(__m512i idx, __m512i x) { return _mm512_permutexvar_epi8(idx, x); }
+  SK_AVX512_U8 static inline vec fma(vec s, __m512i w, __m512i xg) { return _mm512_dpbusd_epi32(s, xg, w); }
+  SK_AVX512_U8 static inline int32_t reduce_half(vec s, __mmask16 half) {
+    return _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(half, s));
+  }
+};
+
 // Blocking (large M): the row-pair tile walks K in blocks of kPairCols columns. Per K block it first builds a panel
 // per block of kNB2 weight rows: for each chunk and pair, the index vector and the value vector (the two rows' halves
 // side by side), so the micro kernel's chunk step is loads + permute + multiply-add only (building the index in the
@@ -339,7 +393,6 @@ struct Pair16 : Base {  // Base: BF16Pairs / I8PairsVnni / I8Pairs
 constexpr int64_t kPairCols = 1024;
 constexpr int kNB2 = 4, kMB2 = 8;  // register tile: 2 pairs x 8 activation rows = 16 accumulators
 constexpr int kPairs = kNB2 / 2;
-constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blocked x (spmm_24.h)
 
 #define SK_DEFINE_PAIR_ROWS(NAME, ATTR)                                                                             \
   /* Panel of rows [n, n + nb) (nb <= kNB2; missing rows get zero values) for chunks [ch0, ch0 + nch), the last     \
@@ -352,29 +405,30 @@ constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blo
     for (int64_t i = 0; i < nch; ++i) {                                                                             \
       const int64_t ch = ch0 + i;                                                                                   \
       const bool part = ch == full;                                                                                 \
-      const auto k = static_cast<typename Ops::hmask_t>(part ? (1u << (2 * rem)) - 1 : (1u << (2 * GC)) - 1);       \
+      const uint64_t kbits = (part ? rem : GC) * 2; /* values in the chunk: 2 per group */                          \
+      const auto k = static_cast<typename Ops::hmask_t>(kbits >= 64 ? ~uint64_t{0} : (uint64_t{1} << kbits) - 1);   \
       for (int q = 0; q < kPairs; ++q) {                                                                            \
-        uint64_t word = 0;                                                                                          \
+        uint64_t word[2] = {0, 0};                                                                                  \
         typename Ops::half_t half[2] = {Ops::zero_half(), Ops::zero_half()};                                        \
         for (int h = 0; h < 2; ++h) {                                                                               \
           const int r = 2 * q + h;                                                                                  \
           if (r >= nb) break;                                                                                       \
           const uint8_t* c = p.codes + (n + r) * p.code_stride;                                                     \
-          const uint64_t bits = part ? tail_code_bits(c, GC * full, rem) : Ops::code_bits(c, ch);                   \
-          word |= bits << (Ops::kRowBits * h);                                                                      \
+          word[h] = part ? tail_code_bits(c, GC * full, rem) : Ops::code_bits(c, ch);                               \
           half[h] = Ops::load_half(static_cast<const wt*>(p.values) + (n + r) * half_k + 2 * GC * ch, k);           \
         }                                                                                                           \
-        panel[(i * kPairs + q) * 2] = Ops::idx_pair(word);                                                          \
+        panel[(i * kPairs + q) * 2] = Ops::idx_pair(word[0], word[1]);                                              \
         panel[(i * kPairs + q) * 2 + 1] = Ops::join(half[0], half[1]);                                              \
       }                                                                                                             \
     }                                                                                                               \
   }                                                                                                                 \
-  /* MB activation rows (xb, kPairXS apart) x the panel's pairs over its nch chunks; writes rows [0, nb). park:     \
-     this block's slot (pair q, row j at (q * kTileM + j) * 16 elements); first: start from zero, else from park;   \
-     last: reduce into acc, else park. */                                                                           \
+  /* MB activation rows (xb, XS apart) x the panel's pairs over its nch chunks; writes rows [0, nb). park: this     \
+     block's slot (pair q, row j at (q * kTileM + j) * 16 elements); first: start from zero, else from park; last:  \
+     reduce into acc (minus Ops::kOffset x the row's value sum `vsum`), else park. */                               \
   template <class Ops, int MB>                                                                                      \
   ATTR void NAME(const __m512i* panel, const typename Ops::xt* xb, int64_t nch, int nb, typename Ops::acc_t* park,  \
-                 bool first, bool last, typename Ops::acc_t* acc, int64_t ld) {                                     \
+                 bool first, bool last, const int32_t* vsum, typename Ops::acc_t* acc, int64_t ld) {                \
+    constexpr int64_t XS = kPairCols + Ops::kChunkCols;                                                             \
     typename Ops::vec s[kPairs][MB];                                                                                \
     _Pragma("GCC unroll 8")                                                                                         \
     for (int q = 0; q < kPairs; ++q)                                                                                \
@@ -390,7 +444,7 @@ constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blo
       }                                                                                                             \
       _Pragma("GCC unroll 8")                                                                                       \
       for (int j = 0; j < MB; ++j) {                                                                                \
-        const auto xc = Ops::load_x(xb + j * kPairXS + Ops::kChunkCols * i);                                        \
+        const auto xc = Ops::load_x(xb + j * XS + Ops::kChunkCols * i);                                             \
         _Pragma("GCC unroll 8")                                                                                     \
         for (int q = 0; q < kPairs; ++q) s[q][j] = Ops::fma(s[q][j], w[q], Ops::gather(idx[q], xc));                \
       }                                                                                                             \
@@ -403,8 +457,12 @@ constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blo
           Ops::store(park + (q * kTileM + j) * 16, s[q][j]);                                                        \
           continue;                                                                                                 \
         }                                                                                                           \
-        if (2 * q < nb) acc[j * ld + 2 * q] = Ops::reduce_half(s[q][j], static_cast<__mmask16>(0x00FF));            \
-        if (2 * q + 1 < nb) acc[j * ld + 2 * q + 1] = Ops::reduce_half(s[q][j], static_cast<__mmask16>(0xFF00));    \
+        if (2 * q < nb)                                                                                             \
+          acc[j * ld + 2 * q] = Ops::reduce_half(s[q][j], static_cast<__mmask16>(0x00FF)) -                         \
+                                (Ops::kOffset ? Ops::kOffset * vsum[2 * q] : 0);                                    \
+        if (2 * q + 1 < nb)                                                                                         \
+          acc[j * ld + 2 * q + 1] = Ops::reduce_half(s[q][j], static_cast<__mmask16>(0xFF00)) -                     \
+                                    (Ops::kOffset ? Ops::kOffset * vsum[2 * q + 1] : 0);                            \
       }                                                                                                             \
   }                                                                                                                 \
   /* One driver tile [m0, m1) x [n0, n1) (at most kTileM x kTileN). */                                              \
@@ -412,7 +470,9 @@ constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blo
   struct NAME##_tile {                                                                                              \
     using acc_t = typename Ops::acc_t;                                                                              \
     using xt = typename Ops::xt;                                                                                    \
-    using MicroFn = void (*)(const __m512i*, const xt*, int64_t, int, acc_t*, bool, bool, acc_t*, int64_t);         \
+    using MicroFn = void (*)(const __m512i*, const xt*, int64_t, int, acc_t*, bool, bool, const int32_t*, acc_t*,   \
+                             int64_t);                                                                              \
+    static constexpr int64_t XS = kPairCols + Ops::kChunkCols; /* row stride of the driver's K-blocked x */         \
     static constexpr int64_t kKC = kPairCols / Ops::kChunkCols;        /* chunks per K block */                     \
     static constexpr int64_t kPanelVecs = (kKC + 1) * kPairs * 2;      /* one weight-row block's panel, in zmm */   \
     template <int... Is>                                                                                            \
@@ -427,11 +487,20 @@ constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blo
       const int64_t nblk = std::max<int64_t>(1, (full + kKC - 1) / kKC);                                            \
       const int64_t blk_vecs = kTileN / kNB2 * kPanelVecs;                                                          \
       thread_local std::vector<char> panel_bytes; /* 64-byte aligned by hand below */                               \
+      thread_local int32_t vsum[kTileN];           /* the rows' value sums, for Ops::kOffset */                     \
       if (m0 == 0 && static_cast<int64_t>(panel_bytes.size()) < (nblk * blk_vecs + 1) * 64)                         \
         panel_bytes.resize((nblk * blk_vecs + 1) * 64);                                                             \
       __m512i* const panels = reinterpret_cast<__m512i*>(                                                           \
           (reinterpret_cast<uintptr_t>(panel_bytes.data()) + 63) & ~static_cast<uintptr_t>(63));                    \
       if (m0 == 0) {                                                                                                \
+        if (Ops::kOffset) {                                                                                         \
+          for (int64_t n = n0; n < n1; ++n) {                                                                       \
+            const typename Ops::wt* v = static_cast<const typename Ops::wt*>(p.values) + n * (p.K / 2);             \
+            int32_t t = 0;                                                                                          \
+            for (int64_t i = 0; i < p.K / 2; ++i) t += v[i];                                                        \
+            vsum[n - n0] = t;                                                                                       \
+          }                                                                                                         \
+        }                                                                                                           \
         for (int64_t b = 0; b < nblk; ++b) {                                                                        \
           const int64_t ch0 = b * kKC, ch1 = std::min(full, ch0 + kKC);                                             \
           const int64_t nch = ch1 - ch0 + (b == nblk - 1 ? parts : 0);                                              \
@@ -448,11 +517,11 @@ constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blo
         const __m512i* panel = panels + b * blk_vecs;                                                               \
         for (int64_t m = m0; m < m1; m += kMB2) {                                                                   \
           const int mb = static_cast<int>(std::min<int64_t>(kMB2, m1 - m));                                         \
-          const xt* xb = x + (b * p.M + m) * kPairXS; /* the driver's K-blocked copy */                             \
+          const xt* xb = x + (b * p.M + m) * XS; /* the driver's K-blocked copy */                                  \
           for (int64_t n = n0; n < n1; n += kNB2) {                                                                 \
             table[mb - 1](panel + (n - n0) / kNB2 * kPanelVecs, xb, nch,                                            \
                           static_cast<int>(std::min<int64_t>(kNB2, n1 - n)),                                        \
-                          park + ((n - n0) / 2 * kTileM + (m - m0)) * 16, first, last,                              \
+                          park + ((n - n0) / 2 * kTileM + (m - m0)) * 16, first, last, vsum + (n - n0),             \
                           acc + (m - m0) * ld + (n - n0), ld);                                                      \
           }                                                                                                         \
         }                                                                                                           \
@@ -463,6 +532,7 @@ constexpr int64_t kPairXS = kPairCols + 32;  // row stride of the driver's K-blo
 SK_DEFINE_PAIR_ROWS(pair_rows_base, SK_AVX512)
 SK_DEFINE_PAIR_ROWS(pair_rows_bf16, SK_AVX512_BF16)
 SK_DEFINE_PAIR_ROWS(pair_rows_vnni, SK_AVX512_VNNI)
+SK_DEFINE_PAIR_ROWS(pair_rows_u8, SK_AVX512_U8)
 #undef SK_DEFINE_PAIR_ROWS
 
 // Without blocking or panels (small M, driven by tile_loop like the row kernels): the index and the joined values are
@@ -483,7 +553,7 @@ SK_DEFINE_PAIR_ROWS(pair_rows_vnni, SK_AVX512_VNNI)
       const uint64_t a = part ? tail_code_bits(c[2 * q], 8 * full, rem) : Ops::code_bits(c[2 * q], ch);             \
       const uint64_t b = !two ? 0 : part ? tail_code_bits(c[2 * q + 1], 8 * full, rem)                              \
                                          : Ops::code_bits(c[2 * q + 1], ch);                                        \
-      idx[q] = Ops::idx_pair(a | b << 32);                                                                          \
+      idx[q] = Ops::idx_pair(a, b);                                                                                   \
       w[q] = Ops::join(Ops::load_half(v[2 * q] + 16 * ch, k),                                                       \
                        two ? Ops::load_half(v[2 * q + 1] + 16 * ch, k) : Ops::zero_half());                         \
     }                                                                                                               \
@@ -640,8 +710,15 @@ bool avx512_kernel(WType w, bool extensions, Kernel* out) {
 // from 96 (M = 256: 1.27x the row kernels, 1.10x dense F.linear); int8 (VNNI) equal at 64, 1.25x at 128, 1.43x at
 // 256 (also ahead of the int8 token lanes, 1.26x at 256). Below, building the panels is not paid back.
 constexpr int64_t kPairMinM = 80;
+// int8 by vpdpbusd (VNNI + VBMI), same machine and shapes, medians of 7: ahead of the row kernels from M = 24 (6.0 vs
+// 6.9 ms, 5.9 vs 6.6 ms), behind at 16 (5.3 vs 4.7 ms: the panels cost ~3 ms a call); at M = 256 27-28 ms against 59-61
+// for the row kernels and 29-36 ms for PyTorch's dense int8 GEMM (torch._int_mm).
+constexpr int64_t kPairMinMU8 = 24;
 
-bool avx512_pair_kernel(WType w, bool extensions, Kernel* out, int64_t* min_m) {
+// vpdpbusd kernel: exact while every lane's int32 sum of (x + 128) * w stays in range: K * 255 * 128 < 2^31.
+constexpr int64_t kU8MaxK = (int64_t{1} << 31) / (255 * 128) - 1;
+
+bool avx512_pair_kernel(WType w, bool extensions, int64_t K, Kernel* out, int64_t* min_m) {
   const CpuFeatures& f = cpu_features();
   if (!f.avx512) return false;
   *min_m = kPairMinM;
@@ -650,7 +727,10 @@ bool avx512_pair_kernel(WType w, bool extensions, Kernel* out, int64_t* min_m) {
     return true;
   }
   if (w == WType::kI8) {
-    if (extensions && f.avx512_vnni) {
+    if (extensions && f.avx512_vnni && f.avx512_vbmi && K <= kU8MaxK) {
+      *out = {XType::kU8, &pair_rows_u8_tile<PairU8>::run, "avx512-i8-vnni-u8-pairs", kPairCols, 64};
+      *min_m = kPairMinMU8;
+    } else if (extensions && f.avx512_vnni) {
       *out = {XType::kI16, &pair_rows_vnni_tile<Pair16<I8PairsVnni>>::run, "avx512-i8-vnni-pairs", kPairCols};
     } else {
       *out = {XType::kI16, &pair_rows_base_tile<Pair16<I8Pairs>>::run, "avx512-i8-pairs", kPairCols};
