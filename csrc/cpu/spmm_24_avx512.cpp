@@ -584,7 +584,21 @@ SK_DEFINE_PAIR_ROWS(pair_rows_u8, SK_AVX512_U8)
     for (int q = 0; q < P; ++q)                                                                                     \
       _Pragma("GCC unroll 8")                                                                                       \
       for (int j = 0; j < MB; ++j) s[q][j] = Ops::zero();                                                           \
-    for (int64_t ch = 0; ch < full; ++ch) NAME##_step<Ops, NB, MB>(v, c, x, s, ch, false, full, rem);               \
+    /* Last pass over these rows within the driver's 64-row activation tile: prefetch the next NB rows' values (a   \
+       line every 2 chunks) and codes (every 16), as the one-row kernels do. */                                     \
+    const bool pf = m + MB >= std::min<int64_t>(p.M, (m / 64 + 1) * 64) && n + 2 * NB <= p.N;                       \
+    const int64_t pf_off = static_cast<int64_t>(NB) * half_k;                                                       \
+    for (int64_t ch = 0; ch < full; ++ch) {                                                                         \
+      if (pf && (ch & 1) == 0) {                                                                                    \
+        _Pragma("GCC unroll 8")                                                                                     \
+        for (int i = 0; i < NB; ++i) {                                                                              \
+          _mm_prefetch(reinterpret_cast<const char*>(v[i] + pf_off + 16 * ch), _MM_HINT_T0);                        \
+          if ((ch & 15) == 0)                                                                                       \
+            _mm_prefetch(reinterpret_cast<const char*>(c[i] + NB * p.code_stride + 4 * ch), _MM_HINT_T0);           \
+        }                                                                                                           \
+      }                                                                                                             \
+      NAME##_step<Ops, NB, MB>(v, c, x, s, ch, false, full, rem);                                                   \
+    }                                                                                                               \
     if (rem > 0) NAME##_step<Ops, NB, MB>(v, c, x, s, full, true, full, rem); /* x is zero-padded to 64 columns */  \
     _Pragma("GCC unroll 8")                                                                                         \
     for (int q = 0; q < P; ++q)                                                                                     \
