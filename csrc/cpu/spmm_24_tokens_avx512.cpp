@@ -396,7 +396,7 @@ void build_token_table(TokenTable t, const void* xp, int64_t ldx, int64_t M, int
 // development machine (2 threads, 11008 x 4096 and 4096 x 11008, 2026-11-24, docs/benchmarks.md):
 //   fp32 table: equal at M = 16, ahead from M = 32-64 (M = 256: 1.3-1.5x the row kernels);
 //   int8 pairs: behind up to M = 64, ~8 % ahead of the row kernels at M = 256 — but the row-pair kernels
-//   (spmm_24_avx512.cpp) exist for int8 wherever these do and auto takes them from M = 80 (1.26x these at M = 256),
+//   (spmm_24_avx512.cpp) exist for int8 wherever these do and auto takes them from M = 24 (VNNI + VBMI) or 80,
 //   so auto no longer reaches these for int8; they stay selectable and tested;
 //   bf16 pairs: never ahead there (one vdpbf16ps per 16 tokens is bound by its 64-byte table load, where the row
 //   kernels share each activation load across 4 weight rows), so auto never takes it; it stays selectable with
