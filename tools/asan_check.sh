@@ -6,7 +6,7 @@
 # libstdc++ is preloaded next to libasan so that ASan's __cxa_throw interceptor finds the real one (without it, the
 # first C++ exception - a TORCH_CHECK, or triton's import - aborts with "CHECK failed: asan_interceptors.cpp").
 # Deselected: the peak-memory test of SparseGPT (ASan's allocator pads and quarantines blocks, so peaks differ).
-# Last run 2026-11-24 (commit after be61107): 1231 passed, no ASan report.
+# Last run 2026-11-24 (commit after 58891b6): 1233 passed, no ASan report.
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d /tmp/sparsekern-asan.XXXXXX)"
