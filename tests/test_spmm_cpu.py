@@ -265,16 +265,11 @@ def test_all_isas_agree_on_int8_and_on_bit_patterns(monkeypatch):
 _AVX512_HERE = _ISA_NEEDS["avx512"] <= _FLAGS
 
 
-@pytest.mark.skipif(not _AVX512_HERE, reason="token-lane kernels need AVX-512")
-@pytest.mark.parametrize("isa_name", ["avx512", "avx512-base"])
-@pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.int8])
-@pytest.mark.parametrize("M", [17, 64, 130])
-def test_token_lanes_multi_tile_and_chunk(monkeypatch, isa_name, dtype, M):
-    # Several token tiles (64 rows each; the last one partial, with fewer than 4 blocks of 16), a K that spans more
-    # than one table chunk (256 groups) and has an odd group count (1028 / 4 = 257), rows not a multiple of 4.
+def check_forced_path(monkeypatch, isa_name, layout, dtype, *, N, K, M, activation):
+    """One shape on a forced ISA + kernel family: int8 exact; floats within the policy, plain (float32 out) and with
+    a bias and an activation (out in x's dtype)."""
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa_name)
-    monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "tokens")
-    K, N = 1028, 37
+    monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", layout)
     w = random_pruned(N, K, dtype)
     x = random_x(M, K, dtype)
     c = core.compress_24(w)
@@ -284,8 +279,18 @@ def test_token_lanes_multi_tile_and_chunk(monkeypatch, isa_name, dtype, M):
     y = core.sparse_linear(x, c, out_dtype=torch.float32)
     assert_close_policy(y, x, w, out_dtype=torch.float32)
     bias = torch.randn(N)
-    yb = core.sparse_linear(x, c, bias=bias, activation="relu")
-    assert_close_policy(yb, x, w, bias=bias, activation="relu")
+    yb = core.sparse_linear(x, c, bias=bias, activation=activation)
+    assert_close_policy(yb, x, w, bias=bias, activation=activation)
+
+
+@pytest.mark.skipif(not _AVX512_HERE, reason="token-lane kernels need AVX-512")
+@pytest.mark.parametrize("isa_name", ["avx512", "avx512-base"])
+@pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.int8])
+@pytest.mark.parametrize("M", [17, 64, 130])
+def test_token_lanes_multi_tile_and_chunk(monkeypatch, isa_name, dtype, M):
+    # Several token tiles (64 rows each; the last one partial, with fewer than 4 blocks of 16), a K that spans more
+    # than one table chunk (256 groups) and has an odd group count (1028 / 4 = 257), rows not a multiple of 4.
+    check_forced_path(monkeypatch, isa_name, "tokens", dtype, N=37, K=1028, M=M, activation="relu")
 
 
 @pytest.mark.skipif(not _AVX512_HERE, reason="row-pair kernels need AVX-512")
@@ -300,20 +305,7 @@ def test_row_pairs_k_blocks_and_tiles(monkeypatch, isa_name, dtype, K, M):
     # row) and not a multiple of the 32-row thread tile.
     if not has_kernel(f"{isa_name}+pairs", dtype):
         pytest.skip(f"{isa_name}: no row-pair kernel for {dtype}")
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa_name)
-    monkeypatch.setenv("SPARSEKERN_CPU_SPMM_LAYOUT", "pairs")
-    N = 45
-    w = random_pruned(N, K, dtype)
-    x = random_x(M, K, dtype)
-    c = core.compress_24(w)
-    if dtype == torch.int8:
-        assert torch.equal(core.sparse_linear(x, c).long(), x.long() @ w.long().t())
-        return
-    y = core.sparse_linear(x, c, out_dtype=torch.float32)
-    assert_close_policy(y, x, w, out_dtype=torch.float32)
-    bias = torch.randn(N)
-    yb = core.sparse_linear(x, c, bias=bias, activation="gelu")
-    assert_close_policy(yb, x, w, bias=bias, activation="gelu")
+    check_forced_path(monkeypatch, isa_name, "pairs", dtype, N=45, K=K, M=M, activation="gelu")
 
 
 @pytest.mark.skipif(not _AVX512_HERE, reason="row-pair kernels need AVX-512")

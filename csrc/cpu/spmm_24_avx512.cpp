@@ -201,6 +201,19 @@ struct I8Pairs : Pairs16Common {
 };
 
 // ------------------------------------------------------------------------------------------------- micro kernel
+// The row pointers of a register tile: values and codes of weight rows n .. n + NB - 1, activation rows m .. m + MB - 1.
+template <typename wt, typename xt, int NB, int MB>
+inline __attribute__((always_inline)) void tile_rows(const Problem& p, int64_t n, int64_t m, const wt* (&v)[NB],
+                                                     const uint8_t* (&c)[NB], const xt* (&x)[MB]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i) {
+    v[i] = static_cast<const wt*>(p.values) + (n + i) * (p.K / 2);
+    c[i] = p.codes + (n + i) * p.code_stride;
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < MB; ++j) x[j] = static_cast<const xt*>(p.x) + (m + j) * p.ldx;
+}
+
 // NB weight rows x MB activation rows over the whole K. One chunk step: per weight row build the index vector and
 // load the values once, per activation row load x's chunk once (inside Ops::step) and feed all NB rows. Whole
 // chunks run without masks; a last partial chunk uses masked value loads (masked lanes are 0 and their indices hit
@@ -234,13 +247,7 @@ struct I8Pairs : Pairs16Common {
     const wt* v[NB];                                                                                                \
     const uint8_t* c[NB];                                                                                           \
     const xt* x[MB];                                                                                                \
-    _Pragma("GCC unroll 8")                                                                                         \
-    for (int i = 0; i < NB; ++i) {                                                                                  \
-      v[i] = static_cast<const wt*>(p.values) + (n + i) * half_k;                                                   \
-      c[i] = p.codes + (n + i) * p.code_stride;                                                                     \
-    }                                                                                                               \
-    _Pragma("GCC unroll 8")                                                                                         \
-    for (int j = 0; j < MB; ++j) x[j] = static_cast<const xt*>(p.x) + (m + j) * p.ldx;                              \
+    tile_rows<wt, xt, NB, MB>(p, n, m, v, c, x);                                                                    \
     typename Ops::vec s[NB][MB];                                                                                    \
     _Pragma("GCC unroll 8")                                                                                         \
     for (int i = 0; i < NB; ++i)                                                                                    \
@@ -307,7 +314,7 @@ SK_AVX512 inline __m512i idx16_pair_from_codes(uint64_t word) {
   return _mm512_ternarylogic_epi32(_mm512_srlv_epi16(w, shifts), _mm512_set1_epi16(3), base, 0xEA);
 }
 // Lane policy of the row-pair kernels on top of the pair policies above: chunk width, code bits per row and chunk,
-// the index builder, the join of two rows' half-vector values, the gathered multiply-add.
+// the index builder, the join of two rows' half-vector values (the multiply-add is the pair policy's dp).
 template <class Base>
 struct Pair16 : Base {  // Base: BF16Pairs / I8PairsVnni / I8Pairs
   using xt = uint16_t;
@@ -327,7 +334,6 @@ struct Pair16 : Base {  // Base: BF16Pairs / I8PairsVnni / I8Pairs
   }
   SK_AVX512 static inline __m512i load_x(const xt* x) { return _mm512_load_si512(x); }
   SK_AVX512 static inline __m512i gather(__m512i idx, __m512i x) { return _mm512_permutexvar_epi16(idx, x); }
-  static inline typename Base::vec fma(typename Base::vec s, __m512i w, __m512i xg) { return Base::dp(s, w, xg); }
 };
 // int8 x int8 by vpdpbusd (AVX512_VNNI with AVX512_VBMI for the byte permute): 4 products per 32-bit lane, i.e. two
 // groups' kept pairs, so ONE instruction covers 32 kept values of each of two rows. A chunk is 16 groups = 64 columns
@@ -376,7 +382,7 @@ struct PairU8 {
   SK_AVX512_U8 static inline void store(acc_t* p, vec v) { _mm512_storeu_si512(p, v); }
   SK_AVX512_U8 static inline __m512i load_x(const xt* x) { return _mm512_load_si512(x); }
   SK_AVX512_U8 static inline __m512i gather(__m512i idx, __m512i x) { return _mm512_permutexvar_epi8(idx, x); }
-  SK_AVX512_U8 static inline vec fma(vec s, __m512i w, __m512i xg) { return _mm512_dpbusd_epi32(s, xg, w); }
+  SK_AVX512_U8 static inline vec dp(vec s, __m512i w, __m512i xg) { return _mm512_dpbusd_epi32(s, xg, w); }
   SK_AVX512_U8 static inline int32_t reduce_half(vec s, __mmask16 half) {
     return _mm512_reduce_add_epi32(_mm512_maskz_mov_epi32(half, s));
   }
@@ -426,9 +432,10 @@ constexpr int kPairs = kNB2 / 2;
      block's slot (pair q, row j at (q * kTileM + j) * 16 elements); first: start from zero, else from park; last:  \
      reduce into acc (minus Ops::kOffset x the row's value sum `vsum`), else park. */                               \
   template <class Ops, int MB>                                                                                      \
-  ATTR void NAME(const __m512i* panel, const typename Ops::xt* xb, int64_t nch, int nb, typename Ops::acc_t* park,  \
+  ATTR void NAME(const void* panel_v, const typename Ops::xt* xb, int64_t nch, int nb, typename Ops::acc_t* park,   \
                  bool first, bool last, const int32_t* vsum, typename Ops::acc_t* acc, int64_t ld) {                \
     constexpr int64_t XS = kPairCols + Ops::kChunkCols;                                                             \
+    const __m512i* panel = static_cast<const __m512i*>(panel_v);                                                    \
     typename Ops::vec s[kPairs][MB];                                                                                \
     _Pragma("GCC unroll 8")                                                                                         \
     for (int q = 0; q < kPairs; ++q)                                                                                \
@@ -446,7 +453,7 @@ constexpr int kPairs = kNB2 / 2;
       for (int j = 0; j < MB; ++j) {                                                                                \
         const auto xc = Ops::load_x(xb + j * XS + Ops::kChunkCols * i);                                             \
         _Pragma("GCC unroll 8")                                                                                     \
-        for (int q = 0; q < kPairs; ++q) s[q][j] = Ops::fma(s[q][j], w[q], Ops::gather(idx[q], xc));                \
+        for (int q = 0; q < kPairs; ++q) s[q][j] = Ops::dp(s[q][j], w[q], Ops::gather(idx[q], xc));                \
       }                                                                                                             \
     }                                                                                                               \
     _Pragma("GCC unroll 8")                                                                                         \
@@ -470,7 +477,8 @@ constexpr int kPairs = kNB2 / 2;
   struct NAME##_tile {                                                                                              \
     using acc_t = typename Ops::acc_t;                                                                              \
     using xt = typename Ops::xt;                                                                                    \
-    using MicroFn = void (*)(const __m512i*, const xt*, int64_t, int, acc_t*, bool, bool, const int32_t*, acc_t*,   \
+    /* (the panel as void*: a vector type in a std::array element's signature draws -Wignored-attributes) */        \
+    using MicroFn = void (*)(const void*, const xt*, int64_t, int, acc_t*, bool, bool, const int32_t*, acc_t*,      \
                              int64_t);                                                                              \
     static constexpr int64_t XS = kPairCols + Ops::kChunkCols; /* row stride of the driver's K-blocked x */         \
     static constexpr int64_t kKC = kPairCols / Ops::kChunkCols;        /* chunks per K block */                     \
@@ -561,7 +569,7 @@ SK_DEFINE_PAIR_ROWS(pair_rows_u8, SK_AVX512_U8)
     for (int j = 0; j < MB; ++j) {                                                                                  \
       const __m512i xc = _mm512_loadu_si512(x[j] + 32 * ch);                                                        \
       _Pragma("GCC unroll 8")                                                                                       \
-      for (int q = 0; q < P; ++q) s[q][j] = Ops::fma(s[q][j], w[q], Ops::gather(idx[q], xc));                       \
+      for (int q = 0; q < P; ++q) s[q][j] = Ops::dp(s[q][j], w[q], Ops::gather(idx[q], xc));                       \
     }                                                                                                               \
   }                                                                                                                 \
   template <class Ops, int NB, int MB>                                                                              \
@@ -572,13 +580,7 @@ SK_DEFINE_PAIR_ROWS(pair_rows_u8, SK_AVX512_U8)
     const wt* v[NB];                                                                                                \
     const uint8_t* c[NB];                                                                                           \
     const uint16_t* x[MB];                                                                                          \
-    _Pragma("GCC unroll 8")                                                                                         \
-    for (int i = 0; i < NB; ++i) {                                                                                  \
-      v[i] = static_cast<const wt*>(p.values) + (n + i) * half_k;                                                   \
-      c[i] = p.codes + (n + i) * p.code_stride;                                                                     \
-    }                                                                                                               \
-    _Pragma("GCC unroll 8")                                                                                         \
-    for (int j = 0; j < MB; ++j) x[j] = static_cast<const uint16_t*>(p.x) + (m + j) * p.ldx;                        \
+    tile_rows<wt, uint16_t, NB, MB>(p, n, m, v, c, x);                                                              \
     typename Ops::vec s[P][MB];                                                                                     \
     _Pragma("GCC unroll 8")                                                                                         \
     for (int q = 0; q < P; ++q)                                                                                     \
