@@ -388,6 +388,26 @@ def test_forcing_an_isa_changes_the_code_that_runs(monkeypatch):
                 assert not torch.equal(outs[a], outs[b]), f"{a} and {b} gave bit-identical float32 sums"
 
 
+@pytest.mark.parametrize("dtype", FLOAT_TYPES + [torch.int8])
+@pytest.mark.parametrize("M", [257, 600])
+def test_large_m_runs_in_row_slabs(dtype, M):
+    # M > 256 runs as slabs of 256 activation rows (the last one partial); the per-row epilogue input (row_scale)
+    # must follow its rows into each slab.
+    K, N = 200, 37
+    w = random_pruned(N, K, dtype)
+    x = random_x(M, K, dtype)
+    c = core.compress_24(w)
+    if dtype == torch.int8:
+        assert torch.equal(core.sparse_linear(x, c).long(), x.long() @ w.long().t())
+    row_scale = torch.rand(M) + 0.5
+    bias = torch.randn(N)
+    alpha = (torch.rand(N) + 0.5) / (2000 if dtype == torch.int8 else 1)
+    out_dtype = torch.float32 if dtype == torch.int8 else None
+    y = core.sparse_linear(x, c, bias=bias, alpha=alpha, row_scale=row_scale, activation="relu", out_dtype=out_dtype)
+    assert y.shape == (M, N)
+    assert_close_policy(y, x, w, out_dtype=out_dtype, bias=bias, alpha=alpha, row_scale=row_scale, activation="relu")
+
+
 def test_empty_shapes():
     c = core.compress_24(random_pruned(5, 8, torch.float32))
     assert core.sparse_linear(torch.randn(0, 8), c).shape == (0, 5)
