@@ -304,10 +304,10 @@ def cslt_shape_ok(n: int, k: int, dtype: torch.dtype) -> bool:
     return n % mult == 0 and k % mult == 0 and dtype.itemsize <= 2
 
 
-# Unmeasured CPU layers that keep a dense copy use it from this batch size on (a bucket, see m_bucket: M > 2048): below
-# it the CPU 2:4 kernels were at least as fast as dense F.linear on the development machine in every dtype measured
-# (2026-11-24, 11008 x 4096, 2 threads: bf16 1.21x at M = 1024 and 1.02x at 2048 with the row-pair kernels, fp32
-# 1.16x at 1024; docs/benchmarks.md). A measured policy table (kernel_dense_cache) overrides this per shape.
+# Unmeasured CPU layers that keep a dense copy use it from this batch size on (a bucket, see m_bucket: M > 2048): up to
+# there the CPU 2:4 kernels were at least as fast as dense F.linear on the development machine in every dtype and shape
+# measured (bench/results/2026-11-24-cpu-amd-epyc-2t-largem: 11008 x 4096 and 4096 x 11008, M = 256..2048, fp32
+# 1.02-1.73x, bf16 1.03-1.20x). A measured policy table (kernel_dense_cache) overrides this per shape.
 CPU_DENSE_CACHE_MIN_M = 4096
 
 
