@@ -611,7 +611,6 @@ SK_DEFINE_PAIR_ROWS(pair_rows_u8, SK_AVX512_U8)
       }                                                                                                             \
   }                                                                                                                 \
 
-SK_DEFINE_PAIR_ROWS_SMALL(pair_small_base, SK_AVX512)
 SK_DEFINE_PAIR_ROWS_SMALL(pair_small_bf16, SK_AVX512_BF16)
 SK_DEFINE_PAIR_ROWS_SMALL(pair_small_vnni, SK_AVX512_VNNI)
 #undef SK_DEFINE_PAIR_ROWS_SMALL
