@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import sparsekern  # noqa: F401  (loads the extension)
+from sparsekern import weight
 from sparsekern import _ext
-from sparsekern.format import Compressed24
+from sparsekern.weight import Compressed24
 from sparsekern.ops import core
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
@@ -198,7 +199,7 @@ def test_nm_violation_errors():
 @pytest.mark.parametrize("shape", [(1, 4), (3, 12), (17, 40), (64, 128), (5, 20)])
 def test_compress_decompress_round_trip_and_codes(dtype, shape):
     w = random_24(*shape, dtype)
-    c = core.compress_24(w)
+    c = weight.compress_24(w)
     assert c.values.shape == (shape[0], shape[1] // 2) and c.values.dtype == dtype
     assert c.codes.shape == (shape[0], (shape[1] + 7) // 8) and c.codes.dtype == torch.uint8
     assert torch.equal(c.codes, ref_codes(w))
@@ -218,10 +219,10 @@ def test_compress_decompress_round_trip_and_codes(dtype, shape):
 def test_compress_non_contiguous_and_negative_zero():
     w = random_24(24, 16, torch.float32).t().contiguous().t()  # non-contiguous view of a 2:4 tensor [24, 16]
     assert not w.is_contiguous()
-    c = core.compress_24(w)
+    c = weight.compress_24(w)
     assert torch.equal(c.decompress(), w)
     z = torch.tensor([[-0.0, 0.0, 0.0, -0.0, 0.0, 3.0, -0.0, 0.0]])
-    c = core.compress_24(z)
+    c = weight.compress_24(z)
     assert c.codes.tolist() == [[4 | (4 << 4)]]  # both groups keep (0, 1): the non-zero, then the lowest zeros
     assert bool(torch.signbit(c.decompress()[0, 0]))  # a kept -0.0 stays -0.0 (dropped ones come back +0.0)
     assert torch.equal(c.decompress(), z)
@@ -231,17 +232,17 @@ def test_compress_error_names_row_and_group():
     w = random_24(6, 24, torch.float32)
     w[4, 12:16] = torch.tensor([1.0, 2.0, 0.0, 3.0])
     with pytest.raises(RuntimeError, match=r"not 2:4 sparse: row 4, group 3 \(columns 12..15\) holds 3 non-zeros"):
-        core.compress_24(w)
+        weight.compress_24(w)
     with pytest.raises(RuntimeError, match=r"number of columns of w \(10\) must be a multiple of 4"):
         torch.ops.sparsekern.compress_24(torch.zeros(2, 10))
     with pytest.raises(RuntimeError, match="w has unsupported dtype Int"):
         torch.ops.sparsekern.compress_24(torch.zeros(2, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="must be 2-D"):
-        core.compress_24(torch.zeros(2, 2, 8))
+        weight.compress_24(torch.zeros(2, 2, 8))
 
 
 def test_decompress_errors():
-    c = core.compress_24(random_24(3, 24, torch.float32))
+    c = weight.compress_24(random_24(3, 24, torch.float32))
     ops = torch.ops.sparsekern
     bad = c.codes.clone()
     bad[2, 1] = (bad[2, 1] & 0x0F) | (5 << 4)  # group 3 of row 2: code 5 = (1, 1)
@@ -256,7 +257,7 @@ def test_decompress_errors():
     with pytest.raises(RuntimeError, match=r"cols \(26\) must be a non-negative multiple of 4"):
         ops.decompress_24(c.values, c.codes, 26)
     # The padding nibble of an odd group count is ignored, whatever it holds.
-    c5 = core.compress_24(random_24(2, 20, torch.float32))
+    c5 = weight.compress_24(random_24(2, 20, torch.float32))
     codes = c5.codes.clone()
     codes[:, -1] |= 0xF0
     assert torch.equal(ops.decompress_24(c5.values, codes, 20), c5.decompress())
@@ -269,7 +270,7 @@ def test_decompress_large_odd_shape_threaded(dtype):
     torch.manual_seed(3)
     rows, cols = 1031, 1020
     w = random_24(rows, cols, dtype)
-    c = core.compress_24(w)
+    c = weight.compress_24(w)
     back = torch.ops.sparsekern.decompress_24(c.values, c.codes, cols)
     assert back.dtype == dtype
     assert torch.equal(back.double(), w.double())  # exact by value (a dropped -0.0 comes back as +0.0)
@@ -284,14 +285,14 @@ def test_decompress_large_odd_shape_threaded(dtype):
 
 @pytest.mark.cuda
 def test_decompress_device_mismatch_error():
-    c = core.compress_24(random_24(3, 24, torch.float32))
+    c = weight.compress_24(random_24(3, 24, torch.float32))
     with pytest.raises(RuntimeError, match="codes is on cuda:0 but values is on cpu"):
         torch.ops.sparsekern.decompress_24(c.values, c.codes.cuda(), 24)
 
 
 def test_compressed24_container():
     w = random_24(8, 24, torch.bfloat16)
-    c = core.compress_24(w)
+    c = weight.compress_24(w)
     assert c.shape == (8, 24) and c.dtype == torch.bfloat16 and c.format_version == 1
     assert c.nbytes == 8 * 12 * 2 + 8 * 3
     c2 = Compressed24.from_state_dict(c.state_dict("layer."), "layer.")

@@ -153,7 +153,7 @@ def test_compressed_nbytes_is_nine_or_ten_sixteenths():
 def test_compress_rejects_bad_shapes_and_dtypes(shape, dtype, match):
     w = torch.zeros(shape, dtype=dtype)
     with pytest.raises(ValueError, match=match):
-        cslt.compress(w)
+        cslt.cslt_compress(w)
 
 
 def _meta_args(dtype=torch.float16, M=5, n=32, k=64):
@@ -175,34 +175,34 @@ def _meta_args(dtype=torch.float16, M=5, n=32, k=64):
 def test_linear_rejects_bad_arguments(kwargs, match):
     x, c, n, k = _meta_args()
     with pytest.raises(ValueError, match=match):
-        cslt.linear(x, c, n, k, **kwargs)
+        cslt.cslt_linear(x, c, n, k, **kwargs)
 
 
 def test_linear_rejects_a_buffer_of_another_shape_or_dtype():
     x, _, n, k = _meta_args()
     wrong = torch.empty(cslt.compressed_nbytes(n, 2 * k, torch.float16), dtype=torch.uint8, device="meta")
     with pytest.raises(ValueError, match=r"compressed must be the uint8 buffer .* \[32, 64\] torch.float16"):
-        cslt.linear(x, wrong, n, k)
+        cslt.cslt_linear(x, wrong, n, k)
     with pytest.raises(ValueError, match=r"x's last dim \(64\) must equal k = 128"):
-        cslt.linear(x, wrong, n, 2 * k)
+        cslt.cslt_linear(x, wrong, n, 2 * k)
     with pytest.raises(ValueError, match="x must be float16, bfloat16, int8 or float8_e4m3fn"):
-        cslt.linear(x.float(), wrong, n, k)
+        cslt.cslt_linear(x.float(), wrong, n, k)
 
 
 def test_float8_output_needs_a_fully_fused_epilogue():
     x, c, n, k = _meta_args(torch.float8_e4m3fn, n=64, k=64)
     with pytest.raises(ValueError, match="float8_e4m3fn output needs everything in cuSPARSELt's epilogue"):
-        cslt.linear(x, c, n, k, row_scale=torch.ones(5), out_dtype=torch.float8_e4m3fn)
+        cslt.cslt_linear(x, c, n, k, row_scale=torch.ones(5), out_dtype=torch.float8_e4m3fn)
 
 
 def test_cpu_tensors_are_refused_with_the_reason():
     w = torch.zeros(32, 64, dtype=torch.float16)
     if _ext.build_info().get("with_cuda", False):
         with pytest.raises(ValueError, match="w must be a CUDA tensor"):
-            cslt.compress(w)
+            cslt.cslt_compress(w)
     else:
         with pytest.raises(_ext.ExtensionMissingError, match="needs the CUDA build of sparsekern"):
-            cslt.compress(w)
+            cslt.cslt_compress(w)
 
 
 @needs_ext
@@ -405,10 +405,10 @@ def test_cslt_identity_reproduces_the_pruned_weight_exactly(dtype):
     n, k = _nk(dtype)
     gen = torch.Generator().manual_seed(5)
     w = rand_24(n, k, dtype, "cuda", gen)
-    c = cslt.compress(w)
+    c = cslt.cslt_compress(w)
     eye = torch.eye(k).to(dtype).cuda()
     out = {torch.int8: torch.int32, torch.float8_e4m3fn: torch.float32}.get(dtype, dtype)
-    y = cslt.linear(eye, c, n, k, out_dtype=out)
+    y = cslt.cslt_linear(eye, c, n, k, out_dtype=out)
     assert y.shape == (k, n) and y.dtype == out
     assert torch.equal(y.cpu(), w.t().cpu().to(out))
 
@@ -424,7 +424,7 @@ def test_cslt_linear_16bit_matches_fp64_reference(M, dtype, with_bias, activatio
     w = rand_24(n, k, dtype, "cuda", gen)
     x = torch.randn(M, k, generator=gen).to(dtype).cuda()
     bias = (torch.randn(n, generator=gen)).to(dtype).cuda() if with_bias else None
-    y = cslt.linear(x, cslt.compress(w), n, k, bias=bias, activation=activation)
+    y = cslt.cslt_linear(x, cslt.cslt_compress(w), n, k, bias=bias, activation=activation)
     assert y.shape == (M, n) and y.dtype == dtype
     torch_y = F.linear(x, w, bias)
     torch_y = {"relu": F.relu, "gelu": F.gelu}.get(activation, lambda t: t)(torch_y)
@@ -447,7 +447,7 @@ def test_cslt_linear_int8_matches_reference(M, out_dtype, epilogue):
         bias = torch.randn(n, generator=gen).to(bias_dtype).cuda()
         act = "relu" if epilogue == "alpha_bias_relu" else "gelu"
         kwargs = dict(alpha=alpha, bias=bias, activation=act)
-    y = cslt.linear(x, cslt.compress(w), n, k, out_dtype=out_dtype, **kwargs)
+    y = cslt.cslt_linear(x, cslt.cslt_compress(w), n, k, out_dtype=out_dtype, **kwargs)
     assert y.shape == (M, n) and y.dtype == out_dtype
     ref = ref_linear(x, w, bias, alpha, activation=act)
     if epilogue == "plain" and out_dtype == torch.int32:
@@ -469,7 +469,7 @@ def test_cslt_linear_fp8_integer_valued_products_are_exact(M, out_dtype):
     gen = torch.Generator().manual_seed(8)
     w = rand_24(n, k, torch.float8_e4m3fn, "cuda", gen)
     x = torch.randint(-2, 3, (M, k), generator=gen).float().to(torch.float8_e4m3fn).cuda()
-    y = cslt.linear(x, cslt.compress(w), n, k, out_dtype=out_dtype)
+    y = cslt.cslt_linear(x, cslt.cslt_compress(w), n, k, out_dtype=out_dtype)
     ref = ref_linear(x.float(), w.float())  # integers, exact in fp32 accumulation
     # The one rounding left is the output conversion (round to nearest even), the same as PyTorch's cast.
     assert torch.equal(y.cpu().float(), ref.float().to(out_dtype).float())
@@ -490,7 +490,7 @@ def test_cslt_linear_row_scale_is_applied_per_token(dtype, out_dtype, M):
     w = rand_24(n, k, dtype, "cuda", gen)
     alpha = (torch.rand(n, generator=gen) * 0.1 + 0.01).cuda()
     bias = torch.randn(n, generator=gen).to(out_dtype).cuda()
-    y = cslt.linear(x, cslt.compress(w), n, k, bias=bias, alpha=alpha, row_scale=row_scale, activation="relu",
+    y = cslt.cslt_linear(x, cslt.cslt_compress(w), n, k, bias=bias, alpha=alpha, row_scale=row_scale, activation="relu",
                     out_dtype=out_dtype)
     ref = ref_linear(x, w, bias, alpha, row_scale, "relu")
     assert y.dtype == out_dtype and y.shape == (M, n)
@@ -507,17 +507,17 @@ def test_cslt_linear_3d_and_non_contiguous_inputs():
     n, k = 64, 128
     gen = torch.Generator().manual_seed(10)
     w = rand_24(n, k, torch.float16, "cuda", gen)
-    c = cslt.compress(w)
+    c = cslt.cslt_compress(w)
     x3 = torch.randn(2, 7, k, generator=gen).half().cuda()
-    y3 = cslt.linear(x3, c, n, k)
+    y3 = cslt.cslt_linear(x3, c, n, k)
     assert y3.shape == (2, 7, n)
-    assert torch.equal(y3, cslt.linear(x3.reshape(14, k).contiguous(), c, n, k).reshape(2, 7, n))
+    assert torch.equal(y3, cslt.cslt_linear(x3.reshape(14, k).contiguous(), c, n, k).reshape(2, 7, n))
     wide = torch.randn(33, 2 * k, generator=gen).half().cuda()
     x_nc = wide[:, ::2]
     assert not x_nc.is_contiguous()
-    assert torch.equal(cslt.linear(x_nc, c, n, k), cslt.linear(x_nc.contiguous(), c, n, k))
+    assert torch.equal(cslt.cslt_linear(x_nc, c, n, k), cslt.cslt_linear(x_nc.contiguous(), c, n, k))
     x_t = torch.randn(k, 5, generator=gen).half().cuda().t()  # transposed view
-    assert torch.equal(cslt.linear(x_t, c, n, k), cslt.linear(x_t.contiguous(), c, n, k))
+    assert torch.equal(cslt.cslt_linear(x_t, c, n, k), cslt.cslt_linear(x_t.contiguous(), c, n, k))
 
 
 @pytest.mark.cuda
@@ -525,16 +525,16 @@ def test_cslt_second_call_of_a_cached_shape_builds_nothing():
     n, k = 64, 128
     gen = torch.Generator().manual_seed(11)
     w = rand_24(n, k, torch.float16, "cuda", gen)
-    c, bias = cslt.compress(w), torch.randn(n, generator=gen).half().cuda()
+    c, bias = cslt.cslt_compress(w), torch.randn(n, generator=gen).half().cuda()
     x = torch.randn(37, k, generator=gen).half().cuda()
-    cslt.linear(x, c, n, k, bias=bias, activation="relu")
+    cslt.cslt_linear(x, c, n, k, bias=bias, activation="relu")
     before = cslt.cache_stats()
-    y = cslt.linear(x, c, n, k, bias=bias, activation="relu")
+    y = cslt.cslt_linear(x, c, n, k, bias=bias, activation="relu")
     after = cslt.cache_stats()
     assert after["descriptors_created"] == before["descriptors_created"]
     assert after["plans_created"] == before["plans_created"]
     assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
-    cslt.linear(torch.randn(300, k, generator=gen).half().cuda(), c, n, k, bias=bias, activation="relu")
+    cslt.cslt_linear(torch.randn(300, k, generator=gen).half().cuda(), c, n, k, bias=bias, activation="relu")
     assert cslt.cache_stats()["misses"] == after["misses"] + 1  # another M is another plan
     assert_matches_reference(y, ref_linear(x, w, bias, activation="relu"), F.relu(F.linear(x, w, bias)))
 
@@ -544,21 +544,21 @@ def test_cslt_linear_is_cuda_graph_capturable():
     n, k = 64, 128
     gen = torch.Generator().manual_seed(12)
     w = rand_24(n, k, torch.float16, "cuda", gen)
-    c, bias = cslt.compress(w), torch.randn(n, generator=gen).half().cuda()
+    c, bias = cslt.cslt_compress(w), torch.randn(n, generator=gen).half().cuda()
     x = torch.randn(5, k, generator=gen).half().cuda()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm up on the capture stream: the plan is keyed by stream
-        eager = cslt.linear(cslt.linear(x, c, n, k, bias=bias)[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
+        eager = cslt.cslt_linear(cslt.cslt_linear(x, c, n, k, bias=bias)[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=s):
-        y1 = cslt.linear(x, c, n, k, bias=bias)
-        out = cslt.linear(y1[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
+        y1 = cslt.cslt_linear(x, c, n, k, bias=bias)
+        out = cslt.cslt_linear(y1[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
     x.copy_(torch.randn(5, k, generator=gen).half().cuda())
     g.replay()
     torch.cuda.synchronize()
-    y_ref = cslt.linear(cslt.linear(x, c, n, k, bias=bias)[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
+    y_ref = cslt.cslt_linear(cslt.cslt_linear(x, c, n, k, bias=bias)[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
     assert torch.equal(out, y_ref)
     assert not torch.equal(out, eager)  # the replay really used the new input
 
@@ -568,7 +568,7 @@ def test_cslt_search_is_remembered_and_used():
     n, k, M = 64, 128, 48
     gen = torch.Generator().manual_seed(13)
     w = rand_24(n, k, torch.float16, "cuda", gen)
-    c = cslt.compress(w)
+    c = cslt.cslt_compress(w)
     x = torch.randn(M, k, generator=gen).half().cuda()
     before = cslt.cache_stats()["searches"]
     rec = cslt.search(x, c, n, k)
@@ -576,7 +576,7 @@ def test_cslt_search_is_remembered_and_used():
     assert rec["m"] == M and rec["n"] == n and rec["k"] == k and 0 <= rec["alg_id"] <= rec["max_alg_id"]
     assert rec["gpu"] == torch.cuda.get_device_name() and rec["cusparselt"] == cslt.runtime_version()
     assert any(r == rec for r in cslt.search_results())
-    y = cslt.linear(x, c, n, k)  # alg_id = -1: the searched algorithm
+    y = cslt.cslt_linear(x, c, n, k)  # alg_id = -1: the searched algorithm
     assert_matches_reference(y, ref_linear(x, w), F.linear(x, w))
 
 
@@ -585,17 +585,17 @@ def test_cslt_explicit_algorithm_and_split_k_and_empty_input():
     n, k, M = 64, 256, 24
     gen = torch.Generator().manual_seed(16)
     w = rand_24(n, k, torch.float16, "cuda", gen)
-    c = cslt.compress(w)
+    c = cslt.cslt_compress(w)
     x = torch.randn(M, k, generator=gen).half().cuda()
     # CONFIG_MAX_ID may be an exclusive bound: max - 1 is a valid id under either reading.
     max_alg = max(0, cslt.search(x, c, n, k)["max_alg_id"] - 1)
     ref, torch_y = ref_linear(x, w), F.linear(x, w)
     for alg_id, split_k in [(0, 1), (max_alg, 1), (0, 2)]:
-        y = cslt.linear(x, c, n, k, alg_id=alg_id, split_k=split_k)
+        y = cslt.cslt_linear(x, c, n, k, alg_id=alg_id, split_k=split_k)
         # split-K adds its partial sums in another order: one more rounding allowed
         extra = ulp(torch.float16, ref.abs().max().item()) if split_k > 1 else 0.0
         assert_matches_reference(y, ref, torch_y, extra=extra)
-    empty = cslt.linear(x[:0], c, n, k)
+    empty = cslt.cslt_linear(x[:0], c, n, k)
     assert empty.shape == (0, n) and empty.dtype == torch.float16
     stats = cslt.cache_stats()
     assert 0 < stats["entries"] <= stats["max_entries"]
@@ -606,16 +606,16 @@ def test_cslt_linear_from_several_threads():
     n, k = 64, 128
     gen = torch.Generator().manual_seed(14)
     w = rand_24(n, k, torch.bfloat16, "cuda", gen)
-    c = cslt.compress(w)
+    c = cslt.cslt_compress(w)
     xs = [torch.randn(M, k, generator=gen).bfloat16().cuda() for M in (1, 17, 64, 200)]
-    want = [cslt.linear(x, c, n, k) for x in xs]
+    want = [cslt.cslt_linear(x, c, n, k) for x in xs]
     torch.cuda.synchronize()
     errors: list[BaseException] = []
 
     def work(i):
         try:
             for _ in range(5):
-                y = cslt.linear(xs[i], c, n, k)
+                y = cslt.cslt_linear(xs[i], c, n, k)
                 torch.cuda.current_stream().synchronize()
                 assert torch.equal(y, want[i])
         except BaseException as e:  # noqa: BLE001 - reported below with the thread's failure
@@ -635,11 +635,11 @@ def test_cslt_errors_name_the_rule():
     w = torch.zeros(n, k, dtype=torch.float16, device="cuda")
     w[5, 8:11] = 1.0
     with pytest.raises(RuntimeError, match=r"w is not 2:4: row 5, group 2 \(columns 8..11\)"):
-        cslt.compress(w)
-    c = cslt.compress(torch.zeros(n, k, dtype=torch.float16, device="cuda"))
+        cslt.cslt_compress(w)
+    c = cslt.cslt_compress(torch.zeros(n, k, dtype=torch.float16, device="cuda"))
     x = torch.randn(3, k, device="cuda").half()
     with pytest.raises(ValueError, match="bias is on cpu but x is on cuda"):
-        cslt.linear(x, c, n, k, bias=torch.zeros(n, dtype=torch.float16))
+        cslt.cslt_linear(x, c, n, k, bias=torch.zeros(n, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="bias is on cpu but x is on cuda"):  # the C++ op checks too
         ops.cslt_linear(x, c, n, k, torch.zeros(n, dtype=torch.float16), None, None, "none", None)
     with pytest.raises(RuntimeError, match="split_k must be >= 1"):
@@ -647,9 +647,9 @@ def test_cslt_errors_name_the_rule():
     w8 = torch.zeros(64, 64, dtype=torch.float8_e4m3fn, device="cuda")
     if cuda_capability() < (8, 9):
         with pytest.raises(RuntimeError, match="float8_e4m3fn needs sm89 or newer"):
-            cslt.compress(w8)
+            cslt.cslt_compress(w8)
     else:
-        assert cslt.compress(w8).numel() == cslt.compressed_nbytes(64, 64, torch.float8_e4m3fn)
+        assert cslt.cslt_compress(w8).numel() == cslt.compressed_nbytes(64, 64, torch.float8_e4m3fn)
 
 
 # ------------------------------------------------------------------------------------------------ opcheck
@@ -657,12 +657,12 @@ def _opcheck_cases():
     gen = torch.Generator().manual_seed(15)
     w = rand_24(64, 128, torch.float16, "cuda", gen)
     x = torch.randn(33, 128, generator=gen).half().cuda()
-    c = cslt.compress(w)
+    c = cslt.cslt_compress(w)
     bias, alpha = torch.randn(64, generator=gen).half().cuda(), torch.rand(64, generator=gen).cuda()
     rs = torch.rand(33, generator=gen).cuda()
     w8 = rand_24(64, 96, torch.int8, "cuda", gen)
     x8 = torch.randint(-5, 6, (17, 96), generator=gen).to(torch.int8).cuda()
-    c8 = cslt.compress(w8)
+    c8 = cslt.cslt_compress(w8)
     values, codes = ops.compress_24(w)
     return [
         (ops.cslt_compress.default, (w,)),

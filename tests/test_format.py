@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import sparsekern  # noqa: F401
+from sparsekern import weight
 from sparsekern import _ext
-from sparsekern.format import Compressed24, from_bitmask, to_bitmask
+from sparsekern.weight import Compressed24, from_bitmask, to_bitmask
 from sparsekern.ops import core
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
@@ -47,7 +48,7 @@ def test_hand_built_example():
     # Row 0 groups: kept (0, 2), (2, 3), (1, 3); row 1: (0, 1), (1, 2), (0, 3). 12 columns: an odd group count.
     w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 3, 4, 0, 5, 0, 6],
                       [7.0, 8, 0, 0, 0, 9, 10, 0, 11, 0, 0, 12]])
-    c = core.compress_24(w)
+    c = weight.compress_24(w)
     assert c.codes.tolist() == [[8 | (14 << 4), 13], [4 | (9 << 4), 12]]
     values, bitmask, shape = to_bitmask(c)
     # bit j of byte b <-> column 8b + j; row 0 columns {0, 2, 6, 7 | 9, 11}, row 1 {0, 1, 5, 6 | 8, 11}
@@ -62,7 +63,7 @@ def test_hand_built_example():
 @pytest.mark.parametrize("shape", [(1, 4), (5, 12), (16, 64), (7, 100)])
 def test_export_matches_compressed_tensors(dtype, shape):
     w = random_24(*shape, dtype)  # exactly two non-zeros per group: the top-2 mask is unambiguous
-    values, bitmask, shp = to_bitmask(core.compress_24(w))
+    values, bitmask, shp = to_bitmask(weight.compress_24(w))
     ref_values, ref_bitmask, ref_shape = ct_compress(w)
     assert torch.equal(bitmask, ref_bitmask)
     assert torch.equal(values, ref_values)
@@ -86,7 +87,7 @@ def test_import_from_compressed_tensors(dtype, shape):
 
 def test_round_trip_through_state_dict_and_bitmask():
     w = random_24(12, 40, torch.bfloat16, exactly_two=False)
-    c = core.compress_24(w)
+    c = weight.compress_24(w)
     c2 = from_bitmask(*to_bitmask(c))
     assert torch.equal(c2.codes, c.codes) and torch.equal(c2.values, c.values)
     c3 = Compressed24.from_state_dict(c2.state_dict())

@@ -73,7 +73,7 @@ def test_state_dict_contents_and_torch_save_round_trip(tmp_path, quant):
     assert set(sd) == want
     assert sd["0.shape"].tolist() == [64, 36] and sd["0.format_version"].tolist() == [1]
     # the same layout as the portable format's own state_dict: Compressed24 reads a layer's entries
-    c = sparsekern.format.Compressed24.from_state_dict(sd, "0.")
+    c = sparsekern.weight.Sparse24Weight.from_state_dict(sd, "0.")
     assert c.shape == (64, 36) and torch.equal(c.codes, sd["0.codes"])
     torch.save(sd, tmp_path / "sd.pt")
     fresh = pruned_mlp()

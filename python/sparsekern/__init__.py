@@ -15,15 +15,16 @@ from .diagnostics import doctor
 
 # public name -> module that defines it
 _LAZY = {
-    # core ops (ops/core.py, format.py)
+    # core ops (ops/core.py) and the 2:4 weight type (weight.py)
     "prune_nm": "sparsekern.ops.core",
     "is_nm": "sparsekern.ops.core",
     "nm_violation": "sparsekern.ops.core",
-    "compress_24": "sparsekern.ops.core",
-    "decompress_24": "sparsekern.ops.core",
-    "sparse_linear": "sparsekern.ops.core",
     "quantize_per_token": "sparsekern.ops.core",
-    "Compressed24": "sparsekern.format",
+    "compress_24": "sparsekern.weight",
+    "decompress_24": "sparsekern.weight",
+    "sparse_linear": "sparsekern.weight",
+    "Sparse24Weight": "sparsekern.weight",
+    "Compressed24": "sparsekern.weight",
     # layers and conversion
     "SparseLinear": "sparsekern.linear",
     "sparsify": "sparsekern.convert",
@@ -34,7 +35,7 @@ _LAZY = {
     "prune_model": "sparsekern.pipeline",
 }
 _SUBMODULES = {"prune", "eval", "linear", "convert", "serialization", "pipeline", "format", "policy", "quant", "data",
-               "bench", "sensitivity"}
+               "bench", "sensitivity", "weight", "envs"}
 
 __all__ = ["__version__", "ExtensionMissingError", "doctor", "ops", *_LAZY]
 

@@ -115,3 +115,10 @@ def require_cuda(feature: str = "this operation") -> None:
             "machine with the CUDA toolkit (nvcc) and a CUDA build of torch: SPARSEKERN_CUDA=1 pip install "
             "--no-build-isolation ."
         )
+
+
+def cslt_structured_multiple(element_size: int) -> int:
+    """The multiple cuSPARSELt requires of a structured operand's dims for elements of `element_size` bytes (0 when
+    it takes no such type): the number in csrc/core/cslt_shape.h, which the C++ op checks use too."""
+    require("the cuSPARSELt shape rule")
+    return int(_C.cslt_structured_multiple(int(element_size)))

@@ -6,6 +6,12 @@
     layer.kernel_for(M)                                      # which kernel runs M rows (sparsekern.policy)
     linear = layer.to_linear()                               # the dense layer back
 
+The weight is one sparsekern.weight.Sparse24Weight (`layer.weight24`), which owns the format, its validation, the
+state-dict layout, the cuSPARSELt buffer and the kernel choice; the layer holds it and delegates. Its tensors are also
+the layer's buffers (the same tensor objects), so nn.Module machinery (.to(), named_buffers(), torch.compile's
+buffer lifting, accelerate's device maps) sees them; every change goes through one place (_install) that keeps the
+two in step, and `weight24` re-reads the buffers if something outside replaced them.
+
 Storage (all buffers, none a Parameter: no optimizer step can touch the weight, so its 2:4 pattern cannot break):
   values        [N, K/2]  the kept weights in the portable 2:4 format (docs/format.md), dtype of the weight
                           (float32/float16/bfloat16), or int8 / float8_e4m3fn when quantised.
@@ -28,109 +34,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ext, policy
-from .format import FORMAT_VERSION  # portable 2:4 format version: one source of truth
-from .quant import (
-    QuantUnsupportedError,
-    check_quant_supported,
-    dequantize_weight,
-    quant_dtype,
-    quant_of_dtype,
-    quantize_weight,
+from . import _ext
+from ._modules import is_conv1d
+from .ops import core as _core
+from .ops import cslt as _cslt
+from .quant import QuantUnsupportedError, check_quant_supported, dequantize_weight, quant_dtype
+from .weight import (
+    FLOAT_DTYPES as _FLOAT_DTYPES,
+    FORMAT_VERSION,
+    SUPPORTED_FORMAT_VERSIONS,
+    CheckpointError,
+    NotTwoFourError,
+    Sparse24Weight,
+    check_twofour,
+    codes_shape,
+    twofour_violation,
 )
-
-SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class NotTwoFourError(ValueError):
-    """A weight that must be 2:4 along in_features is not."""
-
-
-class CheckpointError(ValueError):
-    """A state dict / checkpoint entry is missing, truncated, mismatched or of an unknown format version."""
-
 
 # ---------------------------------------------------------------------------------------------- weight helpers
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D (weight [in, out]); detected by class, without importing transformers."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
-
-
 def is_convertible(module: nn.Module) -> bool:
     """Modules SparseLinear.from_linear accepts: nn.Linear and transformers' Conv1D."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, str]:
     """(W [out_features, in_features], layout) of an nn.Linear ("linear") or a Conv1D ("conv1d": stored [in, out])."""
     if isinstance(module, nn.Linear):
         return module.weight.detach(), "linear"
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.weight.detach().t(), "conv1d"
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
-
-
-def twofour_violation(w: torch.Tensor) -> tuple[int, int, int] | None:
-    """(row, group, non-zeros in that group) of the first group of 4 along dim 1 with more than two non-zeros.
-
-    w: [N, K], K a multiple of 4. Uses the core op sparsekern::nm_violation; the count is read back for the message.
-    """
-    rc = torch.ops.sparsekern.nm_violation(w, 2, 4).tolist()
-    if rc[0] < 0:
-        return None
-    row, group = int(rc[0]), int(rc[1])
-    nnz = int((w[row, 4 * group: 4 * group + 4] != 0).sum())
-    return row, group, nnz
-
-
-def check_twofour(w: torch.Tensor, name: str) -> None:
-    """Raise ValueError / NotTwoFourError naming `name` when w [N, K] cannot be held by a SparseLinear."""
-    k = w.shape[1]
-    if k % 4 != 0:
-        raise ValueError(f"{name}: in_features = {k} is not a multiple of 4; 2:4 sparsity needs groups of 4 along "
-                         "in_features")
-    bad = twofour_violation(w)
-    if bad is not None:
-        row, group, nnz = bad
-        raise NotTwoFourError(
-            f"{name}: weight is not 2:4 along in_features: row {row}, group {group} (columns {4 * group}.."
-            f"{4 * group + 3}) has {nnz} non-zeros (at most 2 of every 4 allowed); prune it first, e.g. with "
-            "sparsekern.prune_nm(w, 2, 4)"
-        )
-
-
-def _compress(w: torch.Tensor, quant: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Dense 2:4 W [N, K] -> (values [N, K/2], codes uint8, weight_scale float32 [N] | None).
-
-    Quantised layers compress the float weight first and quantise its kept values: the per-row absmax over the kept
-    values is the absmax of the row, and the codes stay those of the float weight.
-    """
-    values, codes = torch.ops.sparsekern.compress_24(w.contiguous())
-    if quant is None:
-        return values, codes, None
-    q, scale = quantize_weight(values, quant)
-    return q.contiguous(), codes, scale
-
-
-def _check_codes(codes: torch.Tensor, k: int) -> str | None:
-    """A message when a codes tensor [N, ceil(K/8)] holds an invalid pattern code (two distinct increasing
-    positions per group; the unused high nibble of an odd group count must be 0), else None."""
-    groups = k // 4
-    c = codes.to("cpu", torch.int16)
-    nib = torch.stack((c & 0xF, c >> 4), dim=-1).reshape(c.shape[0], -1)
-    used, pad = nib[:, :groups], nib[:, groups:]
-    i0, i1 = used & 0x3, used >> 2
-    bad = ~(i0 < i1)
-    if bad.any():
-        r, g = (int(v) for v in bad.nonzero()[0])
-        return f"codes[{r}] group {g} holds the invalid pattern code {int(used[r, g])} (corrupt or not 2:4 codes)"
-    if pad.numel() and (pad != 0).any():
-        return "codes: the padding nibble after the last group is not 0 (corrupt codes)"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -148,11 +83,11 @@ def _dense_panels(x2, values, codes, bias, k: int) -> torch.Tensor:
     n = values.shape[0]
     rows = max(16, _PANEL_BYTES // max(1, k * values.element_size()))
     if rows >= n:
-        return F.linear(x2, torch.ops.sparsekern.decompress_24(values, codes, k), bias)
+        return F.linear(x2, _core.decompress_24(values, codes, k), bias)
     out = x2.new_empty(x2.shape[0], n)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
-        w = torch.ops.sparsekern.decompress_24(values[n0:n1], codes[n0:n1], k)
+        w = _core.decompress_24(values[n0:n1], codes[n0:n1], k)
         out[:, n0:n1] = F.linear(x2, w, bias[n0:n1] if bias is not None else None)
     return out
 
@@ -166,27 +101,26 @@ def _sparse_matmul(x2, values, codes, weight_scale, bias, cslt_buffer, kernel: s
     if kernel == "dense_fallback":
         if quant is None and x2.device.type == "cpu":
             return _dense_panels(x2, values, codes, bias, k)
-        w = torch.ops.sparsekern.decompress_24(values, codes, k)
+        w = _core.decompress_24(values, codes, k)
         if quant is None:
             return F.linear(x2, w, bias)
         # Same numbers as the quantised kernels: quantise x per token, multiply in float32.
-        q, s = torch.ops.sparsekern.quantize_per_token(x2, quant_dtype(quant))
+        q, s = _core.quantize_per_token(x2, quant_dtype(quant))
         y = (q.float() * s[:, None]) @ dequantize_weight(w, weight_scale).t()
         if bias is not None:
             y = y + bias.float()
         return y.to(out_dtype)
     if quant is None:
         if kernel == "cslt":
-            return torch.ops.sparsekern.cslt_linear(x2, cslt_buffer, n, k, bias)
-        return torch.ops.sparsekern.spmm_24(x2, values, codes, bias)
-    q, s = torch.ops.sparsekern.quantize_per_token(x2, quant_dtype(quant))
+            return _cslt.cslt_linear_2d(x2, cslt_buffer, n, k, bias)
+        return _core.spmm_24(x2, values, codes, bias)
+    q, s = _core.quantize_per_token(x2, quant_dtype(quant))
     if kernel == "cslt":
-        return torch.ops.sparsekern.cslt_linear(q, cslt_buffer, n, k, bias, weight_scale, s, "none", out_dtype)
+        return _cslt.cslt_linear_2d(q, cslt_buffer, n, k, bias, weight_scale, s, "none", out_dtype)
     if quant == "fp8" and x2.device.type == "cpu":
         # CPU fp8 emulation: fp8 numbers are exact in float32; the kernel accumulates in float32 like the GPU.
-        return torch.ops.sparsekern.spmm_24(q.float(), values.float(), codes, bias, weight_scale, s, "none",
-                                            out_dtype)
-    return torch.ops.sparsekern.spmm_24(q, values, codes, bias, weight_scale, s, "none", out_dtype)
+        return _core.spmm_24(q.float(), values.float(), codes, bias, weight_scale, s, "none", out_dtype)
+    return _core.spmm_24(q, values, codes, bias, weight_scale, s, "none", out_dtype)
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -207,7 +141,7 @@ class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         values, codes, weight_scale = ctx.saved_tensors
-        w = torch.ops.sparsekern.decompress_24(values, codes, ctx.k)
+        w = _core.decompress_24(values, codes, ctx.k)
         if ctx.quant is not None:
             w = dequantize_weight(w, weight_scale).to(grad_y.dtype)
         grad_x = grad_y @ w.to(grad_y.dtype)
@@ -261,18 +195,43 @@ class SparseLinear(nn.Module):
         self._kernel_override: str | None = None
         device = torch.device(device) if device is not None else torch.device("cpu")
         vdtype = quant_dtype(quant) if quant else dtype
-        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=vdtype, device=device))
+        values = torch.zeros(out_features, in_features // 2, dtype=vdtype, device=device)
         # 0x44: both groups of the byte keep positions (0, 1) -- a valid code for an all-zero weight.
-        codes = torch.full((out_features, (in_features // 4 + 1) // 2), 0x44, dtype=torch.uint8, device=device)
+        codes = torch.full(codes_shape(out_features, in_features), 0x44, dtype=torch.uint8, device=device)
         if (in_features // 4) % 2:
             codes[:, -1] = 0x04  # the unused high nibble stays 0
-        self.register_buffer("codes", codes)
-        self.register_buffer("weight_scale",
-                             torch.ones(out_features, dtype=torch.float32, device=device) if quant else None)
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        scale = torch.ones(out_features, dtype=torch.float32, device=device) if quant else None
+        for name in ("values", "codes", "weight_scale", "bias"):
+            self.register_buffer(name, None)
         self.register_buffer("cslt_buffer", None, persistent=False)
         self.register_buffer("dense_weight_cache", None, persistent=False)
-        self._refresh_device_state()
+        self._install(Sparse24Weight(values, codes, (out_features, in_features), scale=scale, validate=False),
+                      torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    # ------------------------------------------------------------------ the weight
+
+    @property
+    def weight24(self) -> Sparse24Weight:
+        """The layer's 2:4 weight (shares its tensors with the layer's buffers)."""
+        w = self.__dict__["_weight24"]
+        b = self._buffers
+        if b["values"] is not w.values or b["codes"] is not w.codes or b["weight_scale"] is not w.scale:
+            # Something replaced a buffer directly (e.g. a device-map loader): adopt what the buffers hold now.
+            w = Sparse24Weight(b["values"], b["codes"], (self.out_features, self.in_features),
+                               scale=b["weight_scale"], validate=False)
+            self.__dict__["_weight24"] = w
+            self._refresh_device_state()
+        return w
+
+    def _install(self, weight: Sparse24Weight, bias: torch.Tensor | None, rebuild_cslt: bool = True) -> None:
+        """Make `weight` (and `bias`) the layer's: the one place the weight tensors and the buffers are set."""
+        self.__dict__["_weight24"] = weight
+        self._buffers.update(values=weight.values, codes=weight.codes, weight_scale=weight.scale, bias=bias)
+        if self.quant is None:
+            self.dense_dtype = weight.values.dtype
+        elif bias is not None:
+            self.dense_dtype = bias.dtype
+        self._refresh_device_state(rebuild_cslt=rebuild_cslt)
 
     # ------------------------------------------------------------------ construction / conversion
 
@@ -298,13 +257,11 @@ class SparseLinear(nn.Module):
                              "along in_features")
         _ext.require("SparseLinear")
         check_quant_supported(quant, w.device)
-        if check:
-            check_twofour(w, name)
+        weight = Sparse24Weight.from_dense(w, quant, name=name, check=check)
         bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
         layer = cls(k, n, bias is not None, dtype=w.dtype, quant=quant, device="meta", weight_layout=layout,
                     dense_cache=dense_cache)
-        values, codes, scale = _compress(w, quant)
-        layer._set_tensors(values, codes, scale, bias.clone() if bias is not None else None)
+        layer._install(weight, bias.clone() if bias is not None else None)
         return layer
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
@@ -331,14 +288,11 @@ class SparseLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The 2:4 weight [N, K], decompressed (and dequantised to float32 for quantised layers)."""
-        w = torch.ops.sparsekern.decompress_24(self.values, self.codes, self.in_features)
-        return dequantize_weight(w, self.weight_scale) if self.quant else w
+        return self.weight24.dense()
 
     def weight_nbytes(self) -> int:
         """Bytes of the compressed weight (values + codes + scales), the cuSPARSELt buffer not counted."""
-        ws = self.weight_scale
-        return (self.values.numel() * self.values.element_size() + self.codes.numel()
-                + (ws.numel() * ws.element_size() if ws is not None else 0))
+        return self.weight24.nbytes
 
     def device_nbytes(self) -> int:
         """Bytes the weight occupies on its device: weight_nbytes() plus the cuSPARSELt buffer on CUDA (the
@@ -359,16 +313,15 @@ class SparseLinear(nn.Module):
 
     def kernel_for(self, m: int) -> str:
         """Kernel that runs a batch of m rows (x flattened to [m, K]) on the current device (sparsekern.policy)."""
-        return policy.choose_kernel(
-            device_type=self._device_type, arch=self._arch, dtype=self._policy_dtype, n=self.out_features,
-            k=self.in_features, m=m, has_cslt=self.cslt_buffer is not None, has_cuda_spmm24=self._has_cuda_spmm24,
-            layer_override=self._kernel_override, has_dense_cache=self.dense_weight_cache is not None)
+        return self.__dict__["_weight24"].kernel_for(m, layer_override=self._kernel_override,
+                                                     has_dense_cache=self.dense_weight_cache is not None)
 
     def set_kernel(self, kernel: str | None) -> None:
         """Force this layer's kernel (a name from sparsekern.policy.KERNELS), or None to follow the policy again.
         A kernel the layer cannot run on its device falls back to the default (kernel_for shows the result)."""
-        self._kernel_override = policy.normalize_kernel(kernel) if kernel is not None else None
+        from . import policy
 
+        self._kernel_override = policy.normalize_kernel(kernel) if kernel is not None else None
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -400,19 +353,20 @@ class SparseLinear(nn.Module):
                 + (", dense_cache=True" if self.dense_cache else ""))
 
     # ------------------------------------------------------------------ device moves
+    # ------------------------------------------------------------------ device moves
 
     def _refresh_device_state(self, rebuild_cslt: bool = True) -> None:
-        """Recompute what depends on the device: arch, kernels available, the cuSPARSELt buffer."""
-        dev = self.codes.device
-        self._device_type = dev.type
-        self._arch = policy.arch_of(dev) if dev.type == "cuda" else dev.type
-        self._policy_dtype = policy.dtype_name(self.values.dtype)
-        self._has_cuda_spmm24 = dev.type == "cuda" and policy.cuda_kernel_compiled("spmm_24")
+        """Recompute what depends on the device: the cuSPARSELt buffer (the weight's, also a buffer of the layer),
+        the dense copy, and the policy table (read now, not inside a traced forward)."""
+        from . import policy
+
+        weight = self.__dict__["_weight24"]
         if rebuild_cslt:
-            self._buffers["cslt_buffer"] = self._build_cslt_buffer()
+            self._buffers["cslt_buffer"] = weight.build_cslt() if weight.device.type == "cuda" else None
+        weight.kernel_for(1)  # computes and caches the device facts the policy needs (arch, kernels compiled)
         if rebuild_cslt or (self.dense_weight_cache is None) == (self._build_dense_cache_wanted()):
             self._buffers["dense_weight_cache"] = self._build_dense_cache()
-        policy.active_table()  # read the table file now, not inside a traced forward
+        policy.active_table()
 
     def _build_dense_cache_wanted(self) -> bool:
         return self.dense_cache and self.quant is None and self.codes.device.type == "cpu"
@@ -420,80 +374,58 @@ class SparseLinear(nn.Module):
     def _build_dense_cache(self) -> torch.Tensor | None:
         if not self._build_dense_cache_wanted():
             return None
-        return torch.ops.sparsekern.decompress_24(self.values, self.codes, self.in_features)
-
-    def _build_cslt_buffer(self) -> torch.Tensor | None:
-        if self.codes.device.type != "cuda" or not policy.cuda_kernel_compiled("cslt_compress"):
-            return None
-        if not policy.cslt_shape_ok(self.out_features, self.in_features, self.values.dtype):
-            return None  # the policy then picks the portable-format kernel or the dense fallback
-        dense = torch.ops.sparsekern.decompress_24(self.values, self.codes, self.in_features)
-        return torch.ops.sparsekern.cslt_compress(dense)
+        return self.__dict__["_weight24"].decompress()
 
     def _apply(self, fn, recurse=True):
         # Module.to/.cuda/.half call fn on every tensor. Codes must stay uint8 and a quantised weight (int8/fp8 is
         # "floating" for fp8) and its float32 scales must keep their dtypes: only their device follows fn. Then the
         # cuSPARSELt buffer is rebuilt for the new device (or dropped). Everything is computed before anything is
         # assigned, so a failure (e.g. fp8 on a GPU below sm89) leaves the layer as it was.
-        codes = fn(self.codes)
+        old_weight = self.weight24
+        codes = fn(old_weight.codes)
         dev = codes.device
         if codes.dtype != torch.uint8:
-            codes = self.codes.to(dev)
+            codes = old_weight.codes.to(dev)
         if self.quant is None:
-            values = fn(self.values)
+            values = fn(old_weight.values)
             if values.dtype not in _FLOAT_DTYPES:
                 raise TypeError(f"SparseLinear weights must stay float32/float16/bfloat16, not {values.dtype}")
         else:
             check_quant_supported(self.quant, dev)
-            values = self.values.to(dev)
-        scale = self.weight_scale.to(dev) if self.weight_scale is not None else None
+            values = old_weight.values.to(dev)
+        scale = old_weight.scale.to(dev) if old_weight.scale is not None else None
         bias = fn(self.bias) if self.bias is not None else None
         # A no-op move (model.to(device) on a model already there) keeps the cuSPARSELt buffer: no recompression.
-        same_weight = values is self.values and codes is self.codes
-        old = dict(self._buffers)
+        same_weight = values is old_weight.values and codes is old_weight.codes
+        weight = old_weight if same_weight and scale is old_weight.scale else Sparse24Weight(
+            values, codes, old_weight.shape, old_weight.format_version, scale=scale, validate=False)
+        old = dict(self._buffers), old_weight, self.dense_dtype
         try:
-            self._buffers.update(values=values, codes=codes, weight_scale=scale, bias=bias)
-            if self.quant is None:
-                self.dense_dtype = values.dtype
-            elif bias is not None:
-                self.dense_dtype = bias.dtype
-            self._refresh_device_state(rebuild_cslt=not same_weight)
+            self._install(weight, bias, rebuild_cslt=not same_weight)
         except BaseException:
-            self._buffers.update(old)
-            self._refresh_device_state()
+            self._buffers.update(old[0])
+            self.__dict__["_weight24"], self.dense_dtype = old[1], old[2]
             raise
         return self
 
     # ------------------------------------------------------------------ state dict
 
-    def _set_tensors(self, values, codes, scale, bias) -> None:
-        self._buffers.update(values=values, codes=codes, weight_scale=scale, bias=bias)
-        if self.quant is None:
-            self.dense_dtype = values.dtype
-        elif bias is not None:
-            self.dense_dtype = bias.dtype
-        self._refresh_device_state()
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for name in ("values", "codes", "weight_scale", "bias"):
-            t = self._buffers[name]
-            if t is not None:
-                destination[prefix + name] = t if keep_vars else t.detach()
-        destination[prefix + "shape"] = torch.tensor([self.out_features, self.in_features], dtype=torch.int64)
-        # Same layout as Compressed24.state_dict(): shape int64 [2], format_version int64 [1].
-        destination[prefix + "format_version"] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
+        # The layout is the weight's (Sparse24Weight.state_dict): values, codes, weight_scale, bias, shape,
+        # format_version.
+        for key, t in self.weight24.state_dict(prefix, bias=self.bias).items():
+            destination[key] = t if keep_vars else t.detach()
 
-    def state_from_dict(self, state_dict, prefix: str = ""):
-        """Validate this layer's entries of `state_dict` and return the tensors to install
-        (values, codes, weight_scale, bias) without touching the layer; CheckpointError / NotTwoFourError naming
-        `prefix` and the rule otherwise. Accepts the portable entries or a dense 2:4 `weight`."""
+    def state_from_dict(self, state_dict, prefix: str = "") -> tuple[Sparse24Weight, torch.Tensor | None]:
+        """Validate this layer's entries of `state_dict` and return (weight, bias) to install with
+        load_weight(), without touching the layer; CheckpointError / NotTwoFourError naming `prefix` and the rule
+        otherwise. Accepts the portable entries or a dense 2:4 `weight`."""
         n, k = self.out_features, self.in_features
         where = prefix.rstrip(".") or "SparseLinear"
-        get = state_dict.get
         if not any(prefix + key in state_dict for key in ("values", "codes", "weight", "shape", "format_version")):
             raise CheckpointError(f"{where}: the state dict has no weight for this layer (expected {prefix}values, "
                                   f"{prefix}codes, ... or a dense {prefix}weight)")
-        bias = get(prefix + "bias")
+        bias = state_dict.get(prefix + "bias")
         if (bias is None) != (self.bias is None):
             raise CheckpointError(f"{where}: the layer {'has' if self.bias is not None else 'has no'} bias but the "
                                   f"state dict {'lacks' if bias is None else 'holds'} '{prefix}bias'")
@@ -504,62 +436,31 @@ class SparseLinear(nn.Module):
         bias = bias.to(device=dev or bias.device, dtype=target) if bias is not None else None
 
         if prefix + "weight" in state_dict and prefix + "values" not in state_dict:
-            w = state_dict[prefix + "weight"]
-            if self.weight_layout == "conv1d":
-                w = w.t()
-            if tuple(w.shape) != (n, k):
-                want = (k, n) if self.weight_layout == "conv1d" else (n, k)
-                raise CheckpointError(f"{where}: dense weight has shape {tuple(state_dict[prefix + 'weight'].shape)},"
-                                      f" expected {want}")
-            if not w.is_floating_point():
-                raise CheckpointError(f"{where}: dense weight has dtype {w.dtype}, expected a float dtype")
-            w = w.to(device=dev or w.device, dtype=self.dense_dtype)
-            check_twofour(w, where)
-            values, codes, scale = _compress(w, self.quant)
-            return values, codes, scale, bias
+            return self._weight_from_dense(state_dict[prefix + "weight"], where, dev), bias
+        weight = Sparse24Weight.from_state_dict(state_dict, prefix, expect_shape=(n, k), quant=self.quant,
+                                                value_dtype=self.values.dtype, device=dev, where=where)
+        return weight, (bias.clone() if bias is not None else None)
 
-        missing = [key for key in ("values", "codes", "shape", "format_version") if prefix + key not in state_dict]
-        if self.quant is not None and prefix + "weight_scale" not in state_dict:
-            missing.append("weight_scale")
-        if missing:
-            raise CheckpointError(f"{where}: state dict lacks {', '.join(prefix + m for m in missing)} (neither the "
-                                  "portable 2:4 entries nor a dense weight)")
-        version = get(prefix + "format_version")
-        if version.numel() != 1 or int(version.reshape(-1)[0]) not in SUPPORTED_FORMAT_VERSIONS:
-            raise CheckpointError(f"{where}: unknown 2:4 format version {version.tolist()}; this sparsekern reads "
-                                  f"versions {SUPPORTED_FORMAT_VERSIONS} (upgrade sparsekern)")
-        shape = get(prefix + "shape").tolist()
-        if shape != [n, k]:
-            raise CheckpointError(f"{where}: checkpoint weight shape {shape} != layer shape [{n}, {k}]")
-        values, codes = get(prefix + "values"), get(prefix + "codes")
-        if tuple(values.shape) != (n, k // 2):
-            raise CheckpointError(f"{where}: values has shape {tuple(values.shape)}, expected ({n}, {k // 2}) "
-                                  "(truncated or mismatched)")
-        cb = (k // 4 + 1) // 2
-        if codes.dtype != torch.uint8 or tuple(codes.shape) != (n, cb):
-            raise CheckpointError(f"{where}: codes must be uint8 of shape ({n}, {cb}); got {codes.dtype} "
-                                  f"{tuple(codes.shape)} (truncated or mismatched)")
-        stored_quant = quant_of_dtype(values.dtype)
-        if stored_quant != self.quant:
-            raise CheckpointError(f"{where}: checkpoint values are {values.dtype} (quant={stored_quant!r}) but the "
-                                  f"layer has quant={self.quant!r}")
-        bad = _check_codes(codes, k)
-        if bad:
-            raise CheckpointError(f"{where}: {bad}")
-        scale = None
-        if self.quant is not None:
-            scale = get(prefix + "weight_scale")
-            if tuple(scale.shape) != (n,) or scale.dtype != torch.float32:
-                raise CheckpointError(f"{where}: weight_scale must be float32 of shape ({n},); got {scale.dtype} "
-                                      f"{tuple(scale.shape)}")
-            scale = scale.to(dev or scale.device).clone()
-        else:
-            if not values.is_floating_point():
-                raise CheckpointError(f"{where}: values dtype {values.dtype} is not a float dtype")
-            values = values.to(self.values.dtype)
-        values = values.to(dev or values.device).clone()
-        codes = codes.to(dev or codes.device).clone()
-        return values, codes, scale, (bias.clone() if bias is not None else None)
+    def _weight_from_dense(self, w: torch.Tensor, where: str, dev) -> Sparse24Weight:
+        n, k = self.out_features, self.in_features
+        stored = tuple(w.shape)
+        if self.weight_layout == "conv1d":
+            w = w.t()
+        if tuple(w.shape) != (n, k):
+            want = (k, n) if self.weight_layout == "conv1d" else (n, k)
+            raise CheckpointError(f"{where}: dense weight has shape {stored}, expected {want}")
+        if not w.is_floating_point():
+            raise CheckpointError(f"{where}: dense weight has dtype {w.dtype}, expected a float dtype")
+        w = w.to(device=dev or w.device, dtype=self.dense_dtype)
+        check_twofour(w, where)
+        return Sparse24Weight.from_dense(w, self.quant, check=False)
+
+    def load_weight(self, weight: Sparse24Weight, bias: torch.Tensor | None) -> None:
+        """Install a validated weight (and bias) from state_from_dict(); the layer's shape and quant must match."""
+        if tuple(weight.shape) != (self.out_features, self.in_features) or weight.quant != self.quant:
+            raise ValueError(f"SparseLinear.load_weight: weight {weight.shape} quant={weight.quant!r} does not fit "
+                             f"the layer [{self.out_features}, {self.in_features}] quant={self.quant!r}")
+        self._install(weight, bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -572,12 +473,13 @@ class SparseLinear(nn.Module):
             if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in own:
                 unexpected_keys.append(key)
         try:
-            values, codes, scale, bias = self.state_from_dict(state_dict, prefix)
+            weight, bias = self.state_from_dict(state_dict, prefix)
         except (CheckpointError, NotTwoFourError, ValueError) as exc:
             error_msgs.append(str(exc))  # nothing of this layer was changed
             return
-        self._set_tensors(values, codes, scale, bias)
+        self.load_weight(weight, bias)
 
 
-__all__ = ["SparseLinear", "NotTwoFourError", "CheckpointError", "QuantUnsupportedError", "is_convertible",
-           "dense_weight_of", "check_twofour", "FORMAT_VERSION"]
+__all__ = ["SparseLinear", "Sparse24Weight", "NotTwoFourError", "CheckpointError", "QuantUnsupportedError",
+           "is_convertible", "dense_weight_of", "check_twofour", "twofour_violation", "FORMAT_VERSION",
+           "SUPPORTED_FORMAT_VERSIONS"]

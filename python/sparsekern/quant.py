@@ -95,6 +95,6 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_activation(x: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantisation by the fused op: x [M, K] float -> (q [M, K], scale float32 [M])."""
-    from .ops import core  # noqa: F401  (registers the op's fake kernel)
+    from .ops import core
 
-    return torch.ops.sparsekern.quantize_per_token(x, quant_dtype(quant))
+    return core.quantize_per_token(x, quant_dtype(quant))

@@ -1,7 +1,8 @@
 """Saving and loading models with SparseLinear layers.
 
 state_dict: each SparseLinear contributes `<layer>.values`, `.codes`, `.weight_scale` (quantised), `.bias`,
-`.shape` (int64 [2] = [out, in]) and `.format_version` (int64 scalar); see sparsekern.linear. torch.save of that
+`.shape` (int64 [2] = [out, in]) and `.format_version` (int64 [1]): the layout of sparsekern.weight.Sparse24Weight,
+which owns it (SparseLinear adds its bias). torch.save of that
 dict round-trips as is. Loading also accepts a *dense* 2:4 `<layer>.weight` for a SparseLinear (it is compressed on
 load), so a pruned dense checkpoint loads straight into a sparsified model.
 
@@ -31,19 +32,19 @@ compressed-tensors checkpoints are refused with a message. save_compressed_tenso
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from ._fsutil import atomic_write
+from ._modules import replace_module
 from ._version import __version__
-from .linear import FORMAT_VERSION, CheckpointError, NotTwoFourError, SparseLinear, is_convertible
+from .linear import SparseLinear, is_convertible
+from .weight import FORMAT_VERSION, CheckpointError, NotTwoFourError, Sparse24Weight
 
 FILE_FORMAT = "sparsekern"
 FILE_FORMAT_VERSION = 1
@@ -94,8 +95,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     rest = {k: v for k, v in state_dict.items() if _layer_of(k, sparse) is None}
     with torch.no_grad():
         model.load_state_dict(rest, strict=False)
-    for name, tensors in installs.items():
-        sparse[name]._set_tensors(*tensors)
+    for name, (weight, bias) in installs.items():
+        sparse[name].load_weight(weight, bias)
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -121,14 +122,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dic
     tensors, tied = _dedupe(model.state_dict())
     meta = {"format": "pt", "sparsekern_format_version": str(FILE_FORMAT_VERSION), "tied": json.dumps(tied)}
     meta.update(metadata or {})
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return tied
 
 
@@ -158,22 +152,6 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
-
-
-def _publish(tmp: Path, directory: Path) -> None:
-    """Rename the finished temporary folder to `directory`; an existing one is moved aside first and deleted only
-    after the new one is in place (restored if the rename fails)."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
-        os.replace(directory, old)
-        try:
-            os.replace(tmp, directory)
-        except BaseException:
-            os.replace(old, directory)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -216,10 +194,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite
                         "use sparsekern.serialization.save_safetensors(model, path)")
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         # As transformers' own save_pretrained does: record the class so from_pretrained can rebuild it.
         config.architectures = [type(model).__name__]
         config.save_pretrained(str(tmp))
@@ -244,11 +221,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite
         if metadata is not None:
             meta["user"] = metadata
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        _publish(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return atomic_write(directory, write, overwrite=overwrite)
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
@@ -283,12 +257,6 @@ def _fill_tied(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         for k in keys:
             if k not in sd and have:
                 sd[k] = sd[have[0]]
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: torch.dtype | None = None,
@@ -333,7 +301,7 @@ def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: to
             raise CheckpointError(f"{META_FILE} names layer {name!r}, which {model_class.__name__} lacks") from exc
         if not is_convertible(old):
             raise CheckpointError(f"{META_FILE} names layer {name!r}, a {type(old).__name__}, not a Linear")
-        _replace_module(model, name, SparseLinear(
+        replace_module(model, name, SparseLinear(
             # An explicit dtype applies to the sparse layers too (their values are cast on load; quantised values
             # keep int8/fp8 and only the bias follows).
             spec["in_features"], spec["out_features"], spec["bias"],
@@ -373,8 +341,6 @@ def _ct_weight_files(directory: Path) -> list[Path]:
 
 
 def _from_compressed_tensors(directory: Path, raw_cfg: dict, sparsity: dict, model_class, dtype, device):
-    from . import format as skformat
-
     fmt = sparsity.get("format")
     if fmt != "sparse-24-bitmask":
         raise CheckpointError(f"{directory}: compressed-tensors sparsity format {fmt!r} is not supported; sparsekern "
@@ -416,11 +382,11 @@ def _from_compressed_tensors(directory: Path, raw_cfg: dict, sparsity: dict, mod
         if not isinstance(old, nn.Linear):
             raise CheckpointError(f"{directory}: checkpoint layer {name!r} is a {type(old).__name__}, not nn.Linear")
         try:
-            c = skformat.from_bitmask(values, bitmask.view(torch.uint8), tuple(shape))
+            c = Sparse24Weight.from_bitmask(values, bitmask.view(torch.uint8), tuple(shape))
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{directory}: layer {name}: bitmask is not a valid 2:4 pattern ({exc})") from exc
         layer_dtype = values.dtype if values.is_floating_point() else dtype
-        _replace_module(model, name, SparseLinear(shape[1], shape[0], old.bias is not None, dtype=layer_dtype))
+        replace_module(model, name, SparseLinear(shape[1], shape[0], old.bias is not None, dtype=layer_dtype))
         sd[f"{name}.values"] = c.values
         sd[f"{name}.codes"] = c.codes
         sd[f"{name}.shape"] = torch.tensor(shape, dtype=torch.int64)
@@ -439,13 +405,11 @@ def save_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *, o
     llm-compressor writes and vLLM reads), atomically like save_pretrained.
 
     Every unquantised SparseLinear born from an nn.Linear is stored as X.compressed / X.bitmask / X.shape
-    (format.to_bitmask: the values are shared, the codes become bitmasks); everything else is stored dense (a
+    (Sparse24Weight.to_bitmask: the values are shared, the codes become bitmasks); everything else is stored dense (a
     Conv1D-born layer as its dense [in, out] weight: compressed-tensors targets Linear layers). Quantised
     SparseLinear layers are refused: their int8/fp8 scheme is not compressed-tensors' quantisation config.
     """
     from safetensors.torch import save_file
-
-    from . import format as skformat
 
     directory = Path(directory)
     config = getattr(model, "config", None)
@@ -469,17 +433,15 @@ def save_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *, o
         if leaf == "bias":
             tensors[key] = t
         elif leaf == "values" and m.weight_layout == "linear":
-            c = skformat.Compressed24(m.values, m.codes, (m.out_features, m.in_features))
-            values, bitmask, shape = skformat.to_bitmask(c)
+            values, bitmask, shape = m.weight24.to_bitmask()
             tensors.update({f"{layer}.compressed": values, f"{layer}.bitmask": bitmask, f"{layer}.shape": shape})
             compressed_layers.append(layer)
         elif leaf == "values":
             tensors[f"{layer}.weight"] = m.dense_weight().t()
     tensors, _ = _dedupe(tensors)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         config.architectures = [type(model).__name__]
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -491,8 +453,5 @@ def save_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *, o
                                 "ignore": ignore, "global_sparsity": None},
         }
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        _publish(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return atomic_write(directory, write, overwrite=overwrite)

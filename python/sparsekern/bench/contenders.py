@@ -221,24 +221,25 @@ def _sk_cslt(p: Problem) -> Prepared:
     """sparsekern's raw cuSPARSELt op on a buffer from cslt_compress (plans cached per shape: no host setup)."""
     _need_cuda(p, "sparsekern::cslt_linear")
     _need_sparsekern_op("cslt_linear", p)
-    comp = torch.ops.sparsekern.cslt_compress(p.w)
+    cslt = importlib.import_module("sparsekern.ops.cslt")
+    comp = cslt.cslt_compress(p.w)
     out = torch.bfloat16 if p.is_8bit else None
     n, k = p.n, p.k
     return Prepared(
-        call=lambda x: torch.ops.sparsekern.cslt_linear(x, comp, n, k, out_dtype=out),
+        call=lambda x: cslt.cslt_linear_2d(x, comp, n, k, out_dtype=out),
         weight_bytes=_nbytes(comp),
         compute_dtype=p.dtype_name,
         out_dtype=p.out_dtype,
     )
 
 
+def _core_ops():
+    return importlib.import_module("sparsekern.ops.core")
+
+
 def _compress_24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Portable 2:4 format of w: values [N, K/2] and codes uint8 [N, ceil(K/8)], via the typed wrapper if present."""
-    core = importlib.import_module("sparsekern.ops.core")
-    fn = getattr(core, "compress_24", None) or torch.ops.sparsekern.compress_24
-    c = fn(w)
-    # sparsekern.ops.core.compress_24 returns a Compressed24 (values, codes, shape); the raw op a tuple.
-    return (c.values, c.codes) if hasattr(c, "codes") else tuple(c)
+    """Portable 2:4 format of w: values [N, K/2] and codes uint8 [N, ceil(K/8)] (the op's typed wrapper)."""
+    return tuple(_core_ops().compress_24(w))
 
 
 def _sk_spmm24(p: Problem) -> Prepared:
@@ -249,8 +250,9 @@ def _sk_spmm24(p: Problem) -> Prepared:
         raise Skip("spmm_24 has no fp8 path on the CPU (SparseLinear emulates fp8 there in float32: see sk_linear)")
     values, codes = _compress_24(p.w)
     out = torch.bfloat16 if p.is_8bit else None
+    spmm_24 = _core_ops().spmm_24
     return Prepared(
-        call=lambda x: torch.ops.sparsekern.spmm_24(x, values, codes, out_dtype=out),
+        call=lambda x: spmm_24(x, values, codes, out_dtype=out),
         weight_bytes=_nbytes(values, codes),
         compute_dtype=p.dtype_name,
         out_dtype=p.out_dtype,
@@ -265,7 +267,8 @@ def _sk_decompress(p: Problem) -> Prepared:
     _need_sparsekern_op("decompress_24", p)
     values, codes = _compress_24(p.w)
     k = p.k
-    call = lambda x: F.linear(x, torch.ops.sparsekern.decompress_24(values, codes, k))  # noqa: E731
+    decompress_24 = _core_ops().decompress_24
+    call = lambda x: F.linear(x, decompress_24(values, codes, k))  # noqa: E731
     if p.device.type == "cpu":
         # SparseLinear's CPU dense fallback: panel by panel, no weight-sized buffer per call (sparsekern.linear).
         panels = getattr(importlib.import_module("sparsekern.linear"), "_dense_panels", None)
@@ -357,7 +360,7 @@ def _sparse_linear(p: Problem, search: bool, dense_cache: bool = False) -> Prepa
             # The same configuration (epilogue included) as SparseLinear's cslt_linear call, so its alg_id=-1 call
             # finds the result.
             if quant:
-                q, row_scale = torch.ops.sparsekern.quantize_per_token(x, p.dtype)
+                q, row_scale = _core_ops().quantize_per_token(x, p.dtype)
                 searcher(q, buf, p.n, p.k, None, layer.weight_scale, row_scale, "none", x.dtype)
             else:
                 searcher(x, buf, p.n, p.k)

@@ -1,10 +1,13 @@
 """Typed wrappers and fake (meta) kernels of the core N:M / 2:4 ops (schemas in csrc/registration.cpp).
 
+One wrapper per op, named like the op, taking and returning plain tensors; the portable 2:4 weight type built on
+them is sparsekern.weight.Sparse24Weight (this layer imports nothing from the layers above it).
+
 Conventions (csrc/core/nm.h, docs/format.md): a weight W is [rows, cols] = [out_features, in_features]; N:M groups
 run along the last dim (the GEMM reduction dim), aligned at column 0; "n:m" prunes n of every m. Among equal scores
-the lower column index is kept. The portable 2:4 format is `Compressed24` (sparsekern.format).
+the lower column index is kept.
 
-Public functions: prune_nm, is_nm, nm_violation, compress_24, decompress_24, sparse_linear, quantize_per_token.
+Public functions: prune_nm, nm_violation, is_nm, compress_24, decompress_24, spmm_24, quantize_per_token.
 """
 
 from __future__ import annotations
@@ -12,19 +15,42 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..format import Compressed24
 
 __all__ = [
+    "ACTIVATIONS",
+    "check_activation",
     "prune_nm",
     "is_nm",
     "nm_violation",
     "compress_24",
     "decompress_24",
-    "sparse_linear",
+    "spmm_24",
     "quantize_per_token",
 ]
 
+# The fused epilogue activations every GEMM op takes (csrc/registration.cpp documents the same list).
 ACTIVATIONS = ("none", "relu", "gelu")
+
+
+def check_activation(op: str, activation: str | None) -> str:
+    """The canonical activation name ("none" for None), or ValueError naming `op` and the allowed names."""
+    act = "none" if activation is None else activation
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of None, 'relu', 'gelu' (got {activation!r})")
+    return act
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """Every given tensor on one device (meta only when all are meta), else ValueError naming both."""
+    first_name, first = None, None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first_name, first = name, t
+        elif t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; all tensors "
+                             "must be on one device")
 
 
 def _ops():
@@ -41,6 +67,7 @@ def prune_nm(w: torch.Tensor, n: int = 2, m: int = 4, scores: torch.Tensor | Non
     Returns (pruned: w's dtype/shape, contiguous; mask: bool, w's shape, True = kept).
     """
     _ext.require("sparsekern.prune_nm")
+    check_same_device("prune_nm", w=w, scores=scores)
     return _ops().prune_nm(w, int(n), int(m), scores)
 
 
@@ -57,66 +84,38 @@ def is_nm(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return nm_violation(w, n, m) is None
 
 
-def compress_24(w: torch.Tensor) -> Compressed24:
-    """Compress a 2:4 weight w [rows, cols] (cols % 4 == 0; float32/float64/float16/bfloat16/int8/float8) into the
-    portable format. Raises naming the first (row, group) with more than two non-zeros; prune first."""
+def compress_24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable 2:4 tensors of a 2:4 weight w [rows, cols] (cols % 4 == 0; float32/float64/float16/bfloat16/int8/
+    float8): (values [rows, cols/2] of w's dtype, codes uint8 [rows, ceil(cols/8)]). Raises naming the first
+    (row, group) with more than two non-zeros. sparsekern.compress_24 wraps the result in a Sparse24Weight."""
     _ext.require("sparsekern.compress_24")
     if w.dim() != 2:
         raise ValueError(f"compress_24: w must be 2-D [rows, cols] (got shape {list(w.shape)})")
-    values, codes = _ops().compress_24(w)
-    return Compressed24(values, codes, (w.shape[0], w.shape[1]))
+    return _ops().compress_24(w)
 
 
-def decompress_24(c: Compressed24) -> torch.Tensor:
-    """Dense weight [rows, cols] of a Compressed24 (its dtype and device); exact inverse of compress_24."""
+def decompress_24(values: torch.Tensor, codes: torch.Tensor, cols: int) -> torch.Tensor:
+    """Dense weight [rows, cols] (values' dtype and device) of the portable tensors; exact inverse of compress_24.
+    Refuses invalid pattern codes, naming the row and group."""
     _ext.require("sparsekern.decompress_24")
-    return _ops().decompress_24(c.values, c.codes, c.shape[1])
+    check_same_device("decompress_24", values=values, codes=codes)
+    return _ops().decompress_24(values, codes, int(cols))
 
 
-def sparse_linear(
-    x: torch.Tensor,
-    c: Compressed24,
-    bias: torch.Tensor | None = None,
-    alpha: torch.Tensor | None = None,
-    activation: str | None = None,
-    out_dtype: torch.dtype | None = None,
-    row_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias): F.linear on the decompressed weight W.
+def spmm_24(x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None = None,
+            alpha: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, activation: str | None = None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [M, N] = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias), W [N, K] given by its portable tensors.
 
-    x: [..., K] (any strides), dtype = W's dtype: float32/float16/bfloat16 (fp32 accumulation) or int8 (W8A8,
-       exact int32 accumulation). Leading dims are flattened and restored: y is [..., N].
-    c: Compressed24 of W [N, K] on x's device.
-    bias, alpha: optional floating [N] (alpha = per-output-channel scale). row_scale: optional floating [M] with
-       M = x.numel() / K (per-token scale, e.g. from quantize_per_token).
-    activation: None/"none", "relu" or "gelu" (erf form, like F.gelu's default).
-    out_dtype: default x's dtype (int32 for int8 x); floating inputs allow float32/float16/bfloat16, int8 inputs
-       also int32/int8 (rounded half-to-even, saturated).
-    On CPU this runs spmm_24 on the portable tensors. On CUDA it runs cslt_linear when `c` holds a cuSPARSELt
-    buffer (Compressed24.to("cuda")), else spmm_24's CUDA kernel.
+    x: [M, K], W's dtype (float32/float16/bfloat16: fp32 accumulation; int8: exact int32 accumulation).
+    values [N, K/2], codes uint8 [N, ceil(K/8)]: the weight (sparsekern.weight documents the format).
+    bias, alpha: optional floating [N]; row_scale: optional floating [M]; all on x's device.
+    activation: None/"none", "relu", "gelu" (erf form). out_dtype: default x's dtype (int32 for int8 x).
     """
-    act = "none" if activation is None else activation
-    if act not in ACTIVATIONS:
-        raise ValueError(f"sparse_linear: activation must be one of None, 'relu', 'gelu' (got {activation!r})")
-    rows, cols = c.shape
-    if x.shape[-1] != cols:
-        raise ValueError(f"sparse_linear: x's last dim ({x.shape[-1]}) must equal the weight's in_features ({cols})")
-    if x.device != c.device:
-        raise ValueError(f"sparse_linear: the weight is on {c.device} but x is on {x.device}; move one of them")
-    lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), cols)
-    if row_scale is not None and row_scale.numel() != x2.shape[0]:
-        raise ValueError(f"sparse_linear: row_scale must hold one scale per row of x ({x2.shape[0]}), "
-                         f"got {row_scale.numel()}")
-    if row_scale is not None:
-        row_scale = row_scale.reshape(-1)
-    if x.device.type == "cuda" and c.cslt is not None:
-        _ext.require_cuda("sparse_linear on CUDA")
-        y = _ops().cslt_linear(x2, c.cslt, rows, cols, bias, alpha, row_scale, act, out_dtype)
-    else:
-        _ext.require("sparse_linear")
-        y = _ops().spmm_24(x2, c.values, c.codes, bias, alpha, row_scale, act, out_dtype)
-    return y.reshape(*lead, rows)
+    act = check_activation("spmm_24", activation)
+    _ext.require("sparse_linear")
+    check_same_device("spmm_24", x=x, values=values, codes=codes, bias=bias, alpha=alpha, row_scale=row_scale)
+    return _ops().spmm_24(x, values, codes, bias, alpha, row_scale, act, out_dtype)
 
 
 def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8):
@@ -127,25 +126,6 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     """
     _ext.require("sparsekern.quantize_per_token")
     return _ops().quantize_per_token(x, dtype)
-
-
-def _cslt_compress_or_none(c: Compressed24, required: bool, dense_fn=None):
-    """The cuSPARSELt buffer of `c` (on CUDA), or None when this build or the shape does not allow one and it is
-    not `required` (then the error says why)."""
-    why = None
-    multiple = 32 if c.dtype in (torch.int8, torch.float8_e4m3fn) else 16
-    if not (_ext.available() and _ext.build_info().get("with_cuda")):
-        why = "this sparsekern build has no CUDA/cuSPARSELt support"
-    elif c.dtype not in (torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn):
-        why = f"cuSPARSELt does not take {c.dtype} weights (float16, bfloat16, int8, float8_e4m3fn)"
-    elif c.shape[0] % multiple or c.shape[1] % multiple:
-        why = f"cuSPARSELt needs both weight dims to be multiples of {multiple} for {c.dtype} (shape {c.shape})"
-    if why is not None:
-        if required:
-            raise ValueError(f"Compressed24.to(cslt=True): {why}")
-        return None
-    dense = dense_fn() if dense_fn is not None else c.decompress()
-    return _ops().cslt_compress(dense)
 
 
 # ----------------------------------------------------------------------------------------------------- fake kernels

@@ -3,13 +3,15 @@ algorithm search with JSON persistence, and the plan-cache statistics.
 
 The layout, constraints and cache design are documented in docs/cusparselt.md. In short:
 
-* ``compress(w)`` turns a 2:4 weight ``w [n, k]`` (float16 / bfloat16 / int8 / float8_e4m3fn, CUDA, row-major) into
+* ``cslt_compress(w)`` turns a 2:4 weight ``w [n, k]`` (float16 / bfloat16 / int8 / float8_e4m3fn, CUDA, row-major) into
   cuSPARSELt's opaque buffer: a 1-D uint8 tensor of ``compressed_nbytes(n, k, w.dtype)`` bytes, valid only on GPUs
   of the architecture it was made on (keep the portable 2:4 form for storage).
-* ``linear(x, c, n, k, ...)`` computes ``y = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias)`` with
+* ``cslt_linear(x, c, n, k, ...)`` computes ``y = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias)`` with
   ``x [..., k]`` and returns ``y [..., n]`` (``F.linear`` semantics on the weight that was compressed).
 * Shape rules (cuSPARSELt's): ``n`` and ``k`` multiples of 16 for float16 / bfloat16, of 32 for int8 / float8; any
-  number of tokens ``M`` (padded internally to 8 / 16 rows, never returned).
+  number of tokens ``M`` (padded internally to 8 / 16 rows, never returned). The numbers live once, in the C++ header
+  csrc/core/cslt_shape.h that the op's own checks use; ``structured_multiple`` reads them from the extension, and
+  ``shape_supported`` / ``unsupported_reason`` are the one Python statement of the rule.
 * A steady-state call builds nothing on the host: descriptors, plan and workspace are cached per configuration
   (``cache_stats()`` counts their creations). Warm up a shape once before capturing it in a CUDA graph.
 """
@@ -23,10 +25,17 @@ from typing import Any, Optional
 import torch
 
 from .. import _ext
+from .._fsutil import atomic_write_text
+from .core import ACTIVATIONS as _ACTIVATIONS
 
 __all__ = [
-    "compress",
-    "linear",
+    "cslt_compress",
+    "cslt_linear",
+    "cslt_linear_2d",
+    "structured_multiple",
+    "shape_supported",
+    "unsupported_reason",
+    "buffer_tag",
     "search",
     "compressed_nbytes",
     "cache_stats",
@@ -41,14 +50,47 @@ __all__ = [
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn)
 _EIGHT_BIT = (torch.int8, torch.float8_e4m3fn)
 _FLOAT_OUT = (torch.float16, torch.bfloat16, torch.float32)
-_ACTIVATIONS = ("none", "relu", "gelu")
 _SEARCH_FORMAT = "sparsekern-cslt-search"
 _SEARCH_FORMAT_VERSION = 1
 
 
 def structured_multiple(dtype: torch.dtype) -> int:
-    """Multiple cuSPARSELt requires of the structured operand's dims (n and k): 32 for 8-bit types, else 16."""
-    return 32 if dtype in _EIGHT_BIT else 16
+    """Multiple cuSPARSELt requires of the structured operand's dims (n and k): 32 for 8-bit types, 16 for 16-bit
+    ones (csrc/core/cslt_shape.h, read through the extension so Python and C++ cannot disagree); 0 for a dtype
+    cuSPARSELt does not take."""
+    if dtype not in _INPUT_DTYPES:
+        return 0
+    return int(_ext.cslt_structured_multiple(dtype.itemsize))
+
+
+def unsupported_reason(n: int, k: int, dtype: torch.dtype) -> str | None:
+    """Why a 2:4 weight [n, k] of `dtype` cannot be a cuSPARSELt operand in this build (None when it can)."""
+    if not (_ext.available() and _ext.build_info().get("with_cuda")):
+        return "this sparsekern build has no CUDA/cuSPARSELt support"
+    if dtype not in _INPUT_DTYPES:
+        return f"cuSPARSELt does not take {dtype} weights (float16, bfloat16, int8, float8_e4m3fn)"
+    mult = structured_multiple(dtype)
+    if n <= 0 or k <= 0 or n % mult or k % mult:
+        return f"cuSPARSELt needs both weight dims to be multiples of {mult} for {dtype} (shape {(n, k)})"
+    return None
+
+
+def shape_supported(n: int, k: int, dtype: torch.dtype) -> bool:
+    """cuSPARSELt's rule for the structured operand: dtype it takes, n and k positive multiples of
+    structured_multiple(dtype). (Says nothing about whether this build has CUDA.)"""
+    mult = structured_multiple(dtype) if _ext.available() else 0
+    return mult > 0 and n > 0 and k > 0 and n % mult == 0 and k % mult == 0
+
+
+def buffer_tag(device: torch.device | str) -> tuple:
+    """What a cuSPARSELt buffer made on `device` is valid for: (device, "sm<maj><min>", cuSPARSELt version). A
+    buffer whose tag differs from the current device's must be rebuilt from the portable tensors."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (str(device), device.type, None)
+    major, minor = torch.cuda.get_device_capability(device)
+    version = str(_ext._C.cslt_version()) if _ext.available() and _ext.build_info().get("with_cuda") else None
+    return (str(device), f"sm{major}{minor}", version)
 
 
 def compressed_nbytes(n: int, k: int, dtype: torch.dtype) -> int:
@@ -156,7 +198,7 @@ def _check_devices(op: str, **tensors: Optional[torch.Tensor]) -> None:
             )
 
 
-def compress(w: torch.Tensor) -> torch.Tensor:
+def cslt_compress(w: torch.Tensor) -> torch.Tensor:
     """Compress a 2:4 weight to cuSPARSELt's buffer.
 
     w: [n, k] float16 / bfloat16 / int8 / float8_e4m3fn on CUDA; every aligned group of 4 along k holds at most
@@ -183,7 +225,7 @@ def _flatten(x: torch.Tensor, row_scale: Optional[torch.Tensor]) -> tuple[torch.
     return x2, row_scale
 
 
-def linear(
+def cslt_linear(
     x: torch.Tensor,
     compressed: torch.Tensor,
     n: int,
@@ -196,7 +238,7 @@ def linear(
     alg_id: int = -1,
     split_k: int = 1,
 ) -> torch.Tensor:
-    """y = act(row_scale[..., None] * alpha * (x @ W^T) + bias) with W [n, k] given as ``compress(W)``.
+    """y = act(row_scale[..., None] * alpha * (x @ W^T) + bias) with W [n, k] given as ``cslt_compress(W)``.
 
     x:          [..., k] CUDA, float16 / bfloat16 / int8 / float8_e4m3fn (the weight's dtype); any strides.
     compressed: uint8 buffer from ``compress`` of W [n, k] (same dtype as x).
@@ -225,6 +267,15 @@ def linear(
     return y.reshape(*x.shape[:-1], n)
 
 
+def cslt_linear_2d(x2: torch.Tensor, compressed: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor] = None,
+                   alpha: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
+                   activation: str = "none", out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """cslt_linear for a caller that holds a validated weight (SparseLinear's forward): x2 [M, k] 2-D, row_scale [M],
+    activation a canonical name. No Python-side re-check: the C++ op enforces the same rules with the same messages,
+    and skipping the duplicate keeps the per-token decode call lean."""
+    return torch.ops.sparsekern.cslt_linear(x2, compressed, n, k, bias, alpha, row_scale, activation, out_dtype)
+
+
 def search(
     x: torch.Tensor,
     compressed: torch.Tensor,
@@ -237,7 +288,7 @@ def search(
     out_dtype: Optional[torch.dtype] = None,
 ) -> dict[str, Any]:
     """Run cusparseLtMatmulSearch for the configuration ``linear`` would run with these arguments (same shapes,
-    dtypes and epilogue; M is what matters of x) and remember the result for later ``linear(..., alg_id=-1)`` calls.
+    dtypes and epilogue; M is what matters of x) and remember the result for later ``cslt_linear(..., alg_id=-1)`` calls.
     Returns the record: alg_id, split_k, split_k_mode, split_k_buffers, max_alg_id and the key fields."""
     act = activation or "none"
     x2, rs = _flatten(x, row_scale)
@@ -307,10 +358,8 @@ def save_search_results(path: str | os.PathLike) -> int:
     for r in search_results():
         merged[_record_key(r)] = r
     records = sorted(merged.values(), key=lambda r: tuple(str(v) for v in _record_key(r)))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_dump_records(records), f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    # atomic: a concurrent reader never sees half a file
+    atomic_write_text(path, json.dumps(_dump_records(records), indent=1, sort_keys=True))
     return len(records)
 
 
