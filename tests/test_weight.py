@@ -144,3 +144,41 @@ def test_sparse_linear_matches_a_float64_reference():
     # fp32 accumulation of K = 44 products: within 2x torch's own fp32 error against float64
     torch_err = (torch.relu(x @ w.t() + bias).double() - ref).abs().max()
     assert (y.double() - ref).abs().max() <= 2 * torch_err + 1e-6
+
+
+def test_pickled_layer_drops_the_arch_specific_buffer_and_rebuilds_for_its_device():
+    # torch.save(model) / torch.load(map_location=...) on another GPU must not reuse a buffer made for another arch
+    # (issue 17, finding 6). On the CPU: a stand-in buffer is dropped, the weight and outputs survive exactly.
+    import io
+
+    lin = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        lin.weight.copy_(random_24(16, 32, seed=13))
+    layer = sparsekern.SparseLinear.from_linear(lin, dense_cache=True)
+    fake = torch.zeros(7, dtype=torch.uint8)
+    layer._buffers["cslt_buffer"] = fake
+    layer.weight24._cslt, layer.weight24._cslt_tag = fake, ("cuda:0", "sm80", "0.8.1")
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back.cslt_buffer is None and back.weight24.cslt is None and back.weight24.cslt_tag is None
+    assert back.dense_weight_cache is not None  # derived data rebuilt where the layer landed
+    assert back.weight24.values is back.values
+    x = torch.randn(3, 32)
+    assert torch.equal(back(x), layer(x))
+
+
+@pytest.mark.parametrize("cap,dtype,ok", [
+    ((7, 5), torch.float16, False), ((7, 0), torch.int8, False), ((8, 0), torch.float16, True),
+    ((8, 6), torch.float8_e4m3fn, False), ((8, 9), torch.float8_e4m3fn, True), ((9, 0), torch.bfloat16, True),
+])
+def test_cuslt_capability_rule(cap, dtype, ok):
+    # a T4 (sm75) or V100 (sm70) must fall back to the portable-format kernels, not fail in cslt_compress
+    # (issue 17, finding 5); the rule is a pure function, so the CPU tests it
+    from sparsekern.ops import cslt
+
+    why = cslt.capability_reason(cap, dtype)
+    assert (why is None) == ok
+    if not ok:
+        assert f"sm{cap[0]}{cap[1]}" in why

@@ -408,6 +408,23 @@ class SparseLinear(nn.Module):
             raise
         return self
 
+    # ------------------------------------------------------------------ pickling (torch.save(model))
+
+    def __getstate__(self):
+        # The cuSPARSELt buffer is valid only on the GPU arch and cuSPARSELt version it was made on (a model saved on
+        # an A100 and loaded on an H100 with map_location would otherwise run an sm80 buffer on sm90), and the dense
+        # copy is derived data: neither is pickled. __setstate__ rebuilds both for wherever the tensors land.
+        state = self.__dict__.copy()
+        state["_buffers"] = {**self._buffers, "cslt_buffer": None, "dense_weight_cache": None}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        b = self._buffers
+        self.__dict__["_weight24"] = Sparse24Weight(b["values"], b["codes"], (self.out_features, self.in_features),
+                                                    scale=b["weight_scale"], validate=False)
+        self._refresh_device_state()
+
     # ------------------------------------------------------------------ state dict
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -312,7 +312,8 @@ class Sparse24Weight:
         """Why this weight cannot have a cuSPARSELt buffer where it is (None when it can)."""
         if self.device.type != "cuda":
             return f"the weight is on {self.device}, cuSPARSELt runs on CUDA devices"
-        return _cslt.unsupported_reason(self.shape[0], self.shape[1], self.values.dtype)
+        why = _cslt.unsupported_reason(self.shape[0], self.shape[1], self.values.dtype)
+        return why or _cslt.capability_reason(torch.cuda.get_device_capability(self.device), self.values.dtype)
 
     def build_cslt(self, required: bool = False, dense: torch.Tensor | None = None) -> torch.Tensor | None:
         """Build (or keep, when still valid for this device) the cuSPARSELt buffer; returns it. When this build,

@@ -35,6 +35,7 @@ __all__ = [
     "structured_multiple",
     "shape_supported",
     "unsupported_reason",
+    "capability_reason",
     "buffer_tag",
     "search",
     "compressed_nbytes",
@@ -72,6 +73,18 @@ def unsupported_reason(n: int, k: int, dtype: torch.dtype) -> str | None:
     mult = structured_multiple(dtype)
     if n <= 0 or k <= 0 or n % mult or k % mult:
         return f"cuSPARSELt needs both weight dims to be multiples of {mult} for {dtype} (shape {(n, k)})"
+    return None
+
+
+def capability_reason(capability: tuple[int, int], dtype: torch.dtype) -> str | None:
+    """Why a GPU of compute `capability` (major, minor) cannot run cuSPARSELt on `dtype` (None when it can):
+    cuSPARSELt's sparse tensor cores need sm80+, its float8 kernels sm89+. Checked before any cuSPARSELt state is
+    built, so a T4 / V100 falls back to the portable-format kernels instead of failing."""
+    major, minor = (int(v) for v in capability)
+    if (major, minor) < (8, 0):
+        return f"cuSPARSELt needs a GPU of compute capability 8.0 or newer (this one is sm{major}{minor})"
+    if dtype == torch.float8_e4m3fn and (major, minor) < (8, 9):
+        return f"cuSPARSELt's float8 kernels need compute capability 8.9 or newer (this GPU is sm{major}{minor})"
     return None
 
 
