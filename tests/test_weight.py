@@ -182,3 +182,19 @@ def test_cuslt_capability_rule(cap, dtype, ok):
     assert (why is None) == ok
     if not ok:
         assert f"sm{cap[0]}{cap[1]}" in why
+
+
+def test_raw_ops_refuse_real_and_meta_tensors_mixed():
+    # the dispatcher routes a call mixing CPU and meta tensors to the fake kernels (issue 16's reproducer): they
+    # must refuse, not return uninitialised memory
+    x, vals = torch.ones(2, 8), torch.randn(3, 4)
+    codes = torch.full((3, 1), 0x84, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="spmm_24: bias is on meta but x is on cpu"):
+        torch.ops.sparsekern.spmm_24(x, vals, codes, torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match="decompress_24: codes is on meta but values is on cpu"):
+        torch.ops.sparsekern.decompress_24(vals, codes.to("meta"), 8)
+    with pytest.raises(ValueError, match="prune_nm: scores is on meta but w is on cpu"):
+        torch.ops.sparsekern.prune_nm(torch.randn(2, 8), 2, 4, torch.randn(2, 8, device="meta"))
+    # all-meta stays legal (shape propagation)
+    y = torch.ops.sparsekern.spmm_24(x.to("meta"), vals.to("meta"), codes.to("meta"))
+    assert y.device.type == "meta" and y.shape == (2, 3)

@@ -136,8 +136,11 @@ def _out_dtype(x_dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dty
 
 
 def _register_fakes() -> None:
+    # Each fake kernel first checks that its tensors share one device: the dispatcher sends a call that mixes real
+    # and meta tensors to these fakes, which would otherwise return uninitialised memory as the answer.
     @torch.library.register_fake("sparsekern::prune_nm")
     def _(w, n, m, scores=None):
+        check_same_device("prune_nm", w=w, scores=scores)
         return torch.empty_like(w, memory_format=torch.contiguous_format), torch.empty_like(
             w, dtype=torch.bool, memory_format=torch.contiguous_format)
 
@@ -152,10 +155,12 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("sparsekern::decompress_24")
     def _(values, codes, cols):
+        check_same_device("decompress_24", values=values, codes=codes)
         return values.new_empty((values.shape[0], cols))
 
     @torch.library.register_fake("sparsekern::spmm_24")
     def _(x, values, codes, bias=None, alpha=None, row_scale=None, activation="none", out_dtype=None):
+        check_same_device("spmm_24", x=x, values=values, codes=codes, bias=bias, alpha=alpha, row_scale=row_scale)
         return x.new_empty((x.shape[0], values.shape[0]), dtype=_out_dtype(x.dtype, out_dtype))
 
     @torch.library.register_fake("sparsekern::quantize_per_token")

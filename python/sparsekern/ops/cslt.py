@@ -27,6 +27,7 @@ import torch
 from .. import _ext
 from .._fsutil import atomic_write_text
 from .core import ACTIVATIONS as _ACTIVATIONS
+from .core import check_same_device
 
 __all__ = [
     "cslt_compress",
@@ -410,6 +411,7 @@ def _register_fakes() -> None:
         x, compressed, n, k, bias=None, alpha=None, row_scale=None, activation="none", out_dtype=None, alg_id=-1,
         split_k=1,
     ):
+        check_same_device("cslt_linear", x=x, compressed=compressed, bias=bias, alpha=alpha, row_scale=row_scale)
         out = _linear_out_dtype(x, compressed, n, k, bias, alpha, row_scale, activation, out_dtype)
         return x.new_empty((x.shape[0], n), dtype=out)
 

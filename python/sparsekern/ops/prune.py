@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .core import check_same_device
 
 __all__ = ["hessian_update_", "act_scale_update_", "wanda_prune", "sparsegpt_prune_block_"]
 
@@ -69,20 +70,25 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("sparsekern::hessian_update_")
     def _(H, x, nsamples, batch):
+        check_same_device("hessian_update_", H=H, x=x)
         return None
 
     @torch.library.register_fake("sparsekern::act_scale_update_")
     def _(s, x, nsamples, batch):
+        check_same_device("act_scale_update_", s=s, x=x)
         return None
 
     @torch.library.register_fake("sparsekern::wanda_prune")
     def _(w, act_scale, n, m, sparsity):
+        check_same_device("wanda_prune", w=w, act_scale=act_scale)
         torch._check(w.dim() == 2, lambda: "wanda_prune: w must be 2-D")
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         return out, torch.empty(w.shape, dtype=torch.bool, device=w.device)
 
     @torch.library.register_fake("sparsekern::sparsegpt_prune_block_")
     def _(w1, hinv1, n, m, prune_mask, qscale, qzero, maxq):
+        check_same_device("sparsegpt_prune_block_", w1=w1, hinv1=hinv1, prune_mask=prune_mask, qscale=qscale,
+                          qzero=qzero)
         torch._check(w1.dim() == 2, lambda: "sparsegpt_prune_block_: w1 must be 2-D")
         rows, bs = w1.shape
         return (
