@@ -17,6 +17,7 @@ from sparsekern import pipeline as P  # noqa: E402
 from sparsekern import prune as engine  # noqa: E402
 from sparsekern.data import DataError  # noqa: E402
 from sparsekern.pipeline import PipelineError, prune_model  # noqa: E402
+from sparsekern.pipeline import pruning as P_pruning  # noqa: E402
 
 VOCAB = 128
 
@@ -204,7 +205,7 @@ def _hessian_for(spy, module):
 
 def test_sparsegpt_hessian_of_next_block_comes_from_pruned_outputs(monkeypatch):
     spy = _SpyEngine()
-    monkeypatch.setattr(P, "_engine", lambda: spy)
+    monkeypatch.setattr(P_pruning, "_engine", lambda: spy)
     base = _llama(2)
     ids = _calib(6, 32)
     model = _clone(base)
@@ -230,7 +231,7 @@ def test_true_sequential_calibrates_o_proj_on_pruned_qkv(monkeypatch):
     results = {}
     for ts in (False, True):
         spy = _SpyEngine()
-        monkeypatch.setattr(P, "_engine", lambda spy=spy: spy)
+        monkeypatch.setattr(P_pruning, "_engine", lambda spy=spy: spy)
         model = _clone(base)
         prune_model(model, ids, method="sparsegpt", pattern="2:4", true_sequential=ts, progress=False)
         results[ts] = (_hessian_for(spy, dict(model.named_modules())[o])[1].double(), model)

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from sparsekern import pipeline as P  # noqa: E402
 from sparsekern.pipeline import PipelineError, prune_model  # noqa: E402
+from sparsekern.pipeline import rerun as P_rerun  # noqa: E402
 from test_pipeline import _calib, _clone, _gpt2, _is_nm, _llama, _opt  # noqa: E402
 
 
@@ -214,7 +215,7 @@ def test_rerun_kernel_auto_decides_per_shape_from_speed_and_agreement(monkeypatc
         assert rows == 2 * 16  # batch_size x seqlen rows, as in the re-run
         return {"dense_s": d, "sparse_s": s, "agree": ok, "max_err_over_bound": 0.0 if ok else 5.0}
 
-    monkeypatch.setattr(P, "_probe_sparse_rerun", fake_probe)
+    monkeypatch.setattr(P_rerun, "probe_sparse_rerun", fake_probe)
     r = prune_model(_clone(base), ids, method="wanda", progress=False, rerun_kernel="auto", batch_size=2)
     assert r.rerun_choices == {"64x64 float32": "sparse", "32x64 float32": "dense", "128x64 float32": "dense",
                                "64x128 float32": "dense"}
@@ -227,13 +228,14 @@ def test_rerun_kernel_auto_decides_per_shape_from_speed_and_agreement(monkeypatc
 
 
 def test_probe_detects_a_sparse_result_that_disagrees(monkeypatch):
+    from sparsekern import weight as w24
     from sparsekern.ops import core
 
     w, _ = core.prune_nm(torch.randn(48, 64), 2, 4)
-    assert P._probe_sparse_rerun(w, 33)["agree"]
-    real = core.sparse_linear
-    monkeypatch.setattr(core, "sparse_linear", lambda x, c, bias=None: real(x, c, bias) * (1 + 1e-4))
-    probe = P._probe_sparse_rerun(w, 33)
+    assert P_rerun.probe_sparse_rerun(w, 33)["agree"]
+    real = w24.sparse_linear
+    monkeypatch.setattr(w24, "sparse_linear", lambda x, c, bias=None: real(x, c, bias) * (1 + 1e-4))
+    probe = P_rerun.probe_sparse_rerun(w, 33)
     assert not probe["agree"] and probe["max_err_over_bound"] > 1
 
 

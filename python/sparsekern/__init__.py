@@ -33,6 +33,7 @@ _LAZY = {
     "from_pretrained": "sparsekern.serialization",
     # whole-model pruning and evaluation
     "prune_model": "sparsekern.pipeline",
+    "PruneConfig": "sparsekern.pipeline",
 }
 _SUBMODULES = {"prune", "eval", "linear", "convert", "serialization", "pipeline", "format", "policy", "quant", "data",
                "bench", "sensitivity", "weight", "envs"}

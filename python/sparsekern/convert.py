@@ -17,7 +17,6 @@ refusal or an error mid-way leaves the model exactly as it was.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from . import _ext
+from ._modules import matches, replace_module
 from .linear import SparseLinear, dense_weight_of, is_convertible, twofour_violation
 from .quant import check_quant_supported, quant_dtype
 
@@ -68,12 +68,6 @@ class SparsifyReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    parts = name.split(".")
-    suffixes = {".".join(parts[i:]) for i in range(len(parts))}
-    return any(p in suffixes or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def _selected(sel: Selector, name: str, module: nn.Module, default: bool) -> bool:
     if sel is None:
         return default
@@ -81,7 +75,7 @@ def _selected(sel: Selector, name: str, module: nn.Module, default: bool) -> boo
         return bool(sel(name, module))
     if isinstance(sel, str):
         sel = (sel,)
-    return _matches(name, sel)
+    return matches(name, sel)
 
 
 def _shared_weight_names(model: nn.Module) -> set[str]:
@@ -92,12 +86,6 @@ def _shared_weight_names(model: nn.Module) -> set[str]:
         if w is not None:
             owners.setdefault(id(w), []).append(mname)
     return {n for names in owners.values() if len(names) > 1 for n in names}
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = ("lm_head",),
@@ -160,7 +148,7 @@ def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = 
         report.bytes_before += w.numel() * w.element_size()
         report.bytes_after += new.weight_nbytes()
         new.train(mod.training)
-        _replace(model, name, new)
+        replace_module(model, name, new)
         report.converted.append(name)
     return report
 
@@ -172,5 +160,5 @@ def densify(model: nn.Module, *, dtype: torch.dtype | None = None) -> list[str]:
         raise TypeError("densify(model): model is itself a SparseLinear; call model.to_linear()")
     built = [(name, mod.to_linear(dtype)) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
     for name, new in built:
-        _replace(model, name, new)
+        replace_module(model, name, new)
     return [name for name, _ in built]

@@ -17,13 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._modules import model_device
 from .data import DataError, check_seqlen
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -44,7 +39,7 @@ def window_nlls(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, *, batch
     check_seqlen(model, seqlen)
     if batch_size < 1:
         raise DataError(f"batch_size ({batch_size}) must be >= 1")
-    device = _model_device(model)
+    device = model_device(model)
     windows = ids[: nsamples * seqlen].reshape(nsamples, seqlen)
     out = torch.empty(nsamples, dtype=torch.float64)
     was_training = model.training

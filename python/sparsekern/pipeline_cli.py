@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -35,10 +33,10 @@ def _log(args, msg: str) -> None:
 
 
 def _pattern(text: str) -> str:
-    from .pipeline import PipelineError, _check_pattern
+    from .pipeline import PipelineError, check_pattern
 
     try:
-        return _check_pattern(text)
+        return check_pattern(text)
     except PipelineError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -103,27 +101,6 @@ def _check_out(args) -> Path | None:
     return out
 
 
-def _write_atomically(out: Path, overwrite: bool, write) -> None:
-    """Call write(tmp) on a fresh temporary sibling of `out`, then rename it to `out` (replacing it only when
-    overwrite): an interrupted run leaves at most a hidden .tmp folder, never a half-written `out`."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = False, quant: str | None = None,
                 overwrite: bool = False):
     """Write a pruned model to `out` atomically.
@@ -135,6 +112,7 @@ def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = Fa
     stores that report as save_pretrained's metadata (from_pretrained(out).sparsekern_metadata). Returns the
     sparsify report (None for dense).
     """
+    from ._fsutil import atomic_write
     from ._version import __version__
 
     report = None
@@ -157,7 +135,7 @@ def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = Fa
             tokenizer.save_pretrained(tmp)
         (tmp / "prune_report.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
-    _write_atomically(out, overwrite, write)
+    atomic_write(out, write, overwrite=overwrite)
     return report
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import pipeline as P
+from ._modules import model_device
 from .data import check_seqlen
 from .eval import perplexity
 
@@ -95,15 +96,15 @@ def sensitivity_scan(model: nn.Module, calibration: Any, eval_ids: torch.Tensor,
         raise P.PipelineError(f"unit {unit!r}: expected one of {', '.join(UNITS)}")
     if method not in P.METHODS:
         raise P.PipelineError(f"method {method!r}: expected one of {', '.join(P.METHODS)}")
-    pattern = P._check_pattern(pattern)
-    eng_pattern = P._engine_pattern(pattern)
+    pattern = P.check_pattern(pattern)
+    eng_pattern = P.engine_pattern(pattern)
     layers_path, layers = P.find_decoder_layers(model)
-    device = P._model_device(model)
+    device = model_device(model)
     calib = None
     if method != "magnitude":
         if calibration is None:
             raise P.PipelineError(f"method {method!r} needs calibration data")
-        calib = P._as_calibration(calibration, None, None, None)
+        calib = P.as_calibration(calibration, None, None, None)
     if seqlen is None:
         if calib is None:
             raise P.PipelineError("seqlen: give the evaluation window length (no calibration to take it from)")
@@ -128,9 +129,7 @@ def sensitivity_scan(model: nn.Module, calibration: Any, eval_ids: torch.Tensor,
         for i in bar:
             layer = layers[i]
             mods = P.block_linears(layer)
-            names = [n for n in mods if not (include is not None and not P._matches(f"{layers_path}.{i}.{n}",
-                                                                                    include))
-                     and not (exclude and P._matches(f"{layers_path}.{i}.{n}", exclude))]
+            names = [n for n in mods if P.is_selected(f"{layers_path}.{i}.{n}", include, exclude)]
             if names:
                 if calib is None:
                     stat_of = {n: None for n in names}
@@ -144,19 +143,19 @@ def sensitivity_scan(model: nn.Module, calibration: Any, eval_ids: torch.Tensor,
                     try:
                         for n in members:
                             value = stat_of[n]
-                            res = P._prune_weight(method, saved[n], value, eng_pattern, options)
-                            P._set_weight_matrix(mods[n], res.weight)
+                            res = P.prune_weight(method, saved[n], value, eng_pattern, options)
+                            P.set_weight_matrix(mods[n], res.weight)
                         ppl = perplexity(model, eval_ids, seqlen, batch_size=eval_batch_size)
                     finally:
                         for n in members:
-                            P._set_weight_matrix(mods[n], saved[n])
+                            P.set_weight_matrix(mods[n], saved[n])
                     full = [f"{layers_path}.{i}.{n}" for n in members]
                     table.rows.append(SensitivityRow(
                         name=f"{layers_path}.{i}" if unit == "block" else full[0], linears=full,
                         numel=sum(saved[n].numel() for n in members), ppl=ppl,
                         delta=ppl - dense_ppl if math.isfinite(ppl) else math.inf))
             if calib is not None and i + 1 < len(layers):
-                hidden = P._run_block(layer, chunks, hidden, keep=True)  # dense outputs: the next block's inputs
+                hidden = P.run_block(layer, chunks, hidden, keep=True)  # dense outputs: the next block's inputs
     finally:
         if progress:
             bar.close()

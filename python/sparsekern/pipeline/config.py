@@ -1,0 +1,193 @@
+"""PruneConfig: every option of prune_model in one dataclass, validated in one place.
+
+    cfg = PruneConfig(method="wanda", pattern="2:4", true_sequential=True)
+    report = sparsekern.prune_model(model, calib, cfg)
+    report = sparsekern.prune_model(model, calib, method="wanda", pattern="2:4")   # the same, keyword form
+
+Each rule is checked when the config is built (also by dataclasses.replace), before the model is touched, and
+a broken rule raises PipelineError naming the field and the rule. Rules that need the model or the calibration
+data (decoder blocks found, seqlen within the model's positions, enough calibration rows) are checked by
+prune_model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .errors import PipelineError
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+RERUN_KERNELS = ("auto", "dense", "sparse")
+CALIB_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_pattern(pattern) -> str:
+    """Validate with the engine's parser; returns the canonical text ("2:4", "0.5")."""
+    from ..prune import parse_pattern
+
+    try:
+        p = parse_pattern(pattern)
+    except ValueError as e:
+        raise PipelineError(f"pattern {pattern!r}: {e} (expected 'N:M' with N of every M weights pruned, e.g. "
+                            "'2:4', or an unstructured sparsity in (0, 1) such as '0.5')") from None
+    return f"{p.n}:{p.m}" if p.structured else f"{p.sparsity:g}"
+
+
+def engine_pattern(pattern: str):
+    """The engine takes "n:m" strings and unstructured sparsity as a float."""
+    return pattern if ":" in pattern else float(pattern)
+
+
+def _names(value: Iterable[str] | str | None) -> tuple[str, ...] | None:
+    # A single string is one pattern (as in sparsify), not a sequence of one-letter patterns.
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How prune_model prunes (see prune_model for the calibration data and the model).
+
+    method:      "magnitude" | "wanda" | "sparsegpt".
+    pattern:     "N:M" (N of every M consecutive weights along in_features pruned: "2:4", "4:8") or an
+                 unstructured sparsity ("0.5"); stored in canonical form ("2:4", "0.5").
+    nsamples, seqlen: take the first nsamples rows / seqlen tokens of a tensor calibration (default: all; for a
+                 text, 128 x 2048).
+    true_sequential: prune the block's linear groups in call order, each on inputs from the partly pruned block.
+    include / exclude: name patterns (equal, dotted suffix or fnmatch glob of the full dotted name; a single
+                 string is one pattern) selecting which block linears are pruned; exclude wins.
+    skip:        full names kept dense (e.g. from a sensitivity scan).
+    device:      where blocks run (default: where the model is); the model is moved there unless offload=True.
+    offload:     keep the model on the CPU and move one block at a time to `device`.
+    progress:    show a progress bar (tqdm) over the blocks.
+    tokenizer:   turns a text calibration into token ids.
+    batch_size:  calibration sequences per block forward.
+    blocksize, percdamp, quant: SparseGPT options (quant: joint quantisation, e.g. "int8").
+    use_variant: Wanda's variant.
+    calib_dtype: None (default: calibration forwards in the model's dtype, as the references) or a lower
+                 precision (torch.bfloat16, torch.float16) for the block matmuls of the calibration forwards, under
+                 torch.autocast: ~2.3x faster fp32->bf16 GEMMs on CPUs with AVX512-BF16 / AMX; the residual
+                 stream, norms and statistics stay float32. An approximation: the statistics change slightly.
+    single_pass: with true_sequential, compute every group's statistics and the re-run in one forward per
+                 chunk, paused at each group until all chunks got there (run_block_staged): bit-identical to
+                 one pass per group plus a re-run, ~2x less forward work; holds all chunks' in-flight
+                 activations at once. False: one partial pass per group, then the re-run (less memory).
+    rerun_kernel: how the re-run computes the block's just-pruned linears (pattern "2:4" only): "dense"
+                 (their forward, as the references), "sparse" (sparsekern's 2:4 GEMM spmm_24 on a compressed
+                 copy, for the re-run only; results equal within float32 rounding), or "auto" (per weight
+                 shape, "sparse" when a probe at batch_size x seqlen rows finds it >= 5% faster and agreeing
+                 within float32 rounding; CPU float32 forwards only, else "dense"). The model is not changed.
+    """
+
+    method: str = "sparsegpt"
+    pattern: str = "2:4"
+    nsamples: int | None = None
+    seqlen: int | None = None
+    true_sequential: bool = False
+    include: Iterable[str] | None = None
+    exclude: Iterable[str] | None = None
+    device: str | torch.device | None = None
+    offload: bool = False
+    skip: Iterable[str] = ()
+    progress: bool = True
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    batch_size: int = 8
+    blocksize: int = 128
+    percdamp: float = 0.01
+    quant: str | None = None
+    use_variant: bool = False
+    calib_dtype: torch.dtype | None = None
+    single_pass: bool = True
+    rerun_kernel: str = "dense"
+
+    def __post_init__(self) -> None:
+        def set_(name, value):  # frozen: the normalised values are set once, here
+            object.__setattr__(self, name, value)
+
+        if self.method not in METHODS:
+            raise PipelineError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+        set_("pattern", check_pattern(self.pattern))
+        for name in ("nsamples", "seqlen"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PipelineError(f"{name} ({value}) must be None (all) or >= 1")
+        if self.batch_size < 1:
+            raise PipelineError(f"batch_size ({self.batch_size}) must be >= 1")
+        self._check_method_options()
+        set_("include", _names(self.include))
+        set_("exclude", _names(self.exclude))
+        set_("skip", _names(self.skip))
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise PipelineError(f"device {self.device!r}: {e}") from None
+        self._check_kernels()
+
+    def _check_method_options(self) -> None:
+        if self.quant is not None and self.method != "sparsegpt":
+            raise PipelineError(f"quant={self.quant!r} (joint pruning + quantisation) needs method='sparsegpt', not "
+                                f"{self.method!r}")
+        if self.method != "sparsegpt":
+            return
+        # The engine checks these too, but only when the first linear is pruned, after the capture.
+        if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize < 1:
+            raise PipelineError(f"blocksize ({self.blocksize!r}) must be a positive int")
+        m = int(self.pattern.split(":")[1]) if ":" in self.pattern else 1
+        if self.blocksize % m:
+            raise PipelineError(f"blocksize ({self.blocksize}) must be a multiple of m = {m} for pattern "
+                                f"{self.pattern}")
+        if not self.percdamp > 0:
+            raise PipelineError(f"percdamp ({self.percdamp!r}) must be > 0")
+
+    def _check_kernels(self) -> None:
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise PipelineError(f"calib_dtype {self.calib_dtype}: expected None, torch.float32, torch.bfloat16 or "
+                                "torch.float16")
+        if self.rerun_kernel not in RERUN_KERNELS:
+            raise PipelineError(f"rerun_kernel {self.rerun_kernel!r}: expected one of {', '.join(RERUN_KERNELS)}")
+        if self.rerun_kernel == "sparse" and self.calib_dtype not in (None, torch.float32):
+            raise PipelineError(f"rerun_kernel='sparse' runs the pruned linears in the weights' dtype; it cannot be "
+                                f"combined with calib_dtype={self.calib_dtype} (autocast does not reach sparsekern's "
+                                "GEMM)")
+
+    @property
+    def calib_dtype_name(self) -> str:
+        """"model" (the model's own dtype) or the autocast dtype without "torch." ("bfloat16")."""
+        return "model" if self.calib_dtype is None else str(self.calib_dtype).removeprefix("torch.")
+
+    @property
+    def engine_options(self) -> dict:
+        """The method options the pruning engine takes (sparsegpt: blocksize, percdamp, quant; wanda: use_variant)."""
+        return {"blocksize": self.blocksize, "percdamp": self.percdamp, "quant": self.quant,
+                "use_variant": self.use_variant}
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(PruneConfig))
+
+
+def make_config(config: PruneConfig | None, options: Mapping[str, Any], caller: str = "prune_model") -> PruneConfig:
+    """The PruneConfig of a call: `config` (default PruneConfig()) with the keyword `options` replacing its fields.
+    An unknown option is a TypeError, as for any Python function."""
+    for name in options:
+        if name not in FIELDS:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+    if config is None:
+        return PruneConfig(**options)
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"{caller}(): config must be a PruneConfig or None, got {type(config).__name__} (the options "
+                        "are keyword arguments: method=..., pattern=...)")
+    return dataclasses.replace(config, **options) if options else config
+
+
+def calibration_autocast(calib_dtype: torch.dtype | None, device: torch.device):
+    """The context the calibration forwards run in: nothing for the model's dtype, else torch.autocast."""
+    if calib_dtype is None or calib_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=calib_dtype)

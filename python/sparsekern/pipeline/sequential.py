@@ -1,0 +1,231 @@
+"""prune_model: the layer-sequential loop, one named stage after the other (the parts live in the sibling modules).
+
+    setup     find the decoder blocks (structure), the device, the calibration windows, the linears to prune
+    capture   what block 0 receives for each calibration batch (capture)
+    per block l:
+      load        offload: move block l to the device
+      groups      the block's linears grouped by shared input, in call order (stats.discover_groups)
+      calibrate   statistics + pruning: one pass for all groups, one pass per group (true_sequential,
+                  single_pass=False), or the single paused pass that also re-runs the block (staged)
+      rerun       block l+1's inputs from the pruned block l (rerun)
+      unload      offload: block l back to the CPU
+    report    times (report.PruneReport)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._modules import model_device
+from ..data import check_seqlen
+from .capture import as_calibration, capture_block_inputs, move_outside_layers
+from .config import PruneConfig, calibration_autocast, engine_pattern, make_config
+from .errors import PipelineError
+from .pruning import GroupPruner
+from .report import PruneReport
+from .rerun import RerunKernels, rerun_block, sparse_forwards
+from .staged import run_block_staged
+from .stats import collect_stats, discover_groups
+from .structure import block_linears, find_decoder_layers, select_linears
+
+
+def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    device = torch.device(device) if device is not None else model_device(model)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _calibration_ids(model: nn.Module, calibration: Any, cfg: PruneConfig) -> torch.Tensor | None:
+    """The calibration windows int64 [nsamples, seqlen], checked against the model; None for magnitude."""
+    if cfg.method == "magnitude":
+        return None
+    if calibration is None:
+        raise PipelineError(f"method {cfg.method!r} needs calibration data (token ids [nsamples, seqlen] or a text)")
+    calib = as_calibration(calibration, cfg.nsamples, cfg.seqlen, cfg.tokenizer)
+    check_seqlen(model, calib.shape[1])
+    return calib
+
+
+class _PruneRun:
+    """The state one prune_model call carries from block to block, and its stages (module docstring)."""
+
+    def __init__(self, model: nn.Module, calibration: Any, cfg: PruneConfig):
+        self.model, self.cfg = model, cfg
+        self.layers_path, self.layers = find_decoder_layers(model)
+        self.device = _resolve_device(cfg.device, model)
+        self.calib = _calibration_ids(model, calibration, cfg)
+        n, t = (0, 0) if self.calib is None else self.calib.shape
+        self.report = PruneReport(
+            method=cfg.method, pattern=cfg.pattern, nsamples=n, seqlen=t, true_sequential=cfg.true_sequential,
+            device=str(self.device), offload=cfg.offload, layers_path=self.layers_path,
+            calib_dtype=cfg.calib_dtype_name, single_pass=bool(cfg.true_sequential and cfg.single_pass),
+            rerun_kernel=cfg.rerun_kernel)
+        self.selected, self.report.kept_dense = select_linears(self.layers_path, self.layers, cfg.include,
+                                                               cfg.exclude, cfg.skip)
+        self.autocast = functools.partial(calibration_autocast, cfg.calib_dtype, self.device)
+        self.prune_group = GroupPruner(cfg.method, engine_pattern(cfg.pattern), cfg.engine_options, self.report,
+                                       self.layers_path)
+        self.kernels = RerunKernels(cfg.rerun_kernel, cfg.pattern, self.device, cfg.calib_dtype,
+                                    cfg.batch_size * t, self.report)
+        self.chunks: list = []
+        self.hidden: list[torch.Tensor] = []
+        self._group_cache: dict[tuple, list[list[str]]] = {}
+
+    def capture(self) -> None:
+        if self.calib is None:
+            return
+        t0 = time.perf_counter()
+        if self.cfg.offload:
+            move_outside_layers(self.model, self.layers, self.device)
+        try:
+            self.chunks = capture_block_inputs(self.model, self.layers, self.calib, batch_size=self.cfg.batch_size,
+                                               device=self.device)
+        finally:
+            if self.cfg.offload:
+                move_outside_layers(self.model, self.layers, torch.device("cpu"))
+        self.report.capture_seconds = time.perf_counter() - t0
+        self.hidden = [c.hidden for c in self.chunks]
+
+    def groups(self, layer: nn.Module, names: list[str]) -> list[list[str]]:
+        if self.calib is None:
+            return [[n] for n in names]
+        key = (type(layer), tuple(names))
+        if key not in self._group_cache:
+            self._group_cache[key] = discover_groups(layer, names, self.chunks[0], self.hidden[0])
+        return self._group_cache[key]
+
+    def needs_output(self, i: int) -> bool:
+        """Whether block i's outputs are needed: they are block i+1's calibration inputs."""
+        return self.calib is not None and i + 1 < len(self.layers)
+
+    def calibrate_staged(self, i: int, layer: nn.Module, mods: dict, groups: list[list[str]]) -> None:
+        """Statistics of each group and the re-run in one paused forward per chunk (staged.run_block_staged)."""
+        keep = self.needs_output(i)
+        with contextlib.ExitStack() as sparse_stack:
+            on_group = _PruneGroupMidPass(self, i, mods, groups, sparse_stack if keep else None)
+            out = run_block_staged(layer, groups, self.chunks, self.hidden, self.cfg.method, self.device, on_group,
+                                   keep=keep, context=self.autocast)
+        if keep:
+            self.hidden = out
+
+    def calibrate_in_passes(self, i: int, layer: nn.Module, mods: dict, groups: list[list[str]]) -> None:
+        """One statistics pass for all groups (or one per group with true_sequential), then pruning."""
+        for todo in ([[g] for g in groups] if self.cfg.true_sequential else [groups]):
+            with self.autocast():
+                stats = {} if self.calib is None else collect_stats(layer, todo, self.chunks, self.hidden,
+                                                                    self.cfg.method, self.device)
+            for g in todo:
+                self.prune_group(i, mods, g, stats.get(g[0]))
+            del stats
+
+    def staged(self) -> bool:
+        return self.calib is not None and self.cfg.true_sequential and self.cfg.single_pass
+
+    def rerun(self, layer: nn.Module, mods: dict, names: list[str]) -> None:
+        pruned = {n: m for n, m in mods.items() if n in names}
+        self.hidden = rerun_block(layer, self.chunks, self.hidden, pruned, self.kernels, self.autocast)
+
+    def finish(self, t_start: float, cpu_start: float) -> PruneReport:
+        self.report.total_seconds = time.perf_counter() - t_start
+        self.report.cpu_seconds = time.process_time() - cpu_start
+        return self.report
+
+
+class _PruneGroupMidPass:
+    """run_block_staged's on_group(k, stat): prune group k of block i; when the block's output is needed
+    (`sparse_stack` given), the rest of the paused pass runs the just-pruned linears through the re-run kernel."""
+
+    def __init__(self, run: _PruneRun, i: int, mods: dict, groups: list[list[str]],
+                 sparse_stack: contextlib.ExitStack | None):
+        self.run, self.i, self.mods, self.groups, self.sparse_stack = run, i, mods, groups, sparse_stack
+
+    def __call__(self, k: int, stat) -> None:
+        self.run.prune_group(self.i, self.mods, self.groups[k], stat)
+        if self.sparse_stack is not None:
+            group = (self.mods[n] for n in self.groups[k])
+            self.sparse_stack.enter_context(sparse_forwards(self.run.kernels.sparse_ones(group)))
+
+
+def _block_bar(nblocks: int, cfg: PruneConfig):
+    if not cfg.progress:
+        return range(nblocks)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(nblocks), desc=f"{cfg.method} {cfg.pattern}", unit="block")
+
+
+def _show_loss(bar, report: PruneReport) -> None:
+    if hasattr(bar, "set_postfix") and report.linears and report.linears[-1].loss is not None:
+        bar.set_postfix(loss=f"{report.linears[-1].loss:.3g}")
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calibration: Any = None, config: PruneConfig | None = None,
+                **options) -> PruneReport:
+    """Prune the linears of every decoder block of `model` in place, block after block (sparsekern.pipeline).
+
+    model:       a causal LM (Hugging Face style; forward(input_ids=[B, T]) reaches the decoder blocks in order).
+    calibration: int64 token ids [nsamples, seqlen]; a list of such 1-D rows; or a text (with `tokenizer`), cut
+                 into the first nsamples consecutive windows of seqlen tokens (defaults 128 x 2048). Not needed
+                 for method="magnitude".
+    config:      a PruneConfig (default PruneConfig()); keyword `options` (method=..., pattern=..., any field of
+                 PruneConfig, documented there) replace its fields: prune_model(model, calib, method="wanda",
+                 pattern="2:4") == prune_model(model, calib, PruneConfig(method="wanda", pattern="2:4")).
+    Returns a PruneReport (per-linear losses, sparsity and times).
+    """
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    cfg = make_config(config, options)
+    run = _PruneRun(model, calibration, cfg)                                    # setup
+    was_training = model.training
+    model.eval()
+    bar = None
+    try:
+        if not cfg.offload:
+            model.to(run.device)
+        run.capture()                                                           # capture
+        bar = _block_bar(len(run.layers), cfg)
+        for i in bar:
+            t_block = time.perf_counter()
+            layer, names = run.layers[i], run.selected[i]
+            if cfg.offload:
+                layer.to(run.device)                                            # load
+            mods = block_linears(layer)
+            if names:
+                groups = run.groups(layer, names)                               # groups
+                if run.staged():
+                    run.calibrate_staged(i, layer, mods, groups)                # calibrate + rerun, one pass
+                else:
+                    run.calibrate_in_passes(i, layer, mods, groups)             # calibrate
+            if run.needs_output(i) and not (names and run.staged()):
+                run.rerun(layer, mods, names)                                   # rerun
+            if cfg.offload:
+                layer.to("cpu")                                                 # unload
+            run.report.block_seconds.append(time.perf_counter() - t_block)
+            _show_loss(bar, run.report)
+    finally:
+        if bar is not None and cfg.progress:
+            bar.close()
+        model.train(was_training)
+    return run.finish(t_start, cpu_start)                                       # report
+
+
+def _keyword_signature(fn):
+    """Show PruneConfig's fields as fn's keyword-only parameters (help(), IDEs), in place of **options."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in dataclasses.fields(PruneConfig)]
+    fn.__signature__ = sig.replace(parameters=params)
+    return fn
+
+
+_keyword_signature(prune_model)
