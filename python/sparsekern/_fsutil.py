@@ -79,3 +79,52 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
 
     return atomic_write(path, write)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+MAX_JSON_BYTES = 64 << 20  # configs, metadata, policy tables: a few kB in practice; a cap keeps /dev/zero harmless
+
+
+class FileRefused(ValueError):
+    """A file sparsekern was asked to read is not a regular file, is too large, or is not what it should be."""
+
+
+def check_regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path if it is an existing regular file (a FIFO, device or folder would block or mislead a
+    reader), else FileRefused / FileNotFoundError naming `what` and the path."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    import stat as _stat
+
+    if not _stat.S_ISREG(st.st_mode):
+        kind = "a folder" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \
+            "a device or socket"
+        raise FileRefused(f"{what} {path} is {kind}, not a regular file; refusing to read it")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = MAX_JSON_BYTES):
+    """Parse the JSON document in `path` (a regular file of at most max_bytes, UTF-8). Errors name `what`, the
+    path and the problem (FileRefused, a ValueError)."""
+    path = check_regular_file(path, what)
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileRefused(f"{what} {path} is larger than {max_bytes} bytes; refusing to read it")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileRefused(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = "it is empty" if not text.strip() else f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        raise FileRefused(f"{what} {path} is not valid JSON ({where})") from None
+    except RecursionError:
+        raise FileRefused(f"{what} {path} nests too deeply to be a sparsekern file") from None
