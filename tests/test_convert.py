@@ -271,3 +271,45 @@ def test_sparsify_dense_cache_option():
     with pytest.raises(ValueError, match="dense_cache=True is for unquantised layers"):
         sparsify(fresh, exclude=(), quant="int8", dense_cache=True)
     assert isinstance(fresh[0], nn.Linear)
+
+
+# ------------------------------------------------------------------ structural skips (issue 16)
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _prune_all(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(sparsekern.prune_nm(m.weight, 2, 4)[0])
+    return model
+
+
+def test_sparsify_skips_linear_subclasses_unless_allowed():
+    torch.manual_seed(0)
+    model = _prune_all(nn.Sequential(_ScaledLinear(16, 8), nn.ReLU(), nn.Linear(8, 4)))
+    x = torch.randn(3, 16)
+    ref = model(x)
+    report = sparsify(model, exclude=())
+    assert report.converted == ["2"] and "subclass of nn.Linear" in report.skipped["0"]
+    assert isinstance(model[0], _ScaledLinear)
+    torch.testing.assert_close(model(x), ref)  # outputs unchanged: the subclass's own forward is still there
+    report = sparsify(model, exclude=(), allow_subclasses=True)
+    assert report.converted == ["0"] and isinstance(model[0], SparseLinear)
+
+
+def test_sparsify_never_converts_a_linear_whose_parent_reads_its_weight():
+    torch.manual_seed(0)
+    layer = _prune_all(nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = layer(x)
+    report = sparsify(layer, exclude=(), allow_subclasses=True)
+    assert report.converted == []
+    for name in ("self_attn.out_proj", "linear1", "linear2"):
+        assert "reads the weight tensor directly" in report.skipped[name]
+    assert "MultiheadAttention" in report.skipped["self_attn.out_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)  # runs (it used to fail on .weight)

@@ -9,7 +9,10 @@ name, equals one of its dotted suffixes ("q_proj" matches "model.layers.0.self_a
 fnmatch glob ("model.layers.*.mlp.*"). `include=None` includes every nn.Linear / transformers Conv1D; `exclude`
 wins over include (default ("lm_head",): the output head is usually tied to the embeddings and kept dense).
 A layer whose weight Parameter is shared with another module (tied weights) is skipped with that reason: replacing
-it would silently untie the model.
+it would silently untie the model. Only modules whose class is exactly nn.Linear or transformers' Conv1D are
+converted: a subclass may compute something else in its own forward (it is skipped with the reason unless
+allow_subclasses=True), and a Linear whose parent reads its `.weight` directly instead of calling it
+(nn.MultiheadAttention.out_proj) is always skipped, since the parent would break on the missing attribute.
 
 Atomicity: all replacements are built first (compress, quantise) and swapped in only when every one succeeded, so a
 refusal or an error mid-way leaves the model exactly as it was.
@@ -78,6 +81,38 @@ def _selected(sel: Selector, name: str, module: nn.Module, default: bool) -> boo
     return matches(name, sel)
 
 
+# Parents that read a child Linear's .weight / .bias tensors directly instead of (or besides) calling the child:
+# converting the child breaks them. nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward;
+# nn.TransformerEncoderLayer's forward inspects linear1.weight / linear2.weight to pick its fused fast path.
+_PARENTS_READING_WEIGHT = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _exact_class(mod: nn.Module) -> bool:
+    cls = type(mod)
+    return cls is nn.Linear or (cls.__name__ == "Conv1D" and (cls.__module__ or "").startswith("transformers"))
+
+
+def _parents(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> parent module, for every submodule."""
+    out = {}
+    for pname, parent in model.named_modules():
+        for cname, _ in parent.named_children():
+            out[f"{pname}.{cname}" if pname else cname] = parent
+    return out
+
+
+def _structural_skip(name: str, mod: nn.Module, parents: dict[str, nn.Module], allow_subclasses: bool) -> str | None:
+    """Why converting `mod` would change or break the model regardless of its weight, or None."""
+    parent = parents.get(name)
+    if isinstance(parent, _PARENTS_READING_WEIGHT):
+        return (f"its parent {type(parent).__name__} reads the weight tensor directly instead of calling the layer; "
+                "a SparseLinear has no .weight, so converting it would break the parent")
+    if not _exact_class(mod) and not allow_subclasses:
+        return (f"{type(mod).__name__} is a subclass of {'nn.Linear' if isinstance(mod, nn.Linear) else 'Conv1D'} "
+                "whose own code a plain SparseLinear would drop; pass allow_subclasses=True to convert it anyway")
+    return None
+
+
 def _shared_weight_names(model: nn.Module) -> set[str]:
     """Names of modules whose `weight` Parameter object is also held by another module (tied weights)."""
     owners: dict[int, list[str]] = {}
@@ -89,7 +124,8 @@ def _shared_weight_names(model: nn.Module) -> set[str]:
 
 
 def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = ("lm_head",),
-             quant: str | None = None, strict: bool = True, dense_cache: bool = False) -> SparsifyReport:
+             quant: str | None = None, strict: bool = True, dense_cache: bool = False,
+             allow_subclasses: bool = False) -> SparsifyReport:
     """Replace the model's 2:4 nn.Linear / Conv1D layers by SparseLinear, in place; returns a SparsifyReport.
 
     include:  None (all Linear/Conv1D), name patterns, or a callable(name, module) -> bool.
@@ -99,6 +135,8 @@ def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = 
               SparsifyError naming every such layer, and change nothing. False: skip those layers with the reason.
     dense_cache: every converted layer also keeps a dense copy of its weight while on the CPU, used at batch sizes
               where dense beats the CPU 2:4 kernels (SparseLinear's doc; unquantised only). Costs the memory back.
+    allow_subclasses: also convert subclasses of nn.Linear / Conv1D (their own forward is then not kept); by default
+              they are skipped with the reason. Linears whose parent reads .weight directly are skipped always.
     The model's layers stay on their device and dtype. Nothing is swapped until every replacement is built.
     """
     if quant is not None:
@@ -108,6 +146,7 @@ def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = 
     _ext.require("sparsify")
     report = SparsifyReport(quant=quant)
     tied = _shared_weight_names(model)
+    parents = _parents(model)
     candidates: list[tuple[str, nn.Module]] = []
     refused: dict[str, str] = {}
     for name, mod in model.named_modules():
@@ -121,6 +160,10 @@ def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = 
             continue
         if name in tied:
             report.skipped[name] = "weight shared with another module (tied); converting would untie it"
+            continue
+        why = _structural_skip(name, mod, parents, allow_subclasses)
+        if why is not None:
+            report.skipped[name] = why
             continue
         w, _ = dense_weight_of(mod)
         if w.shape[1] % 4 != 0:
