@@ -311,7 +311,8 @@ def ref_quantize(x: torch.Tensor, dtype: torch.dtype):
     qmax = 127.0 if dtype == torch.int8 else 448.0
     xf = x.float()
     amax = xf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0 ** -23  # 2^-149, the smallest positive float
+    scale = torch.where(amax > 0, (amax / qmax).clamp_min(tiny), torch.ones_like(amax))
     q = (xf / scale[:, None]).clamp(-qmax, qmax)
     q = q.round().to(torch.int8) if dtype == torch.int8 else q.to(dtype)
     return q, scale
@@ -363,3 +364,26 @@ OPCHECK_CASES = [
 @pytest.mark.parametrize("name,make", OPCHECK_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(OPCHECK_CASES)])
 def test_opcheck(name, make):
     torch.library.opcheck(getattr(torch.ops.sparsekern, name).default, make())
+
+
+@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn])
+def test_quantize_per_token_denormal_rows_stay_finite(qdtype):
+    # amax / qmax underflowed to 0 here: x = [[1e-45, 0, 0, 0]] gave scale 0 and q = [448, nan, nan, nan] (issue 16)
+    x = torch.tensor([[1e-45, 0.0, 0.0, 0.0], [3e-39, -1e-40, 0.0, 2e-45], [1.0, -2.0, 0.5, 0.0]])
+    q, scale = core.quantize_per_token(x, qdtype)
+    rq, rscale = ref_quantize(x, qdtype)
+    assert torch.all(scale > 0) and torch.isfinite(q.float()).all()
+    assert torch.equal(scale, rscale) and torch.equal(q.float(), rq.float())
+    assert q[0, 1:].float().abs().sum() == 0  # zeros stay zero
+
+
+def test_float64_values_below_float_range_count_as_non_zero():
+    # a float64 1e-300 is not zero: converting to float32 first made it so, and a group with three such values passed
+    w = torch.zeros(2, 8, dtype=torch.float64)
+    w[1, 4:7] = torch.tensor([1e-300, -2e-310, 5e-46], dtype=torch.float64)
+    assert core.nm_violation(w) == (1, 1) and not core.is_nm(w)
+    with pytest.raises(RuntimeError, match="row 1, group 1"):
+        weight.compress_24(w)
+    w[1, 6] = 0
+    c = weight.compress_24(w)
+    assert torch.equal(c.decompress(), w)  # the kept tiny values round-trip exactly

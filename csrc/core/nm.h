@@ -118,6 +118,18 @@ SK_HOST_DEVICE uint8_t code_from_nonzero_mask(uint32_t nz) {
   return static_cast<uint8_t>(idx[0] | (idx[1] << 2));
 }
 
+// "Non-zero" as the pattern rules mean it, identical on both devices: -0.0 is zero, NaN is non-zero, and a value is
+// tested in its own type (a float64 1e-300 is non-zero; converting to float first made it zero, so a group with three
+// such values passed the 2:4 check). Half / bfloat16 / float8 / int8 convert to float exactly.
+template <typename T>
+SK_HOST_DEVICE bool is_nonzero(T v) {
+  if constexpr (sizeof(T) == 8) {
+    return static_cast<double>(v) != 0.0;
+  } else {
+    return static_cast<float>(v) != 0.f;
+  }
+}
+
 SK_HOST_DEVICE int code_index0(uint8_t code) { return code & 0x3; }
 SK_HOST_DEVICE int code_index1(uint8_t code) { return (code >> 2) & 0x3; }
 

@@ -209,7 +209,7 @@ int64_t first_violation(const scalar_t* w, int64_t groups, int m, int keep) {
       for (int64_t g = b; g < e; ++g) {
         const scalar_t* p = w + g * m;
         int cnt = 0;
-        for (int j = 0; j < m; ++j) cnt += static_cast<float>(p[j]) != 0.0f;
+        for (int j = 0; j < m; ++j) cnt += core::is_nonzero(p[j]);
         if (cnt > keep) {
           atomic_min(first, g);
           return;
@@ -281,9 +281,8 @@ std::tuple<Tensor, Tensor> compress_24_cpu(const Tensor& w) {
             std::memset(crow, 0, cb);  // the padding nibble of an odd group count stays 0
             for (int64_t g = 0; g < G; ++g) {
               const scalar_t* p = src + 4 * g;
-              const uint32_t nz = (static_cast<float>(p[0]) != 0.0f) | ((static_cast<float>(p[1]) != 0.0f) << 1) |
-                                  ((static_cast<float>(p[2]) != 0.0f) << 2) |
-                                  ((static_cast<float>(p[3]) != 0.0f) << 3);
+              const uint32_t nz = core::is_nonzero(p[0]) | (core::is_nonzero(p[1]) << 1) |
+                                  (core::is_nonzero(p[2]) << 2) | (core::is_nonzero(p[3]) << 3);
               const uint8_t code = core::code_from_nonzero_mask(nz);
               if (code == 0xFF) {
                 atomic_min(bad, r * G + g);
@@ -432,7 +431,7 @@ Tensor decompress_24_cpu(const Tensor& values, const Tensor& codes, int64_t cols
 }
 
 // ------------------------------------------------------------------------------------------------- quantize_per_token
-// x ~= q * scale[:, None], scale = amax(|x[m]|) / qmax (1 for an all-zero row so q = 0 exactly),
+// x ~= q * scale[:, None], scale = max(amax(|x[m]|) / qmax, 2^-149) (1 for an all-zero row so q = 0 exactly),
 // q = round_half_even(x / scale) clamped to [-127, 127] (int8) or x / scale clamped to +-448 and rounded to nearest
 // even by the float8_e4m3fn conversion. The division (not a multiply by 1/scale) keeps q identical to the plain
 // PyTorch formula the tests use.
@@ -454,7 +453,9 @@ void quantize_rows(const in_t* x, q_t* q, float* scale, int64_t M, int64_t K, fl
         scale[m] = 1.f;
         continue;
       }
-      const float s = amax > 0.f ? amax / qmax : 1.f;
+      // The smallest positive float as a floor: amax / qmax underflows to 0 for a denormal amax (x = [1e-45, 0, ...]
+      // gave scale 0 and q = [448, nan, ...]); with the floor every x / s is finite and within +-qmax.
+      const float s = amax > 0.f ? std::max(amax / qmax, std::numeric_limits<float>::denorm_min()) : 1.f;
       scale[m] = s;
       q_t* qr = q + m * K;
       for (int64_t k = 0; k < K; ++k) {

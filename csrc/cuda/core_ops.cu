@@ -39,12 +39,8 @@ int64_t blocks_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>(b, 65535LL * 8));
 }
 
-// "Non-zero" as the pattern rules mean it: -0.0 is zero, NaN is non-zero. The test converts to float exactly as the
-// CPU kernels do (csrc/cpu/core_ops.cpp), so both devices agree even on float64 values below float's range.
-template <typename T>
-__device__ __forceinline__ bool is_nonzero(T v) {
-  return static_cast<float>(v) != 0.f;
-}
+// "Non-zero" as the pattern rules mean it: core::is_nonzero (csrc/core/nm.h), shared with the CPU kernels.
+using core::is_nonzero;
 
 // A device-side "first offending index" cell: int64 [1] holding INT64_MAX until an atomicMin lowers it.
 at::Tensor new_first_cell(const at::Tensor& like) {
@@ -355,7 +351,7 @@ at::Tensor decompress_24_cuda(const at::Tensor& values_in, const at::Tensor& cod
 
 // ------------------------------------------------------------------------------------------------ quantize_per_token
 // Symmetric per-row quantisation, exactly (bit for bit) the float32 recipe the CPU kernel and the tests' reference use:
-//   amax = max_j |x[t, j]| (float32);  scale = amax > 0 ? amax / QMAX : 1   (IEEE division)
+//   amax = max_j |x[t, j]| (float32);  scale = amax > 0 ? max(amax / QMAX, 2^-149) : 1   (IEEE division)
 //   int8: q = clamp(round_half_even(x / scale), -127, 127);  fp8 e4m3fn: q = e4m3(clamp(x / scale, -448, 448)) (RNE)
 // A row holding Inf or NaN gets scale = NaN and q = 0, so q * scale is NaN downstream. (The CPU kernel raises; on the
 // GPU a check would synchronise every call of this inference-path op and break CUDA-graph capture.)
@@ -386,7 +382,8 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, Q* __restrict
   __syncthreads();
   amax = warp_max[0];
   constexpr float kQmax = kInt8 ? 127.f : 448.f;
-  const float s = amax > 0.f ? __fdiv_rn(amax, kQmax) : 1.f;
+  // The smallest positive float as a floor: amax / QMAX underflows to 0 for denormal amax, and x / 0 gave NaN.
+  const float s = amax > 0.f ? fmaxf(__fdiv_rn(amax, kQmax), 1.40129846e-45f) : 1.f;
   Q* qr = q + row * K;
   if (!finite) {
     if (threadIdx.x == 0) scale[row] = __int_as_float(0x7fc00000);  // NaN

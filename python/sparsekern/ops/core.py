@@ -121,8 +121,9 @@ def spmm_24(x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, bias: to
 def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     """Symmetric per-row quantisation of x [M, K] (float32/float16/bfloat16, finite) to int8 or float8_e4m3fn.
 
-    Returns (q [M, K] of `dtype`, scale float32 [M]) with x ~= q * scale[:, None]; scale = amax|x[m]| / qmax
-    (qmax 127 or 448; 1 for an all-zero row), q = round-half-even(x / scale) clamped to [-qmax, qmax].
+    Returns (q [M, K] of `dtype`, scale float32 [M]) with x ~= q * scale[:, None]; scale = max(amax|x[m]| / qmax,
+    2^-149) (qmax 127 or 448; 2^-149, the smallest positive float, keeps a denormal row's scale from underflowing to
+    0; 1 for an all-zero row), q = round-half-even(x / scale) clamped to [-qmax, qmax].
     """
     _ext.require("sparsekern.quantize_per_token")
     return _ops().quantize_per_token(x, dtype)
