@@ -120,3 +120,18 @@ def test_opcheck_stats_updates(device, name):
     x = realistic_activations(2, 5, 24).to(device)
     stat = torch.rand(24, 24, device=device) if name == "hessian_update_" else torch.rand(24, device=device)
     torch.library.opcheck(getattr(torch.ops.sparsekern, name).default, (stat, x, 3, 2))
+
+
+def test_update_ops_refuse_empty_and_overflowing_counts():
+    # issue 16: C = 0 and nsamples + batch >= 2^63 were accepted
+    from sparsekern.ops import prune as pops
+
+    with pytest.raises(RuntimeError, match="hessian_update_: the statistic has C = 0 columns"):
+        pops.hessian_update_(torch.zeros(0, 0), torch.zeros(3, 0), 0, 1)
+    with pytest.raises(RuntimeError, match="act_scale_update_: the statistic has C = 0 columns"):
+        pops.act_scale_update_(torch.zeros(0), torch.zeros(3, 0), 0, 1)
+    with pytest.raises(RuntimeError, match="nsamples \\+ batch must stay below 2\\^63"):
+        pops.hessian_update_(torch.zeros(4, 4), torch.randn(3, 4), 2 ** 63 - 2, 2)
+    H = torch.zeros(4, 4)
+    pops.hessian_update_(H, torch.randn(3, 4), 2 ** 62, 1)  # large but representable counts still work
+    assert torch.isfinite(H).all()

@@ -20,12 +20,16 @@ inline void check_update_args(const char* op, const at::Tensor& stat, const at::
   TORCH_CHECK(stat.dim() == stat_dim, op, ": the statistic must be ", stat_dim, "-D, got shape ", stat.sizes());
   TORCH_CHECK(stat.scalar_type() == at::kFloat, op, ": the statistic must be float32, got ", stat.scalar_type());
   TORCH_CHECK(stat.is_contiguous(), op, ": the statistic must be contiguous");
+  TORCH_CHECK(stat.size(0) >= 1, op, ": the statistic has C = 0 columns; it must cover at least one input feature");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == stat.size(0), op, ": x must be [..., C] with C = ", stat.size(0),
               " (the layer's in_features), got shape ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
   TORCH_CHECK(x.device() == stat.device(), op, ": x is on ", x.device(), " but the statistic is on ", stat.device());
   TORCH_CHECK(nsamples >= 0, op, ": nsamples must be >= 0, got ", nsamples);
   TORCH_CHECK(batch >= 1, op, ": batch (number of sequences in x) must be >= 1, got ", batch);
+  // nsamples + batch is the new sample count; it must not overflow int64 (the weights below would be garbage).
+  TORCH_CHECK(batch <= INT64_MAX - nsamples, op, ": nsamples + batch must stay below 2^63, got nsamples = ",
+              nsamples, ", batch = ", batch);
 }
 
 // wanda_prune: w and act_scale (the checks made before the N:M / unstructured split).
