@@ -4,6 +4,7 @@ Llama-, GPT-2- and OPT-style models (2-3 blocks, short windows): seconds on a 2-
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -461,14 +462,14 @@ def test_prune_cli_save_and_reload_round_trip(model_dir, tmp_path, capsys):
     assert ev["eval_tokens"] == 128 and ev["perplexity"] > 1
 
 
-def test_prune_cli_existing_out_needs_overwrite(model_dir, tmp_path):
+def test_prune_cli_existing_out_needs_overwrite(model_dir, tmp_path, capsys):
     d, text = model_dir
     out = tmp_path / "pruned"
     out.mkdir()
     (out / "keep.txt").write_text("old")
     args = ["prune", "--model", d, "--text", text, "--method", "magnitude", "--seqlen", 32, "--out", out]
-    with pytest.raises(SystemExit, match=r"--out .*pruned exists; pass --overwrite to replace it"):
-        _cli(*args)
+    assert _cli(*args) == 2  # a user error: one line, exit status 2 (issue 16), before any work
+    assert re.search(r"--out .*pruned exists; pass --overwrite to replace it", capsys.readouterr().err)
     assert (out / "keep.txt").read_text() == "old"
     assert _cli(*args, "--overwrite", "--dense") == 0
     assert not (out / "keep.txt").exists()

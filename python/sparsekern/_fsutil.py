@@ -128,3 +128,39 @@ def read_json(path: str | os.PathLike, what: str, *, max_bytes: int = MAX_JSON_B
         raise FileRefused(f"{what} {path} is not valid JSON ({where})") from None
     except RecursionError:
         raise FileRefused(f"{what} {path} nests too deeply to be a sparsekern file") from None
+
+
+# ------------------------------------------------------------------------------------------------- planning a write
+
+
+def check_output_path(path: str | os.PathLike, *, what: str, overwrite: bool = False, kind: str = "any",
+                      need_bytes: int = 0) -> Path:
+    """Everything that would make a later atomic_write(path) fail, checked before the work that produces it.
+
+    what: how the user named it (e.g. "--out"); kind: "dir", "file" or "any" (what will be written there);
+    need_bytes: a plausible size of what will be written (0 = unknown). Raises FileRefused naming `what`, the path and
+    the rule: an empty path, an existing target without overwrite (or of the wrong kind), an ancestor that is a file,
+    a folder that cannot be written, or less free space than need_bytes. Returns the path."""
+    if path is None or str(path) == "":
+        raise FileRefused(f"{what} is empty; give a path")
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileRefused(f"{what} {path} exists; pass --overwrite to replace it")
+        if kind == "file" and path.is_dir():
+            raise FileRefused(f"{what} {path} is a folder; a file is written there")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileRefused(f"{what} {path}: {parent} is a file, so no folder can be made there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileRefused(f"{what} {path}: {parent} is not writable")
+    if need_bytes:
+        import shutil as _shutil
+
+        free = _shutil.disk_usage(parent).free
+        if free < need_bytes:
+            raise FileRefused(f"{what} {path}: {free / 2**20:,.0f} MiB free on {parent}, about "
+                              f"{need_bytes / 2**20:,.0f} MiB needed")
+    return path

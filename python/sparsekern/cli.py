@@ -34,7 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UserError(ValueError):
+    """A mistake in what the user asked for (an argument, a path, a plan): one line on stderr, exit status 2."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the request cannot be done as asked" rather than "sparsekern broke": the command
+    line reports them as one line and exit status 2; anything else keeps its traceback and exits 1."""
+    from ._ext import ExtensionMissingError
+    from ._fsutil import FileRefused
+    from .convert import SparsifyError
+    from .data import DataError
+    from .pipeline import PipelineError
+    from .policy import PolicyError
+    from .quant import QuantUnsupportedError
+    from .weight import CheckpointError
+
+    return (UserError, FileRefused, FileExistsError, DataError, PipelineError, CheckpointError, SparsifyError,
+            PolicyError, QuantUnsupportedError, ExtensionMissingError)
+
+
 def main(argv=None) -> int:
+    """Run the command line. Exit status: 0 done, 2 a user error (argparse's own, or one of user_error_types(),
+    printed as one line), 1 an internal error (with its traceback), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -42,6 +64,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except user_error_types() as e:
+        print(f"sparsekern {getattr(args, 'command', '')}: error: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

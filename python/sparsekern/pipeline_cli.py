@@ -42,10 +42,44 @@ def _pattern(text: str) -> str:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value >= 2 ** 40:
+        raise argparse.ArgumentTypeError(f"must be below 2^40, got {value}")
     return value
+
+
+def _nonneg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if value >= 2 ** 40:
+        raise argparse.ArgumentTypeError(f"must be below 2^40, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device this installation can run the pipeline on: cpu, cuda or cuda:N (checked when parsing, so a typo
+    fails before a model is loaded)."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: sparsekern runs on cpu or cuda devices, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is visible to this process")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return text
 
 
 def _is_sparsekern_dir(path: str) -> bool:
@@ -54,18 +88,41 @@ def _is_sparsekern_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE))
 
 
-def _load(args, dtype=torch.float32):
-    """(model, tokenizer) for --model: 'bundled', an HF checkpoint directory, or a sparsekern-saved directory."""
+def _check_sources(args) -> None:
+    """--model and --text name something that exists (before anything is loaded)."""
     from . import data
+    from .cli import UserError
 
-    if args.model != data.BUNDLED and _is_sparsekern_dir(args.model):
-        from transformers import AutoTokenizer
+    if args.model != data.BUNDLED and not os.path.isdir(args.model):
+        raise UserError(f"model {args.model!r} (--model): expected 'bundled' or a model directory (Hugging Face or "
+                        "written by sparsekern); no such directory")
+    text = getattr(args, "text", data.BUNDLED)
+    if text != data.BUNDLED and not text.startswith("datasets:") and not os.path.isfile(text):
+        raise UserError(f"--text {text!r}: expected 'bundled', a local text file or "
+                        "'datasets:NAME[:CONFIG[:SPLIT[:FIELD]]]'; no such file")
 
-        from .serialization import from_pretrained
 
-        model = from_pretrained(args.model, device=args.device)
-        return model, AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    return data.load_model(args.model, dtype=dtype, device=args.device)
+def _load(args, dtype=torch.float32):
+    """(model, tokenizer) for --model: 'bundled', an HF checkpoint directory, or a sparsekern-saved directory. A
+    directory that does not hold a loadable model and tokenizer is a user error naming it."""
+    from . import data
+    from .cli import UserError
+    from .weight import CheckpointError
+
+    try:
+        if args.model != data.BUNDLED and _is_sparsekern_dir(args.model):
+            from transformers import AutoTokenizer
+
+            from .serialization import from_pretrained
+
+            model = from_pretrained(args.model, device=args.device)
+            return model, AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        return data.load_model(args.model, dtype=dtype, device=args.device)
+    except (CheckpointError, data.DataError):
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' errors for a corrupt / partial folder
+        raise UserError(f"--model {args.model!r} could not be loaded with its tokenizer ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def _token_stream(args, tok) -> torch.Tensor:
@@ -75,16 +132,15 @@ def _token_stream(args, tok) -> torch.Tensor:
 
 
 def _clean_errors(command: str):
-    """Report the pipeline's own refusals (bad model, text too short, seqlen too long...) as one line and exit
-    status 2, not a traceback; unexpected errors keep their traceback."""
+    """Report user errors (sparsekern.cli.user_error_types: a bad model, text too short, an unwritable --out...)
+    as one line and exit status 2, not a traceback; unexpected errors keep their traceback (exit 1)."""
     def wrap(fn):
         def run(args) -> int:
-            from .data import DataError
-            from .pipeline import PipelineError
+            from .cli import user_error_types
 
             try:
                 return fn(args)
-            except (DataError, PipelineError) as e:
+            except user_error_types() as e:
                 print(f"sparsekern {command}: error: {e}", file=sys.stderr)
                 return 2
         run.__name__ = fn.__name__
@@ -92,13 +148,36 @@ def _clean_errors(command: str):
     return wrap
 
 
-def _check_out(args) -> Path | None:
-    if not getattr(args, "out", None):
-        return None
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"sparsekern prune: --out {out} exists; pass --overwrite to replace it")
+def _check_plan(args) -> Path | None:
+    """Everything about `sparsekern prune`'s request that can be wrong, checked before the model is loaded: the
+    output folder (writable, not a file, not existing without --overwrite), that the pattern can be saved in the
+    requested format, option combinations, and that --model / --text exist. Returns --out as a Path (or None)."""
+    from ._fsutil import check_output_path
+    from .cli import UserError
+
+    if args.dense and args.quant:
+        raise UserError("--dense writes plain dense weights; it cannot be combined with --quant")
+    if args.dense and args.out is None:
+        raise UserError("--dense says how to write --out; give --out DIR too")
+    out = None
+    if args.out is not None:
+        out = check_output_path(args.out, what="--out", overwrite=args.overwrite, kind="dir")
+        if not args.dense and args.pattern != "2:4":
+            raise UserError(f"--pattern {args.pattern} cannot be saved in the sparsekern format, which holds 2:4 "
+                            "weights; add --dense to save the pruned dense weights as a Hugging Face checkpoint "
+                            "(or prune with --pattern 2:4)")
+    _check_sources(args)
     return out
+
+
+def _check_space(args, out: Path | None, model) -> None:
+    """After loading (the size is known), before pruning: the output folder's filesystem has room for it."""
+    if out is None:
+        return
+    from ._fsutil import check_output_path
+
+    dense = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_output_path(out, what="--out", overwrite=args.overwrite, kind="dir", need_bytes=int(dense * 1.05))
 
 
 def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = False, quant: str | None = None,
@@ -146,11 +225,10 @@ def _cmd_prune(args) -> int:
     from . import data
     from .pipeline import prune_model
 
-    out = _check_out(args)  # fail before minutes of pruning, not after
-    if args.dense and args.quant:
-        raise SystemExit("sparsekern prune: --dense writes plain dense weights; it cannot be combined with --quant")
+    out = _check_plan(args)  # fail before minutes of pruning, not after
     t0 = time.perf_counter()
     model, tok = _load(args)
+    _check_space(args, out, model)
     data.check_seqlen(model, args.seqlen)
     ids = _token_stream(args, tok)
     times = {"load": time.perf_counter() - t0}
@@ -222,11 +300,14 @@ def _cmd_eval(args) -> int:
     from . import data
     from .eval import perplexity
 
+    from .cli import UserError
+
+    _check_sources(args)
     t0 = time.perf_counter()
     model, tok = _load(args)
     ids = _token_stream(args, tok)
     if args.eval_tokens > ids.numel():
-        raise SystemExit(f"sparsekern eval: --eval-tokens {args.eval_tokens} but the text has {ids.numel()} tokens")
+        raise UserError(f"--eval-tokens {args.eval_tokens} but the text has {ids.numel()} tokens")
     eval_ids = ids[ids.numel() - args.eval_tokens:]
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -347,7 +428,7 @@ def _common(p: argparse.ArgumentParser, *, seqlen: int = 512) -> None:
                    help="'bundled' (gensim's Lee corpus), a local text file, or "
                         "'datasets:NAME[:CONFIG[:SPLIT[:FIELD]]]' from the local datasets cache (default: bundled)")
     p.add_argument("--seqlen", type=_positive, default=seqlen, help=f"tokens per window (default {seqlen})")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
 
 
@@ -375,12 +456,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU, one block at a time on --device")
     p.add_argument("--quant", choices=("int8",), default=None,
                    help="SparseGPT joint int8 quantisation, and int8 SparseLinear layers in --out")
-    p.add_argument("--skip-sensitive", type=int, default=0, metavar="K",
+    p.add_argument("--skip-sensitive", type=_nonneg, default=0, metavar="K",
                    help="keep the K linears whose pruning alone costs the most perplexity dense (a per-linear scan)")
     p.add_argument("--scan-nsamples", type=_positive, default=8, help="calibration windows for the scan (default 8)")
     p.add_argument("--scan-eval-tokens", type=_positive, default=2048,
                    help="evaluation tokens for the scan, taken from the end of the text (default 2048)")
-    p.add_argument("--eval-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--eval-tokens", type=_nonneg, default=0, metavar="N",
                    help="after pruning, perplexity on the last N tokens of the text (disjoint from calibration)")
     p.add_argument("--out", default=None, help="write the pruned model here (sparsekern format; see --dense)")
     p.add_argument("--dense", action="store_true", help="with --out: plain Hugging Face checkpoint, dense weights")
@@ -397,7 +478,7 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="offline end-to-end demo: bundled model, SparseGPT 2:4, perplexity, "
                                            "sparsify, summary")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--pattern", type=_pattern, default="2:4")
     p.add_argument("--nsamples", type=_positive, default=16, help="calibration windows (default 16)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
