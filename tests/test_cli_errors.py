@@ -106,3 +106,19 @@ def test_internal_errors_keep_their_traceback_and_exit_1(monkeypatch):
     monkeypatch.setattr(pc, "_check_plan", boom)
     with pytest.raises(ZeroDivisionError):  # not swallowed into a one-line "user error"
         main(["prune", "--method", "magnitude"])
+
+
+def test_bench_outputs_are_checked_before_measuring(capsys, tmp_path):
+    f = tmp_path / "results.json"
+    f.write_text("{}")
+    rc, err, dt = run(capsys, "bench", "gemm", "--device", "cpu", "--shapes", "64x64", "--m", "1", "--out", f)
+    assert rc == 2 and "--out" in err and "is a file" in err and dt < 2.0
+    rc, err, _ = run(capsys, "bench", "gemm", "--device", "cpu", "--shapes", "64x64", "--m", "1",
+                     "--policy", f / "policy.json")
+    assert rc == 2 and "--policy" in err and "is a file, so no folder can be made" in err
+    assert f.read_text() == "{}"
+
+
+def test_bench_refuses_absurd_shapes_before_allocating(capsys):
+    rc, err, dt = run(capsys, "bench", "gemm", "--device", "cpu", "--shapes", "1x4000000x4000000")
+    assert rc == 2 and "at most 2,147,483,648 (2^31) per operand" in err and dt < 2.0

@@ -179,9 +179,29 @@ def _with_sigterm_stop(fn, exc_type):
         signal.signal(signal.SIGTERM, old)
 
 
+def _check_outputs(command: str, args) -> bool:
+    """--out (a folder, created or reused) and --policy (a file) can be written: checked before measuring, so a
+    typo does not cost the whole sweep. Prints the error and returns False when not."""
+    from .._fsutil import FileRefused, check_output_path
+
+    try:
+        if getattr(args, "out", None) is not None:
+            out = check_output_path(args.out, what="--out", overwrite=True, kind="dir")
+            if out.exists() and not out.is_dir():
+                raise FileRefused(f"--out {out} is a file; results are written into a folder")
+        if getattr(args, "policy", None):
+            check_output_path(args.policy, what="--policy", overwrite=True, kind="file")
+    except FileRefused as e:
+        print(f"sparsekern bench {command}: error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def run_gemm_command(args) -> int:
     from . import gemm, report
 
+    if not _check_outputs("gemm", args):
+        return 2
     device = args.device or _default_device()
     if _no_gpu("gemm", device):
         return 2
@@ -230,6 +250,8 @@ def run_gemm_command(args) -> int:
 def run_overhead_command(args) -> int:
     from . import overhead, report
 
+    if not _check_outputs("overhead", args):
+        return 2
     device = args.device or _default_device()
     if _no_gpu("overhead", device):
         return 2

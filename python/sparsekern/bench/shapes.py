@@ -91,6 +91,11 @@ def preset_shapes(name: str) -> list[Shape]:
     return [Shape(n=n, k=k, model=name, layers="/".join(ls)) for (n, k), ls in by_shape.items()]
 
 
+# Largest operand a benchmark point may allocate (elements): 2^31 is 8 GiB of float32, past any real layer and past what
+# the GEMM kernels index with 32-bit offsets; a larger request is a typo, refused before anything is allocated.
+MAX_OPERAND_ELEMENTS = 2 ** 31
+
+
 def parse_shape(text: str) -> Shape:
     """'MxNxK' (fixed batch) or 'NxK' (the M sweep); K must be a multiple of 4 (2:4 groups run along K)."""
     parts = text.strip().lower().split("x")
@@ -103,6 +108,10 @@ def parse_shape(text: str) -> Shape:
     n, k = vals[-2], vals[-1]
     if k % 4:
         raise ValueError(f"shape {text!r}: K = {k} is not a multiple of 4 (the 2:4 groups run along K)")
+    for name, a, b in (("N x K (the weight)", n, k), ("M x K (the activations)", m or 1, k)):
+        if a * b > MAX_OPERAND_ELEMENTS:
+            raise ValueError(f"shape {text!r}: {name} has {a * b:,} elements; at most {MAX_OPERAND_ELEMENTS:,} "
+                             "(2^31) per operand are benchmarked")
     return Shape(n=n, k=k, m=m)
 
 
