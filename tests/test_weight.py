@@ -198,3 +198,17 @@ def test_raw_ops_refuse_real_and_meta_tensors_mixed():
     # all-meta stays legal (shape propagation)
     y = torch.ops.sparsekern.spmm_24(x.to("meta"), vals.to("meta"), codes.to("meta"))
     assert y.device.type == "meta" and y.shape == (2, 3)
+
+
+@pytest.mark.parametrize("key,bad,msg", [
+    ("values", lambda t: t.to("meta"), "is on the meta device"),
+    ("values", lambda t: t.to_sparse(), "is a torch.sparse_coo tensor"),
+    ("codes", lambda t: t.tolist(), "is a list, not a tensor"),
+    ("format_version", lambda t: torch.tensor([1.0]), "format_version must be an integer tensor"),
+])
+def test_state_dict_entries_that_hold_no_usable_data_are_refused(key, bad, msg):
+    # issue 16: meta tensors, sparse COO values and a float format_version were accepted, then failed in forward
+    sd = Sparse24Weight.from_dense(random_24(4, 16, seed=14)).state_dict("l.")
+    sd["l." + key] = bad(sd["l." + key])
+    with pytest.raises(CheckpointError, match=msg):
+        Sparse24Weight.from_state_dict(sd, "l.")

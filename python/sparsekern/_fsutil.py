@@ -42,7 +42,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     tmp = _tmp_sibling(path, "tmp")
     try:
         write(tmp)
-        if path.is_dir() and not path.is_symlink():
+        is_dir = lambda p: p.is_dir() and not p.is_symlink()  # noqa: E731
+        if is_dir(path) or (is_dir(tmp) and (path.exists() or path.is_symlink())):
+            # rename() cannot replace a folder, nor put a folder over a file: move the old one aside first.
             old = _tmp_sibling(path, "old")
             os.replace(path, old)
             try:

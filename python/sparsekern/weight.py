@@ -124,6 +124,18 @@ def check_twofour(w: torch.Tensor, name: str) -> None:
         )
 
 
+def _check_entry(t, key: str, where: str) -> None:
+    """A state-dict entry the loader can use: a dense (strided) tensor with data (not on the meta device)."""
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"{where}: '{key}' is a {type(t).__name__}, not a tensor")
+    if t.layout != torch.strided:
+        raise CheckpointError(f"{where}: '{key}' is a {t.layout} tensor; the portable format stores dense "
+                              "(strided) tensors")
+    if t.device.type == "meta":
+        raise CheckpointError(f"{where}: '{key}' is on the meta device (it holds no data); load a state dict with "
+                              "real tensors")
+
+
 # --------------------------------------------------------------------------------------------- the weight
 
 
@@ -401,9 +413,14 @@ class Sparse24Weight:
                     if "format_version" in missing else "")
             raise CheckpointError(f"{where}: state dict lacks {', '.join(prefix + m for m in missing)} (neither the "
                                   f"portable 2:4 entries nor a dense weight){also}")
+        for key in ("values", "codes", "shape", "format_version", "weight_scale"):
+            if prefix + key in sd:
+                _check_entry(sd[prefix + key], prefix + key, where)
         values = sd[prefix + "values"]
         stored_quant = quant_of_dtype(values.dtype)
         version = sd[prefix + "format_version"]
+        if version.dtype.is_floating_point or version.dtype == torch.bool or version.is_complex():
+            raise CheckpointError(f"{where}: format_version must be an integer tensor, got {version.dtype}")
         if version.numel() != 1 or int(version.reshape(-1)[0]) not in SUPPORTED_FORMAT_VERSIONS:
             raise CheckpointError(f"{where}: unknown 2:4 format version {version.tolist()}; this sparsekern reads "
                                   f"versions {SUPPORTED_FORMAT_VERSIONS} (upgrade sparsekern)")
