@@ -5,10 +5,18 @@ prune the lower column first)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import sparsekern
 import sparsekern.prune as P
+from sparsekern import envs
 from sparsekern.ops import prune as ops
 from test_prune_oracles import act_scale_oracle, nm_keep_oracle, realistic_activations, wanda_oracle, wanda_variant_oracle
 
@@ -116,21 +124,28 @@ def test_wanda_does_not_modify_inputs():
 
 # ---------------------------------------------------------------- every CPU code path (AVX-512, AVX2, scalar)
 # The CPU kernel picks its N:M path at run time (vector kernels for m = 2, 4, 8 (AVX2) and 16 (AVX-512), nm.h's
-# scalar rule otherwise); SPARSEKERN_CPU_ISA forces one, so each path this CPU supports is checked against the oracle
-# on row lengths that end in every kind of partial vector. Weights are compared bit for bit (kept -0.0 stays -0.0,
-# pruned entries are +0.0 as the reference's W[mask] = 0).
+# scalar rule otherwise); SPARSEKERN_CPU_ISA (read once, at load) or its run-time form sparsekern.envs.cpu_dispatch
+# forces one, so each path this CPU supports is checked against the oracle on row lengths that end in every kind of
+# partial vector. Weights are compared bit for bit (kept -0.0 stays -0.0, pruned entries are +0.0 as the reference's
+# W[mask] = 0).
 
 CPU_ISAS = ["avx512", "avx2", "scalar"]
 
 
-def _force_isa(monkeypatch, isa):
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa)
-    try:
-        ops.wanda_prune(torch.ones(1, 4), torch.ones(4), 2, 4)
-    except RuntimeError as e:
-        if "does not support" in str(e):
-            pytest.skip(f"this CPU has no {isa}")
-        raise
+@pytest.fixture
+def force_isa():
+    """force_isa(name): run the rest of the test on that ISA (skipped where the CPU lacks it); restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        def force(isa):
+            try:
+                stack.enter_context(envs.cpu_dispatch(isa=isa))
+            except RuntimeError as e:
+                if "does not support" in str(e):
+                    pytest.skip(f"this CPU has no {isa}")
+                raise
+            ops.wanda_prune(torch.ones(1, 4), torch.ones(4), 2, 4)
+
+        yield force
 
 
 def _bits(t):
@@ -139,8 +154,8 @@ def _bits(t):
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:4", "1:2", "4:8", "2:8", "8:16", "3:6"])
-def test_wanda_nm_every_cpu_path(monkeypatch, isa, pattern):
-    _force_isa(monkeypatch, isa)
+def test_wanda_nm_every_cpu_path(force_isa, isa, pattern):
+    force_isa(isa)
     n, m = map(int, pattern.split(":"))
     # cols % 16 in {4, 8, 12, 0} and cols % 8 in {0, 4}: every partial last vector of the AVX-512 / AVX2 loops.
     for rows, cols in [(3, 4), (5, 20), (33, 56), (7, 48), (2, 200), (9, 1008)]:
@@ -157,8 +172,8 @@ def test_wanda_nm_every_cpu_path(monkeypatch, isa, pattern):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:2", "8:16"])
-def test_wanda_half_weights_every_cpu_path(monkeypatch, isa, dtype, pattern):
-    _force_isa(monkeypatch, isa)
+def test_wanda_half_weights_every_cpu_path(force_isa, isa, dtype, pattern):
+    force_isa(isa)
     n, m = map(int, pattern.split(":"))
     for rows, cols in [(5, 48), (3, 208)]:
         w, s = _layer(rows, cols, seed=cols + m, dtype=dtype)
@@ -170,9 +185,9 @@ def test_wanda_half_weights_every_cpu_path(monkeypatch, isa, dtype, pattern):
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("m", [2, 4, 8, 16])
-def test_nm_tie_rule_every_cpu_path(monkeypatch, isa, m):
+def test_nm_tie_rule_every_cpu_path(force_isa, isa, m):
     # Scores from {0, 1, 2}: ties in almost every group. m = 4: all 81 groups; other m: random groups.
-    _force_isa(monkeypatch, isa)
+    force_isa(isa)
     if m == 4:
         w = torch.cartesian_prod(*[torch.arange(3.0)] * 4).reshape(1, -1)
     else:
@@ -187,10 +202,10 @@ def test_nm_tie_rule_every_cpu_path(monkeypatch, isa, m):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 2), (4, 8), (8, 16), (3, 6)])
-def test_wanda_non_finite_found_in_every_position(monkeypatch, isa, dtype, n, m):
+def test_wanda_non_finite_found_in_every_position(force_isa, isa, dtype, n, m):
     # The vector kernels check finiteness in the same pass as the selection: a NaN / Inf anywhere (first column,
     # inside a vector, the partial last vector) must be reported with its row.
-    _force_isa(monkeypatch, isa)
+    force_isa(isa)
     cols = 48 if m != 16 else 64
     cols = cols - cols % m + (m if cols % m else 0)
     for col, bad in [(0, float("nan")), (cols // 2 + 1, float("inf")), (cols - 1, float("-inf"))]:
@@ -203,11 +218,27 @@ def test_wanda_non_finite_found_in_every_position(monkeypatch, isa, dtype, n, m)
         ops.wanda_prune(w, torch.full((cols,), 4.0), n, m)
 
 
-def test_wanda_cpu_isa_variable_errors(monkeypatch):
-    w, s = _layer(4, 16)
-    monkeypatch.setenv("SPARSEKERN_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="SPARSEKERN_CPU_ISA=sse9 is not understood; use avx512, avx2 or scalar"):
-        ops.wanda_prune(w, s, 2, 4)
+_CHILD = """
+import torch
+from sparsekern.ops import prune as ops
+try:
+    ops.wanda_prune(torch.ones(4, 16), torch.ones(16), 2, 4)
+    print("no error")
+except RuntimeError as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_wanda_cpu_isa_variable_errors():
+    # The variable is read once, when the extension loads (a fresh process here): a value that is not understood
+    # does not fail the import; the first wanda_prune call refuses it with its message.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sparsekern.__file__)))
+    env = envs.child_env(SPARSEKERN_CPU_ISA="sse9")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("RuntimeError"), out.stdout
+    assert re.search("SPARSEKERN_CPU_ISA=sse9 is not understood; use avx512, avx2 or scalar", out.stdout), out.stdout
 
 
 def test_wanda_unstructured_negative_zero_scale_ties_with_zero(device):

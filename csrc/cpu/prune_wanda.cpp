@@ -18,9 +18,10 @@
 //                         the zeroing move of the weight and the 0/1 mask bytes directly.
 //   AVX2 (+f16c):         m = 2, 4, 8, 8 weights per step; mask bytes from the sign bits through a 256-entry table.
 //   scalar:               any m; the metric loop is compiler-vectorised, the selection per group through nm.h.
-// The path is the best the CPU supports (cpuid), or SPARSEKERN_CPU_ISA=avx512|avx2|scalar (read on every call, as
-// the CPU sparse GEMM driver spmm_24.cpp reads it, so tests run every path on one machine). The vector paths are
-// compiled with function target attributes, so the library still runs on a CPU with neither.
+// The path is the best the CPU supports, or the one forced with SPARSEKERN_CPU_ISA=avx512|avx2|scalar (read once at
+// load) or sparsekern._C.cpu_dispatch_set, so tests run every path on one machine: decided in cpu/dispatch.cpp
+// (wanda_isa), with the CPU-feature probe the CPU sparse GEMM uses too. The vector paths are compiled with function
+// target attributes, so the library still runs on a CPU with neither.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,9 +30,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <type_traits>
 #include <utility>
 #if defined(__linux__)
@@ -52,50 +51,14 @@
 #include "core/nm.h"
 #include "core/prune.h"
 #include "core/prune_checks.h"
+#include "cpu/dispatch.h"
 
 namespace sparsekern {
 namespace {
 
 static_assert(sizeof(bool) == 1, "the keep bytes are written into bool tensors");
 
-// ------------------------------------------------------------------------------------------------- ISA choice
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa best_isa() {
-  static const Isa best = [] {
-#if SK_WANDA_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-      return Isa::kAvx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::kAvx2;
-#endif
-    return Isa::kScalar;
-  }();
-  return best;
-}
-
-// The same variable and spellings as the CPU sparse GEMM (avx512-base means avx512 here: no extension is used).
-Isa requested_isa() {
-  const char* env = std::getenv("SPARSEKERN_CPU_ISA");
-  if (env == nullptr || env[0] == '\0') return best_isa();
-  const std::string v(env);
-  Isa want;
-  if (v == "avx512" || v == "avx512-base") {
-    want = Isa::kAvx512;
-  } else if (v == "avx2") {
-    want = Isa::kAvx2;
-  } else if (v == "scalar") {
-    want = Isa::kScalar;
-  } else {
-    TORCH_CHECK(false, "wanda_prune: SPARSEKERN_CPU_ISA=", v,
-                " is not understood; use avx512, avx2 or scalar (or unset it for the best the CPU supports)");
-  }
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa()), "wanda_prune: SPARSEKERN_CPU_ISA=", v,
-              " but this CPU does not support it (avx512 needs avx512f+bw+vl+dq; avx2 needs avx2+f16c)");
-  return want;
-}
+using cpu::Isa;
 
 // ------------------------------------------------------------------------------------------------- scalar pieces
 // Metrics of one row into `metric` (float32). A separate, branch-free loop so the compiler vectorises it.
@@ -437,15 +400,12 @@ RowNm<T> vector_row_nm(Isa isa, int m) {
 // Fresh outputs of a large layer (64 MiB + 16 MiB at 4096 x 4096 fp32) are new anonymous pages, and faulting them
 // in 4 KiB at a time costs as much as the pruning itself. Where the kernel leaves transparent huge pages to
 // madvise, ask for them on the 2 MiB-aligned interior before the first write (a hint: failure changes nothing).
-// SPARSEKERN_NO_HUGEPAGE_HINT=1 turns the hint off (where direct compaction stalls cost more than it saves).
+// SPARSEKERN_NO_HUGEPAGE_HINT=1 (read once at load; cpu/dispatch.h) turns the hint off (where direct compaction
+// stalls cost more than it saves).
 void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool disabled = [] {
-    const char* v = std::getenv("SPARSEKERN_NO_HUGEPAGE_HINT");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (disabled || bytes < 2 * kHuge) return;
+  if (bytes < 2 * kHuge) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
@@ -506,7 +466,8 @@ std::tuple<at::Tensor, at::Tensor> wanda_prune_cpu(const at::Tensor& w, const at
     TORCH_CHECK(cols < (int64_t{1} << 32), "wanda_prune: in_features must be < 2^32");
     k = static_cast<int64_t>(static_cast<double>(cols) * sparsity);  // Python's int(cols * sparsity)
   }
-  const Isa isa = requested_isa();
+  const cpu::DispatchSettings& ds = cpu::dispatch_settings();
+  const Isa isa = cpu::wanda_isa(ds);
   auto wc = w.contiguous();
   // sqrt once per column, by torch (correctly rounded, as the reference's torch.sqrt). abs_ turns sqrt(-0) = -0 (an
   // act_scale of -0) into +0 and changes nothing else (NaN stays NaN): a -0 metric ties with +0 in the reference's
@@ -514,8 +475,10 @@ std::tuple<at::Tensor, at::Tensor> wanda_prune_cpu(const at::Tensor& w, const at
   auto sqrt_scale = act_scale.sqrt().abs_().contiguous();
   auto out = at::empty_like(wc, at::MemoryFormat::Contiguous);
   auto keep_mask = at::empty({rows, cols}, wc.options().dtype(at::kBool));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
-  advise_huge_pages(keep_mask.data_ptr(), keep_mask.nbytes());
+  if (ds.huge_page_hint) {
+    advise_huge_pages(out.data_ptr(), out.nbytes());
+    advise_huge_pages(keep_mask.data_ptr(), keep_mask.nbytes());
+  }
   int64_t bad_row = rows;
   const int ni = static_cast<int>(n), mi = static_cast<int>(m);
   switch (wc.scalar_type()) {  // check_wanda_args allows these three

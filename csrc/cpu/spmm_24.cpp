@@ -1,13 +1,12 @@
 // CPU kernel of spmm_24: y[M, N] = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias), with W [N, K] given
 // in the portable 2:4 format (values [N, K/2], codes uint8 [N, ceil(K/8)], csrc/core/nm.h, docs/format.md).
 //
-// This file holds the driver: argument checks, runtime ISA choice, activation preparation, threading and the fused
-// epilogue, plus the portable scalar tile kernel. The vectorised tile kernels live in spmm_24_avx512.cpp and
-// spmm_24_avx2.cpp (compiled with function target attributes; chosen at run time by cpuid).
-//
-// ISA choice: the best the CPU supports (avx512 > avx2 > scalar), or SPARSEKERN_CPU_ISA=avx512|avx512-base|avx2|scalar
-// (read on every call, so tests can force each path; avx512-base skips the AVX512_BF16 / AVX512_VNNI kernels); forcing
-// an ISA the CPU lacks is an error, never a silent fallback.
+// This file holds the driver: argument checks, activation preparation, threading and the fused epilogue, plus the
+// portable scalar tile kernel. The vectorised tile kernels live in spmm_24_avx512.cpp, spmm_24_tokens_avx512.cpp and
+// spmm_24_avx2.cpp (compiled with function target attributes). Which kernel runs (ISA, kernel family, the crossover
+// thresholds, the slab size) is decided in dispatch.cpp, from a settings snapshot read once per call (dispatch.h:
+// SPARSEKERN_CPU_ISA / SPARSEKERN_CPU_SPMM_LAYOUT are read once at load, and sparsekern._C.cpu_dispatch_set changes
+// them; forcing an ISA the CPU lacks is an error, never a silent fallback).
 //
 // Dtypes: x and values both float32, both bfloat16, both float16 (fp32 accumulation), or both int8 (exact int32
 // accumulation). out_dtype defaults to x's dtype (int32 for int8); allowed: float32/float16/bfloat16 for floating
@@ -21,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -31,21 +29,6 @@
 namespace sparsekern {
 namespace cpu {
 namespace spmm {
-
-const CpuFeatures& cpu_features() {
-  static const CpuFeatures f = [] {
-    __builtin_cpu_init();
-    CpuFeatures c;
-    c.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    c.avx512_bf16 = c.avx512 && __builtin_cpu_supports("avx512bf16");
-    c.avx512_vnni = c.avx512 && __builtin_cpu_supports("avx512vnni");
-    c.avx512_vbmi = c.avx512 && __builtin_cpu_supports("avx512vbmi");
-    c.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    return c;
-  }();
-  return f;
-}
 
 namespace {
 
@@ -84,6 +67,8 @@ void scalar_tile_i8(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_
   scalar_tile_impl<int8_t, int32_t, int32_t>(p, m0, m1, n0, n1, static_cast<int32_t*>(acc), ld);
 }
 
+}  // namespace
+
 Kernel scalar_kernel(WType w) {
   switch (w) {
     case WType::kF32:
@@ -98,82 +83,7 @@ Kernel scalar_kernel(WType w) {
   TORCH_CHECK(false, "unreachable");
 }
 
-// ------------------------------------------------------------------------------------------------- ISA choice
-Isa best_isa() {
-  const CpuFeatures& f = cpu_features();
-  return f.avx512 ? Isa::kAvx512 : f.avx2 ? Isa::kAvx2 : Isa::kScalar;
-}
-
-struct IsaChoice {
-  Isa isa;
-  bool extensions;  // AVX512_BF16 / AVX512_VNNI kernels allowed (where the CPU has them)
-};
-
-IsaChoice requested_isa() {
-  const char* env = std::getenv("SPARSEKERN_CPU_ISA");
-  if (env == nullptr || env[0] == '\0') return {best_isa(), true};
-  const std::string v(env);
-  IsaChoice want{Isa::kScalar, true};
-  if (v == "avx512") {
-    want.isa = Isa::kAvx512;
-  } else if (v == "avx512-base") {
-    want = {Isa::kAvx512, false};
-  } else if (v == "avx2") {
-    want.isa = Isa::kAvx2;
-  } else if (v == "scalar") {
-    want.isa = Isa::kScalar;
-  } else {
-    TORCH_CHECK(false, "sparsekern.spmm_24: SPARSEKERN_CPU_ISA=", v,
-                " is not understood; use avx512, avx512-base (no BF16/VNNI kernels), avx2 or scalar (or unset it for "
-                "the best the CPU supports)");
-  }
-  TORCH_CHECK(static_cast<int>(want.isa) <= static_cast<int>(best_isa()), "sparsekern.spmm_24: SPARSEKERN_CPU_ISA=", v,
-              " but this CPU does not support it (avx512 needs avx512f+bw+vl+dq; avx2 needs avx2+fma+f16c)");
-  return want;
-}
-
-Kernel choose_kernel(WType w, const IsaChoice& c) {
-  Kernel k{};
-  if (c.isa == Isa::kAvx512 && avx512_kernel(w, c.extensions, &k)) return k;
-  if (c.isa >= Isa::kAvx2 && avx2_kernel(w, &k)) return k;
-  return scalar_kernel(w);
-}
-
-// Kernel family (SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|pairs|tokens, read on every call like SPARSEKERN_CPU_ISA):
-//   rows:   K in the vector lanes, one weight row per vector (best for a few activation rows; every ISA);
-//   pairs:  K in the lanes, two weight rows per vector, K-blocked (AVX-512; bfloat16 with AVX512_BF16, int8);
-//   tokens: 16 activation rows in the lanes (AVX-512), see spmm_24.h.
-// auto takes pairs from their min_m where they exist for the dtype, else tokens from theirs, else rows (crossovers
-// measured on the 2-core Zen 4 development machine: fp32 tokens from M = 32; bf16 pairs from M = 80; int8 pairs from
-// M = 24 with VNNI + VBMI (vpdpbusd), else from 80).
-enum class Family { kRows, kPairs, kTokens };
-
-Family choose_family(int64_t M, int64_t K, const IsaChoice& c, WType w, Kernel* pk, TokenKernel* tk) {
-  const char* env = std::getenv("SPARSEKERN_CPU_SPMM_LAYOUT");
-  const std::string v = env == nullptr ? std::string() : std::string(env);
-  TORCH_CHECK(v.empty() || v == "auto" || v == "rows" || v == "pairs" || v == "tokens",
-              "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=", v,
-              " is not understood; use auto (default), rows, pairs or tokens");
-  if (v == "rows") return Family::kRows;
-  int64_t pair_min_m = 0;
-  const bool avx512 = c.isa == Isa::kAvx512;
-  const bool have_pairs = avx512 && avx512_pair_kernel(w, c.extensions, K, pk, &pair_min_m);
-  const bool have_tokens = avx512 && avx512_token_kernel(w, c.extensions, tk);
-  if (v == "pairs") {
-    TORCH_CHECK(have_pairs, "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=pairs needs the AVX-512 kernels and "
-                "bfloat16 (with AVX512_BF16) or int8 weights; the ISA in use (SPARSEKERN_CPU_ISA or the CPU) or the "
-                "weight dtype has none; use rows, tokens or auto");
-    return Family::kPairs;
-  }
-  if (v == "tokens") {
-    TORCH_CHECK(have_tokens, "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=tokens needs the AVX-512 kernels, but the "
-                "ISA in use is not AVX-512 (SPARSEKERN_CPU_ISA or the CPU); use rows or auto");
-    return Family::kTokens;
-  }
-  if (have_pairs && M >= pair_min_m) return Family::kPairs;
-  if (have_tokens && M >= tk->min_m) return Family::kTokens;
-  return Family::kRows;
-}
+namespace {
 
 // ------------------------------------------------------------------------------------------------- epilogue
 // erf by the rational approximation Eigen uses for float (x clamped to [-4, 4]; |error| < 5e-7, checked against
@@ -288,9 +198,6 @@ Tensor epilogue_vector(const std::optional<Tensor>& t, const char* name, int64_t
 // retains at most 2 x 64 MB; small ones come from malloc's free lists anyway.
 constexpr int64_t kScratchMin = int64_t{1} << 20, kScratchMax = int64_t{64} << 20;
 
-// Rows per slab of a large-M call (spmm_24_cpu).
-constexpr int64_t kSlabRows = 256;
-
 Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
@@ -302,9 +209,11 @@ Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
   return b.narrow(0, 0, bytes).view(dtype).view(sizes);
 }
 
-Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, const std::optional<Tensor>& bias,
-                   const std::optional<Tensor>& alpha, const std::optional<Tensor>& row_scale,
-                   c10::string_view activation, std::optional<at::ScalarType> out_dtype) {
+// One call with the settings snapshot `ds` (read once by spmm_24_cpu, so all slabs of a call see the same settings).
+Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& values, const Tensor& codes,
+                   const std::optional<Tensor>& bias, const std::optional<Tensor>& alpha,
+                   const std::optional<Tensor>& row_scale, c10::string_view activation,
+                   std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(values.device() == x.device(), "sparsekern.spmm_24: values is on ", values.device(), " but x is on ",
               x.device(), "; all tensors must be on the same device");
   TORCH_CHECK(codes.device() == x.device(), "sparsekern.spmm_24: codes is on ", codes.device(), " but x is on ",
@@ -361,28 +270,24 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
     return out;
   }
 
-  // Large M: slabs of kSlabRows activation rows, one after another. Every kernel family streams all of x once per
-  // 32-row weight tile, so once x outgrows the caches (M = 1024 x K = 11008 bf16: 22 MB) that traffic dominates; a
-  // slab's x stays in L2/L3 while the whole weight (read once per slab) passes over it. Measured on the development
-  // machine (4096 x 11008, bf16, 2 threads): M = 1024 0.86x -> 1.0x+ dense, M = 2048 0.83x -> 1.0x+
-  // (docs/benchmarks.md).
-  if (M > kSlabRows) {
-    for (int64_t s0 = 0; s0 < M; s0 += kSlabRows) {
-      const int64_t len = std::min(kSlabRows, M - s0);
+  // Large M: slabs of slab_rows activation rows (default 256), one after another, so that a slab's x stays in cache
+  // while the whole weight passes over it (why and the measurements: dispatch.cpp, kDefaultThresholds).
+  const int64_t slab = ds.thresholds.slab_rows;
+  if (M > slab) {
+    for (int64_t s0 = 0; s0 < M; s0 += slab) {
+      const int64_t len = std::min(slab, M - s0);
       const std::optional<Tensor> rs = row_scale.has_value() ? std::optional<Tensor>(row_scale->narrow(0, s0, len))
                                                              : std::nullopt;
-      out.narrow(0, s0, len).copy_(spmm_24_cpu(x.narrow(0, s0, len), values, codes, bias, alpha, rs, activation,
+      out.narrow(0, s0, len).copy_(spmm_24_run(ds, x.narrow(0, s0, len), values, codes, bias, alpha, rs, activation,
                                                out_dtype));
     }
     return out;
   }
 
-  const IsaChoice isa = requested_isa();
-  TokenKernel tk{};
-  Kernel pk{};
-  const Family family = choose_family(M, K, isa, wt, &pk, &tk);
-  const bool tokens = family == Family::kTokens;
-  Kernel kern = tokens ? Kernel{tk.xtype, tk.tile, tk.name} : family == Family::kPairs ? pk : choose_kernel(wt, isa);
+  const Plan plan = plan_call(M, K, wt, ds);
+  const TokenKernel& tk = plan.tokens;
+  const bool tokens = plan.family == Family::kTokens;
+  const Kernel kern = tokens ? Kernel{tk.xtype, tk.tile, tk.name} : plan.kernel;
   const Tensor vc = values.contiguous(), cc = codes.contiguous();
   // Activations once per call: the kernel's input type, contiguous, zero-padded to whole chunks (row kernels) or
   // to whole blocks of 16 rows (token lanes, which then build their table from these rows).
@@ -476,6 +381,12 @@ Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, c
     }
   });
   return out;
+}
+
+Tensor spmm_24_cpu(const Tensor& x, const Tensor& values, const Tensor& codes, const std::optional<Tensor>& bias,
+                   const std::optional<Tensor>& alpha, const std::optional<Tensor>& row_scale,
+                   c10::string_view activation, std::optional<at::ScalarType> out_dtype) {
+  return spmm_24_run(dispatch_settings(), x, values, codes, bias, alpha, row_scale, activation, out_dtype);
 }
 
 }  // namespace

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "cpu/dispatch.h"
+
 namespace sparsekern {
 namespace cpu {
 namespace spmm {
@@ -20,8 +22,6 @@ namespace spmm {
 constexpr int64_t kXPad = 64;
 // The driver's output tiles: at most kTileN weight rows x kTileM activation rows per TileFn call.
 constexpr int64_t kTileN = 32, kTileM = 64;
-
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Dtype of the compressed weight values ([N, K/2], contiguous).
 enum class WType { kF32, kF16, kBF16, kI8 };
@@ -96,25 +96,23 @@ void tile_loop(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
   }
 }
 
-// What cpuid says about the running CPU (cached): the ISA levels the kernels need.
-struct CpuFeatures {
-  bool avx512 = false;       // avx512f + bw + vl + dq: every AVX-512 kernel
-  bool avx512_bf16 = false;  // + AVX512_BF16 (vdpbf16ps)
-  bool avx512_vnni = false;  // + AVX512_VNNI (vpdpwssd, vpdpbusd)
-  bool avx512_vbmi = false;  // + AVX512_VBMI (vpermb, vpmultishiftqb)
-  bool avx2 = false;         // avx2 + fma + f16c: the AVX2 kernels
-};
-const CpuFeatures& cpu_features();
-
-// Each returns false when the running CPU lacks the ISA (the kernel is then not callable).
+// The kernels on offer. Which one runs is decided in one place, dispatch.cpp (plan_call below); the CPU features come
+// from its probe (cpu_features(), dispatch.h). Each returns false when the running CPU lacks the ISA (the kernel is
+// then not callable) or none exists for w.
 // extensions = false: only AVX-512 F/BW/VL/DQ kernels, even where the CPU has AVX512_BF16 / AVX512_VNNI (the paths
 // such CPUs take; forced with SPARSEKERN_CPU_ISA=avx512-base so they are tested on any AVX-512 machine).
+// One weight row per vector (spmm_24_avx512.cpp).
 bool avx512_kernel(WType w, bool extensions, Kernel* out);
+// Unblocked row-pair kernels of the rows family (spmm_24_avx512.cpp; bfloat16 with AVX512_BF16, int8 with
+// AVX512_VNNI): two weight rows per vector, x as prepared (x_block = 0); for more activation rows.
+bool avx512_row_pair_kernel(WType w, bool extensions, Kernel* out);
 // Row-pair kernels (spmm_24_avx512.cpp; bfloat16 with AVX512_BF16, int8): two weight rows per vector, one-source
-// permutes, K-blocked with prepared index panels (x_block > 0). False where none exists for w; min_m: the smallest M
-// at which auto picks them.
-bool avx512_pair_kernel(WType w, bool extensions, int64_t K, Kernel* out, int64_t* min_m);
+// permutes, K-blocked with prepared index panels (x_block > 0). int8 with VNNI + VBMI and K small enough for its
+// int32 bound: the vpdpbusd variant (xtype kU8).
+bool avx512_pair_kernel(WType w, bool extensions, int64_t K, Kernel* out);
 bool avx2_kernel(WType w, Kernel* out);
+// The portable scalar kernel (spmm_24.cpp): every dtype, every CPU.
+Kernel scalar_kernel(WType w);
 
 // ------------------------------------------------------------------------------------------------- token lanes
 // The second kernel family (spmm_24_tokens_avx512.cpp), for M >= a threshold: vector lanes run over 16 activation
@@ -138,7 +136,6 @@ struct TokenKernel {
   TokenTable table;
   TileFn tile;        // p.x = the table (p.ldx unused); m0 must be a multiple of 64 (a token tile)
   const char* name;
-  int64_t min_m;      // SPARSEKERN_CPU_SPMM_LAYOUT=auto takes this kernel from M >= min_m (measured crossover)
 };
 
 // Bytes of the table for M tokens (rounded up to whole blocks) and K columns.
@@ -151,6 +148,18 @@ void build_token_table(TokenTable t, const void* xp, int64_t ldx, int64_t M, int
                        int64_t j1);
 // False when the running CPU lacks AVX-512 (token-lane kernels exist only for AVX-512).
 bool avx512_token_kernel(WType w, bool extensions, TokenKernel* out);
+
+// ------------------------------------------------------------------------------------------------- the choice
+// What one call (or one slab of a large-M call) runs: decided by dispatch.cpp from the call's M, K and weight dtype
+// and the settings snapshot (ISA, kernel family, thresholds). Raises the errors of a forced ISA / family that cannot
+// run (and a bad environment value kept since load).
+enum class Family { kRows, kPairs, kTokens };
+struct Plan {
+  Family family = Family::kRows;
+  Kernel kernel{};       // rows / pairs
+  TokenKernel tokens{};  // tokens
+};
+Plan plan_call(int64_t M, int64_t K, WType w, const DispatchSettings& s);
 
 }  // namespace spmm
 }  // namespace cpu

@@ -673,16 +673,6 @@ struct I8Micro {
   }
 };
 
-// The row family for bfloat16 (AVX512_BF16) and int8 (VNNI): the one-row-per-vector kernels for few activation rows,
-// the unblocked row-pair kernels above from kPairSmallMinM* rows (the call's M; measured on the 2-core Zen 4
-// development machine, 11008 x 4096 and 4096 x 11008, 2 threads, medians of 15: bf16 1.04-1.06x the row kernels at
-// M = 16, 32 and 64 but 0.88-0.98x at M = 4; int8 1.07-1.15x at M = 32 and 64, 0.58-1.09x below).
-constexpr int64_t kPairSmallMinMBF16 = 8, kPairSmallMinMI8 = 32;
-template <TileFn Few, TileFn Many, int64_t kMinM>
-void by_m(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* acc, int64_t ld) {
-  (p.M >= kMinM ? Many : Few)(p, m0, m1, n0, n1, acc, ld);
-}
-
 }  // namespace
 
 bool avx512_kernel(WType w, bool extensions, Kernel* out) {
@@ -698,20 +688,14 @@ bool avx512_kernel(WType w, bool extensions, Kernel* out) {
       return true;
     case WType::kBF16:
       if (bf16) {
-        *out = {XType::kBF16,
-                &by_m<&tile_loop<float, BF16Micro, kNB, kMB>, &tile_loop<float, BF16PairSmallMicro, kNB2, kMB2>,
-                      kPairSmallMinMBF16>,
-                "avx512-bf16-dp"};
+        *out = {XType::kBF16, &tile_loop<float, BF16Micro, kNB, kMB>, "avx512-bf16-dp"};
       } else {
         *out = {XType::kF32, &tile_loop<float, F32Micro<WType::kBF16>::At, kNB, kMB>, "avx512-bf16-f32"};
       }
       return true;
     case WType::kI8:
       if (vnni) {
-        *out = {XType::kI16,
-                &by_m<&tile_loop<int32_t, I8VnniMicro, kNB, kMB>,
-                      &tile_loop<int32_t, I8VnniPairSmallMicro, kNB2, kMB2>, kPairSmallMinMI8>,
-                "avx512-i8-vnni"};
+        *out = {XType::kI16, &tile_loop<int32_t, I8VnniMicro, kNB, kMB>, "avx512-i8-vnni"};
       } else {
         *out = {XType::kI16, &tile_loop<int32_t, I8Micro, kNB, kMB>, "avx512-i8"};
       }
@@ -720,23 +704,28 @@ bool avx512_kernel(WType w, bool extensions, Kernel* out) {
   return false;
 }
 
-// Smallest M at which auto picks the row-pair kernels (measured on the 2-core Zen 4 development machine, 2 threads,
-// 11008 x 4096 and 4096 x 11008, 2026-11-24, docs/benchmarks.md): bf16 equal to the row kernels at M = 64 and ahead
-// from 96 (M = 256: 1.27x the row kernels, 1.10x dense F.linear); int8 (VNNI) equal at 64, 1.25x at 128, 1.43x at
-// 256 (also ahead of the int8 token lanes, 1.26x at 256). Below, building the panels is not paid back.
-constexpr int64_t kPairMinM = 80;
-// int8 by vpdpbusd (VNNI + VBMI), same machine and shapes, medians of 7: ahead of the row kernels from M = 24 (6.0 vs
-// 6.9 ms, 5.9 vs 6.6 ms), behind at 16 (5.3 vs 4.7 ms: the panels cost ~3 ms a call); at M = 256 27-28 ms against 59-61
-// for the row kernels and 29-36 ms for PyTorch's dense int8 GEMM (torch._int_mm).
-constexpr int64_t kPairMinMU8 = 24;
+// The M from which each family (and each of the rows family's two kernels) runs is the dispatch's choice, with the
+// measurements behind it: dispatch.cpp (kDefaultThresholds).
+bool avx512_row_pair_kernel(WType w, bool extensions, Kernel* out) {
+  const CpuFeatures& f = cpu_features();
+  if (!f.avx512 || !extensions) return false;
+  if (w == WType::kBF16 && f.avx512_bf16) {
+    *out = {XType::kBF16, &tile_loop<float, BF16PairSmallMicro, kNB2, kMB2>, "avx512-bf16-dp-pairs-unblocked"};
+    return true;
+  }
+  if (w == WType::kI8 && f.avx512_vnni) {
+    *out = {XType::kI16, &tile_loop<int32_t, I8VnniPairSmallMicro, kNB2, kMB2>, "avx512-i8-vnni-pairs-unblocked"};
+    return true;
+  }
+  return false;
+}
 
 // vpdpbusd kernel: exact while every lane's int32 sum of (x + 128) * w stays in range: K * 255 * 128 < 2^31.
 constexpr int64_t kU8MaxK = (int64_t{1} << 31) / (255 * 128) - 1;
 
-bool avx512_pair_kernel(WType w, bool extensions, int64_t K, Kernel* out, int64_t* min_m) {
+bool avx512_pair_kernel(WType w, bool extensions, int64_t K, Kernel* out) {
   const CpuFeatures& f = cpu_features();
   if (!f.avx512) return false;
-  *min_m = kPairMinM;
   if (w == WType::kBF16 && extensions && f.avx512_bf16) {
     *out = {XType::kBF16, &pair_rows_bf16_tile<Pair16<BF16Pairs>>::run, "avx512-bf16-dp-pairs", kPairCols};
     return true;
@@ -744,7 +733,6 @@ bool avx512_pair_kernel(WType w, bool extensions, int64_t K, Kernel* out, int64_
   if (w == WType::kI8) {
     if (extensions && f.avx512_vnni && f.avx512_vbmi && K <= kU8MaxK) {
       *out = {XType::kU8, &pair_rows_u8_tile<PairU8>::run, "avx512-i8-vnni-u8-pairs", kPairCols, 64};
-      *min_m = kPairMinMU8;
     } else if (extensions && f.avx512_vnni) {
       *out = {XType::kI16, &pair_rows_vnni_tile<Pair16<I8PairsVnni>>::run, "avx512-i8-vnni-pairs", kPairCols};
     } else {

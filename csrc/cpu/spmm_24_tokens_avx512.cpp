@@ -28,7 +28,6 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -392,31 +391,20 @@ void build_token_table(TokenTable t, const void* xp, int64_t ldx, int64_t M, int
   }
 }
 
-// Smallest M at which auto picks these kernels over the row kernels: the crossover measured on the 2-core Zen 4
-// development machine (2 threads, 11008 x 4096 and 4096 x 11008, 2026-11-24, docs/benchmarks.md):
-//   fp32 table: equal at M = 16, ahead from M = 32-64 (M = 256: 1.3-1.5x the row kernels);
-//   int8 pairs: behind up to M = 64, ~8 % ahead of the row kernels at M = 256 — but the row-pair kernels
-//   (spmm_24_avx512.cpp) exist for int8 wherever these do and auto takes them from M = 24 (VNNI + VBMI) or 80,
-//   so auto no longer reaches these for int8; they stay selectable and tested;
-//   bf16 pairs: never ahead there (one vdpbf16ps per 16 tokens is bound by its 64-byte table load, where the row
-//   kernels share each activation load across 4 weight rows), so auto never takes it; it stays selectable with
-//   SPARSEKERN_CPU_SPMM_LAYOUT=tokens (tested) for CPUs with more load bandwidth per multiply-add.
-constexpr int64_t kMinMF32 = 32;
-constexpr int64_t kMinMI8 = 256;
-constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
-
+// The M from which auto picks these kernels (per table kind: fp32, bf16 pairs, int8 pairs) and the measurements
+// behind it: dispatch.cpp (kDefaultThresholds, tokens_*).
 bool avx512_token_kernel(WType w, bool extensions, TokenKernel* out) {
   const CpuFeatures& f = cpu_features();
   if (!f.avx512) return false;
   const bool bf16 = extensions && f.avx512_bf16, vnni = extensions && f.avx512_vnni;
   using TT = TokenTable;
   static constexpr TokenKernel kernels[] = {
-      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WF32>::At>, "avx512-tokens-f32", kMinMF32},
-      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WF16>::At>, "avx512-tokens-f16", kMinMF32},
-      {XType::kBF16, TT::kPairs16, &token_tile<float, micro_pairs_bf16_tok<BF16PairOps>::At>, "avx512-tokens-bf16-dp", kNever},
-      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WBF16>::At>, "avx512-tokens-bf16-f32", kMinMF32},
-      {XType::kI16, TT::kPairs16, &token_tile<int32_t, micro_pairs_vnni_tok<I8PairOpsVnni>::At>, "avx512-tokens-i8-vnni", kMinMI8},
-      {XType::kI16, TT::kPairs16, &token_tile<int32_t, micro_pairs_base_tok<I8PairOps>::At>, "avx512-tokens-i8", kMinMI8},
+      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WF32>::At>, "avx512-tokens-f32"},
+      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WF16>::At>, "avx512-tokens-f16"},
+      {XType::kBF16, TT::kPairs16, &token_tile<float, micro_pairs_bf16_tok<BF16PairOps>::At>, "avx512-tokens-bf16-dp"},
+      {XType::kF32, TT::kF32, &token_tile<float, F32Tok<WBF16>::At>, "avx512-tokens-bf16-f32"},
+      {XType::kI16, TT::kPairs16, &token_tile<int32_t, micro_pairs_vnni_tok<I8PairOpsVnni>::At>, "avx512-tokens-i8-vnni"},
+      {XType::kI16, TT::kPairs16, &token_tile<int32_t, micro_pairs_base_tok<I8PairOps>::At>, "avx512-tokens-i8"},
   };
   const int i = w == WType::kF32 ? 0 : w == WType::kF16 ? 1 : w == WType::kBF16 ? (bf16 ? 2 : 3) : (vnni ? 4 : 5);
   *out = kernels[i];

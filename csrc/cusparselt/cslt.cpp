@@ -30,6 +30,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "core/cslt_shape.h"
 #include "cuda/core_ops.h"
 
 namespace sparsekern {
@@ -77,9 +78,14 @@ cusparseComputeType compute_type(at::ScalarType in) {
   return in == at::kChar ? CUSPARSE_COMPUTE_32I : CUSPARSE_COMPUTE_32F;
 }
 
-// Multiples cuSPARSELt requires: the structured operand's rows and cols (W: n, k), the dense operand's rows (M).
-int64_t structured_multiple(at::ScalarType in) { return is_8bit(in) ? 32 : 16; }
-int64_t dense_multiple(at::ScalarType in) { return is_8bit(in) ? 16 : 8; }
+// Multiples cuSPARSELt requires: the structured operand's rows and cols (W: n, k), the dense operand's rows (M). The
+// rule is written once, in core/cslt_shape.h (shared with the Python side through sparsekern._C).
+int64_t structured_multiple(at::ScalarType in) {
+  return core::cslt_structured_multiple(static_cast<int64_t>(c10::elementSize(in)));
+}
+int64_t dense_multiple(at::ScalarType in) {
+  return core::cslt_dense_multiple(static_cast<int64_t>(c10::elementSize(in)));
+}
 
 // Size of the compressed buffer: the kept half of the values plus 2 bits of metadata per kept value, i.e. 9/16 of
 // the dense bytes for 16-bit types and 10/16 for 8-bit ones (what PyTorch's _cslt_compress allocates as well).
@@ -110,6 +116,7 @@ void check_arch(const char* op, at::ScalarType in, c10::DeviceIndex device) {
 
 void check_dims(const char* op, at::ScalarType in, int64_t n, int64_t k) {
   const int64_t mult = structured_multiple(in);
+  TORCH_CHECK(mult > 0, op, ": cuSPARSELt has no structured operand of ", in);
   TORCH_CHECK(n > 0 && n % mult == 0, op, ": n (out_features) = ", n, " must be a positive multiple of ", mult,
               " for ", in, " (cuSPARSELt's rule for the structured operand)");
   TORCH_CHECK(k > 0 && k % mult == 0, op, ": k (in_features) = ", k, " must be a positive multiple of ", mult,
@@ -393,7 +400,7 @@ struct PlanCache {
   std::unordered_map<PlanKey, std::list<Item>::iterator, PlanKeyHash> index;
   size_t max_entries = 4096;
 
-  PlanCache() {
+  PlanCache() {  // built once per process (plan_cache()), so the variable is read once, at the first cuSPARSELt use
     if (const char* s = std::getenv("SPARSEKERN_CSLT_MAX_PLANS")) {
       const long v = std::strtol(s, nullptr, 10);
       if (v > 0) max_entries = static_cast<size_t>(v);

@@ -4,6 +4,11 @@ Reports torch, the CUDA runtime and driver, cuSPARSELt, the extension's build (C
 actually present in the binary, read from its .nv_fatbin section), and every visible GPU with its compute capability
 and whether it has sparse tensor cores (sm80+). Device queries use cuda-python (cuda.bindings) when installed, and
 torch.cuda otherwise. Nothing here needs a GPU: on a machine without one the report says so.
+
+The "environment" section says what steers kernel choice in this process: every SPARSEKERN_* variable
+(sparsekern.envs: name, value, default, source, who reads it), the policy table in use (its path, or "built-in
+defaults") and the C++ CPU dispatch settings in effect (forced ISA / kernel family, thresholds, the CPU features
+probed).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import _ext
+from . import _ext, envs
 from ._version import __version__
 
 # --------------------------------------------------------------------------------------------- fatbin reading
@@ -113,6 +118,9 @@ class Report:
     device_query: str
     gpus: list = field(default_factory=list)
     problems: list = field(default_factory=list)  # each: a sentence saying what is missing and how to fix it
+    # {"variables": [{name, value, default, source, doc, read_by[, error]}], "policy_table": path | "built-in
+    # defaults", "cpu_dispatch": settings in effect | None, "cpu_dispatch_pending_errors": [...], "cpu_features": {}}
+    environment: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -187,6 +195,31 @@ def _arch_covered(cc: tuple, binary: dict) -> bool:
     return any(int(p.split("_")[1]) <= sm for p in binary["ptx"])
 
 
+def collect_environment() -> tuple[dict, list[str]]:
+    """The "environment" section, and the problems found in it (bad variable values, an unreadable policy table)."""
+    from . import policy
+
+    problems = []
+    variables = envs.describe()
+    for v in variables:
+        if "error" in v:
+            problems.append(f"{v['error']} (read by {v['read_by']}); fix or unset it.")
+    try:
+        table = policy.table_in_use()
+    except Exception as e:  # noqa: BLE001 - doctor must always work
+        table = f"unreadable: {e}"
+        problems.append(f"the policy table cannot be used ({e}); fix it, or point {policy.ENV_TABLE} elsewhere.")
+    pending = envs.cpu_dispatch_pending_errors()
+    info = {
+        "variables": variables,
+        "policy_table": table,
+        "cpu_dispatch": envs.cpu_dispatch_settings() or None,
+        "cpu_dispatch_pending_errors": pending,
+        "cpu_features": dict(_ext._C.cpu_features()) if _ext.available() else None,
+    }
+    return info, problems
+
+
 def collect() -> Report:
     info = _ext.build_info()
     ext_path = getattr(_ext._C, "__file__", None) if _ext._C is not None else None
@@ -233,6 +266,7 @@ def collect() -> Report:
         cusparselt_library=cslt_lib,
         device_query=method,
     )
+    rep.environment, env_problems = collect_environment()
     for i, (name, cc) in enumerate(gpu_list):
         g = GPU(i, name, f"{cc[0]}.{cc[1]}", cc[0] >= 8)
         if rep.extension_with_cuda:
@@ -240,6 +274,7 @@ def collect() -> Report:
         rep.gpus.append(g)
 
     fix = rep.problems.append
+    rep.problems.extend(env_problems)
     if not rep.extension_loaded:
         fix(rep.extension_error or "the compiled extension is missing: pip install --no-build-isolation .")
     elif not rep.extension_with_cuda:
@@ -290,12 +325,44 @@ def format_report(rep: Report) -> str:
         lines.append(f"    [{g.index}] {g.name}  sm{g.compute_capability}  sparse tensor cores: "
                      f"{yes(g.sparse_tensor_cores)}"
                      + ("" if g.arch_in_binary is None else f"  in binary: {yes(g.arch_in_binary)}"))
+    lines += format_environment(rep.environment)
     if rep.problems:
         lines.append("What is missing, and how to fix it:")
         lines += [f"  - {p}" for p in rep.problems]
     else:
         lines.append("Everything sparsekern needs is here.")
     return "\n".join(lines)
+
+
+def _value_text(v) -> str:
+    return "unset" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def format_environment(env: dict) -> list[str]:
+    """Text lines of the environment section (see collect_environment)."""
+    if not env:
+        return []
+    lines = [f"  policy table       {env.get('policy_table')}"]
+    cd = env.get("cpu_dispatch")
+    if cd:
+        feats = env.get("cpu_features") or {}
+        isa = cd.get("isa") or f"auto (best: {feats.get('best_isa', '?')})"
+        lines.append(f"  CPU dispatch       isa {isa}, layout {cd.get('layout')}, huge-page hint "
+                     f"{'on' if cd.get('huge_page_hint') else 'off'}")
+        th = ", ".join(f"{k}={'never' if v is None else v}" for k, v in cd.items()
+                       if k not in ("isa", "layout", "huge_page_hint"))
+        lines.append(f"    thresholds       {th}")
+        if feats:
+            have = [k for k in ("avx512", "avx512_bf16", "avx512_vnni", "avx512_vbmi", "avx2") if feats.get(k)]
+            lines.append(f"    CPU features     {', '.join(have) or 'none of avx2 / avx512'}")
+    for e in env.get("cpu_dispatch_pending_errors") or []:
+        lines.append(f"    pending error    {e}")
+    lines.append("  environment (SPARSEKERN_*; value [source] - read by):")
+    for v in env.get("variables", []):
+        where = "set" if v["source"] == "environment" else "default"
+        lines.append(f"    {v['name']:<28} {_value_text(v['value']):<14} [{where}] - {v['read_by']}"
+                     + (f"  ERROR: {v['error']}" if "error" in v else ""))
+    return lines
 
 
 def doctor(as_json: bool = False, file=None) -> Report:

@@ -2,9 +2,12 @@
 
 The benchmark measures, per GPU arch, weight dtype and layer shape, which kernel is fastest at each batch size M and
 writes a table with `write_table(...)`; SparseLinear reads it (`load_table`, `active_table`) and asks
-`choose_kernel(...)` on every call (a dict lookup: no measurement, no I/O at run time). Where nothing was measured a
-safe default applies (`default_kernel`). `layer.kernel_for(M)` shows the choice; `layer.set_kernel(...)` and the
-`override(...)` context manager force one.
+`choose_kernel(table=..., ...)` on every call (a dict lookup: no measurement, no I/O at run time): a pure function of
+the table it is given and the layer's facts. Where nothing was measured a safe default applies (`default_kernel`).
+`layer.kernel_for(M)` shows the choice; `layer.set_kernel(...)` and the `override(...)` context manager force one.
+The table a process uses is `active_table()`: set_table()'s, else the file $SPARSEKERN_POLICY_TABLE, else
+~/.cache/sparsekern/policy.json when it exists, else none (built-in defaults); `table_in_use()` names it, and
+`sparsekern doctor` and `sparsekern bench gemm` print it.
 
 Kernels (names used in the table; aliases on the right are accepted when reading and normalised):
   "cslt"            cuSPARSELt SpMM on the layer's cuSPARSELt buffer (CUDA; needs N, K multiples of 16 for
@@ -37,6 +40,21 @@ Table file (JSON, UTF-8), format version 1:
          "m": 16 covers 9 <= M <= 16, and the last bucket (16384) covers every larger M.
   kernel_dense_cache  (optional) the choice for layers that keep a dense copy (may be "dense_cached"); layers
          without one use "kernel". Absent: "kernel" for every layer.
+Optional top-level "cpu_dispatch" object: the M thresholds of the C++ CPU kernels' family choice, by name, each a
+positive integer (the smallest M from which `auto` takes that kernel) or null (never; not for slab_rows), e.g.
+    "cpu_dispatch": {"pairs_bf16_min_m": 64, "tokens_f32_min_m": 48}
+  rows_pair_bf16_min_m (8), rows_pair_i8_min_m (32)   rows family: the unblocked row-pair kernels (bf16 with
+                                                      AVX512_BF16, int8 with VNNI) instead of one row per vector
+  pairs_bf16_min_m (80), pairs_i8_min_m (80),         the K-blocked row-pair family (bf16; int8 as int16 pairs;
+  pairs_u8_min_m (24)                                 int8 by vpdpbusd with VNNI + VBMI)
+  tokens_f32_min_m (32), tokens_bf16_min_m (null),    the token-lane family (fp32 table; bf16 pairs; int8 pairs)
+  tokens_i8_min_m (256)
+  slab_rows (256)                                     a call with more rows runs as slabs of this many rows
+(built-in defaults in parentheses: csrc/cpu/dispatch.cpp, with the measurements behind them). Names not given keep
+their defaults. When the table becomes the active one (set_table, or its first use through active_table) these are
+pushed down to the C++ dispatch (sparsekern.envs.set_cpu_thresholds); a table without the field leaves the C++
+settings alone, except that it restores the defaults after a table that had one. A bad name or value is a
+PolicyError naming the file, the field and the rule.
 Lookup of a (arch, dtype, n, k) that was measured at other buckets uses the nearest measured bucket (in log2 M);
 a shape that was never measured gets `default_kernel`. A chosen kernel the layer cannot run (no cuSPARSELt buffer,
 kernel not compiled for the device) is replaced by the default too, so a stale table can never break a layer.
@@ -48,19 +66,22 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from . import envs
+from ._fsutil import atomic_write_text
+
 KERNELS = ("cslt", "spmm24", "dense_fallback", "dense_cached")
 _ALIASES = {"cpu_spmm": "spmm24", "decode24": "spmm24", "dense": "dense_fallback"}
 TABLE_FORMAT = "sparsekern-policy"
 TABLE_VERSION = 1
 MAX_BUCKET = 16384
-ENV_TABLE = "SPARSEKERN_POLICY_TABLE"
+ENV_TABLE = "SPARSEKERN_POLICY_TABLE"  # declared in sparsekern.envs
+BUILTIN = "built-in defaults"  # table_in_use() when no table file is in use
 
 
 class PolicyError(ValueError):
@@ -103,6 +124,7 @@ class PolicyTable:
     choices: dict[tuple[str, str, int, int], dict[int, str]] = field(default_factory=dict)
     source: str | None = None  # path it was read from, for messages
     cached_choices: dict[tuple[str, str, int, int], dict[int, str]] = field(default_factory=dict)
+    cpu_dispatch: dict[str, int | None] = field(default_factory=dict)  # C++ CPU thresholds (module doc)
 
     def lookup(self, arch: str, dtype: str, n: int, k: int, m: int, dense_cache: bool = False) -> str | None:
         key = (arch, dtype, int(n), int(k))
@@ -164,6 +186,30 @@ def table_from_entries(entries: Iterable[Mapping], where: str = "policy entries"
     return table
 
 
+def parse_cpu_dispatch(obj, where: str) -> dict[str, int | None]:
+    """The validated "cpu_dispatch" object of a table (module doc). Names are checked against the extension's
+    thresholds when it is loaded; PolicyError naming `where`, the field and the rule."""
+    if obj is None:
+        return {}
+    if not isinstance(obj, Mapping):
+        raise PolicyError(f"{where}: field 'cpu_dispatch' must be an object mapping threshold names to integers or "
+                          f"null (got {type(obj).__name__})")
+    known = envs.cpu_dispatch_defaults()
+    out: dict[str, int | None] = {}
+    for name, value in obj.items():
+        if known and name not in known:
+            raise PolicyError(f"{where}: field 'cpu_dispatch.{name}' is not a CPU dispatch threshold; known: "
+                              f"{sorted(known)}")
+        if value is None:
+            if name == "slab_rows":
+                raise PolicyError(f"{where}: field 'cpu_dispatch.slab_rows' must be a positive integer (got null)")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PolicyError(f"{where}: field 'cpu_dispatch.{name}' must be a positive integer (the smallest M "
+                              f"from which auto takes that kernel) or null (never); got {value!r}")
+        out[str(name)] = value
+    return out
+
+
 def load_table(path: str | os.PathLike) -> PolicyTable:
     """Read a policy table written by `write_table`. PolicyError on a malformed file or an unknown version."""
     path = Path(path)
@@ -180,28 +226,35 @@ def load_table(path: str | os.PathLike) -> PolicyTable:
     if not isinstance(doc.get("entries"), list):
         raise PolicyError(f"policy table {path}: 'entries' must be a list")
     table = table_from_entries(doc["entries"], str(path))
+    table.cpu_dispatch = parse_cpu_dispatch(doc.get("cpu_dispatch"), f"policy table {path}")
     table.source = str(path)
     return table
 
 
-def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = None, *, merge: bool = True) -> Path:
+def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = None, *, merge: bool = True,
+                cpu_dispatch: Mapping[str, int | None] | None = None) -> Path:
     """Write (or update) a policy table. Called by the benchmark after measuring.
 
     entries: dicts with arch (str), dtype (str, see module doc), n, k, m (int; m is bucketed), kernel (str) and
              optionally timings_us (dict kernel -> microseconds, kept for humans).
     path:    target file; default `default_table_path()` (which SparseLinear reads when nothing else is set).
-    merge:   keep the existing file's entries that these entries do not replace (same arch, dtype, n, k, m bucket).
+    merge:   keep the existing file's entries that these entries do not replace (same arch, dtype, n, k, m bucket),
+             and its "cpu_dispatch" thresholds that `cpu_dispatch` does not replace.
+    cpu_dispatch: C++ CPU thresholds to store in the table (module doc), or None.
     The file is written to a temporary file in the same folder and renamed over the target, so a reader never sees a
     half-written table. Returns the path.
     """
     path = Path(path) if path is not None else default_table_path()
     rows: dict[tuple, dict] = {}
+    thresholds: dict[str, int | None] = {}
     if merge and path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("format") == TABLE_FORMAT and old.get("version") == TABLE_VERSION:
             for e in old.get("entries", []):
                 key, b, _ = _parse_entry(e, str(path))
                 rows[key + (b,)] = dict(e)
+            thresholds.update(parse_cpu_dispatch(old.get("cpu_dispatch"), f"policy table {path}"))
+    thresholds.update(parse_cpu_dispatch(cpu_dispatch, "write_table(cpu_dispatch=...)"))
     for e in entries:
         key, b, kernel = _parse_entry(e, "write_table")
         if kernel == "dense_cached":
@@ -215,17 +268,9 @@ def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = Non
             row["timings_us"] = {str(a): float(t) for a, t in dict(e["timings_us"]).items()}
         rows[key + (b,)] = row
     doc = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "entries": [rows[k] for k in sorted(rows)]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    if thresholds:
+        doc["cpu_dispatch"] = {k: thresholds[k] for k in sorted(thresholds)}
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
     # Re-read on next use when this file is the one in use (set_table(path), or the default file).
     if (_state.table is not None and _state.table.source == str(path)) or \
             (not _state.explicit and path == default_table_path()):
@@ -235,7 +280,7 @@ def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = Non
 
 def default_table_path() -> Path:
     """$SPARSEKERN_POLICY_TABLE, else $XDG_CACHE_HOME/sparsekern/policy.json (~/.cache/sparsekern/policy.json)."""
-    env = os.environ.get(ENV_TABLE)
+    env = envs.get(ENV_TABLE)
     if env:
         return Path(env)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -245,6 +290,7 @@ def default_table_path() -> Path:
 class _State:
     table: PolicyTable | None = None  # process-wide, shared by all threads
     explicit: bool = False  # set_table() was called (then the default file is not consulted)
+    cpu_pushed: bool = False  # the C++ CPU thresholds hold an active table's "cpu_dispatch" values
 
 
 class _Forced:
@@ -258,12 +304,32 @@ _forced = _Forced()
 _EMPTY = PolicyTable()
 
 
+def _activate(table: PolicyTable) -> PolicyTable:
+    """Make `table` the one in use and push its "cpu_dispatch" thresholds down to the C++ CPU dispatch (or the
+    built-in ones, after a table that had some). PolicyError (nothing changes) when the C++ side refuses a value."""
+    if (table.cpu_dispatch or _state.cpu_pushed) and envs.cpu_dispatch_defaults():
+        try:
+            envs.set_cpu_thresholds(table.cpu_dispatch)
+        except RuntimeError as exc:
+            raise PolicyError(f"policy table {table.source or '(in memory)'}: field 'cpu_dispatch': {exc}") from exc
+        _state.cpu_pushed = bool(table.cpu_dispatch)
+    _state.table = table
+    return table
+
+
 def set_table(table: PolicyTable | str | os.PathLike | None) -> None:
     """Use this table (or file) from now on; None returns to the default file (read lazily)."""
     if table is None:
         _state.table, _state.explicit = None, False
+        if _state.cpu_pushed:
+            _activate(_EMPTY)
+            _state.table = None
         return
-    _state.table = table if isinstance(table, PolicyTable) else load_table(table)
+    if not isinstance(table, PolicyTable):
+        table = load_table(table)
+    elif table.cpu_dispatch:
+        table.cpu_dispatch = parse_cpu_dispatch(table.cpu_dispatch, "set_table(PolicyTable)")
+    _activate(table)
     _state.explicit = True
 
 
@@ -271,8 +337,17 @@ def active_table() -> PolicyTable:
     """The table in use: set_table()'s, else the default file if it exists, else an empty table."""
     if _state.table is None:
         path = default_table_path()
-        _state.table = load_table(path) if (not _state.explicit and path.exists()) else _EMPTY
+        _activate(load_table(path) if (not _state.explicit and path.exists()) else _EMPTY)
     return _state.table
+
+
+def table_in_use() -> str:
+    """Where the table in use comes from: its file path, "built-in defaults" when none is in use (no file, or an
+    empty table), or "(in memory)" for a table given to set_table() as an object with entries."""
+    table = active_table()
+    if table.source:
+        return table.source
+    return BUILTIN if table is _EMPTY or not (table.choices or table.cpu_dispatch) else "(in memory)"
 
 
 @contextlib.contextmanager
@@ -296,12 +371,6 @@ def cuda_kernel_compiled(op: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", "CUDA")
     except RuntimeError:  # op not registered at all (extension missing)
         return False
-
-
-def cslt_shape_ok(n: int, k: int, dtype: torch.dtype) -> bool:
-    """cuSPARSELt's size rule for the structured operand: multiples of 16 (16-bit types) or 32 (8-bit types)."""
-    mult = 32 if dtype.itemsize == 1 else 16
-    return n % mult == 0 and k % mult == 0 and dtype.itemsize <= 2
 
 
 # Unmeasured CPU layers that keep a dense copy use it from this batch size on (a bucket, see m_bucket: M > 2048): up to
@@ -328,18 +397,28 @@ def default_kernel(device_type: str, m: int, *, has_cslt: bool, has_cuda_spmm24:
     return "dense_fallback"
 
 
+_CONTEXT = object()  # choose_kernel(forced=...) default: the override() context's kernel
+
+
 def choose_kernel(
     *, device_type: str, arch: str, dtype: str, n: int, k: int, m: int, has_cslt: bool, has_cuda_spmm24: bool,
-    layer_override: str | None = None, has_dense_cache: bool = False,
+    layer_override: str | None = None, has_dense_cache: bool = False, table: PolicyTable | None = None,
+    forced: str | None | object = _CONTEXT,
 ) -> str:
-    """The kernel a layer runs for M rows: layer override > override() context > table > default, with anything the
-    layer cannot run replaced by the default ("dense_cached" without a dense copy: "dense_fallback", the same dense
-    math). Pure Python on plain data (no I/O, no device query) so torch.compile traces it without a graph break; the
-    caller precomputes arch / has_cslt / has_cuda_spmm24 / has_dense_cache."""
+    """The kernel a layer runs for M rows: layer override > forced (the override() context) > table > default, with
+    anything the layer cannot run replaced by the default ("dense_cached" without a dense copy: "dense_fallback",
+    the same dense math). A pure function of its arguments when `table` and `forced` are given: plain data, no I/O,
+    no device query, so torch.compile traces it without a graph break; the caller precomputes arch / has_cslt /
+    has_cuda_spmm24 / has_dense_cache. table: the policy table (default: active_table()); forced: a kernel name or
+    None (default: forced_kernel(), the override() context)."""
     default = default_kernel(device_type, m, has_cslt=has_cslt, has_cuda_spmm24=has_cuda_spmm24,
                              has_dense_cache=has_dense_cache)
-    choice = (layer_override or _forced.kernel
-              or active_table().lookup(arch, dtype, n, k, m, dense_cache=has_dense_cache) or default)
+    if table is None:
+        table = active_table()
+    if forced is _CONTEXT:
+        forced = _forced.kernel
+    choice = (layer_override or forced
+              or table.lookup(arch, dtype, n, k, m, dense_cache=has_dense_cache) or default)
     if choice == "dense_fallback":
         return choice
     if choice == "dense_cached":

@@ -61,8 +61,19 @@ def _cusparselt_torch() -> str | None:
         return None
 
 
+def policy_table_in_use() -> str:
+    """The policy table SparseLinear dispatches by in this process (a path, or "built-in defaults"); a table that
+    cannot be read is reported as such, never raised."""
+    try:
+        from .. import policy
+
+        return policy.table_in_use()
+    except Exception as e:  # noqa: BLE001 - a broken table must not stop a benchmark from recording why
+        return f"unreadable: {e}"
+
+
 def capture(device: str) -> dict:
-    from .. import __version__, _ext
+    from .. import __version__, _ext, envs
 
     d = torch.device(device)
     info = _ext.build_info()
@@ -88,6 +99,10 @@ def capture(device: str) -> dict:
         "threads": torch.get_num_threads(),
         # 1/5/15-minute load averages when the run started: on a shared machine, the context of every CPU number
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # what steers kernel choice: the policy table in use, the C++ CPU dispatch settings, SPARSEKERN_* variables set
+        "policy_table": policy_table_in_use(),
+        "cpu_dispatch": envs.cpu_dispatch_settings() or None,
+        "sparsekern_env": {r["name"]: os.environ[r["name"]] for r in envs.describe() if r["source"] == "environment"},
     }
     if d.type == "cuda":
         drv = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])

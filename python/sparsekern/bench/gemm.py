@@ -234,6 +234,7 @@ def run_gemm(cfg: GemmConfig, log: Callable[[str], None] = lambda s: print(s, fi
     names = cfg.contender_names()
     env = environment.capture(device)
     arch = env["arch"]
+    log(f"policy table in use: {env['policy_table']}")
     records: list[dict] = []
     gen = torch.Generator(device=device)
     interrupted = False

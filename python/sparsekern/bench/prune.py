@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from .. import envs
+
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008"
 # Targets of issue 6 on the 2-core development CPU (speed-up over the reference structure, same process).
 CPU_TARGETS = {("sparsegpt", "2:4", "4096x4096"): 2.5, ("wanda", "2:4", "4096x4096"): 20.0}
@@ -197,12 +199,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # Environment of each page policy; _THP_MARK records that a process was started with it (the variables only take
-# effect when set before the process allocates, so setting them here, in a running process, would change nothing).
+# effect when set before the process allocates, and sparsekern's is read once at load, so setting them here, in a
+# running process, would change nothing). sparsekern's variables are named through its registry (sparsekern.envs).
+_NO_HINT = envs.VARIABLES["SPARSEKERN_NO_HUGEPAGE_HINT"].name
+_THP_MARK = envs.VARIABLES["SPARSEKERN_BENCH_PRUNE_THP"].name
 THP_POLICIES = {
     "both": {"THP_MEM_ALLOC_ENABLE": "1"},
-    "none": {"THP_MEM_ALLOC_ENABLE": "0", "SPARSEKERN_NO_HUGEPAGE_HINT": "1"},
+    "none": {"THP_MEM_ALLOC_ENABLE": "0", _NO_HINT: "1"},
 }
-_THP_MARK = "SPARSEKERN_BENCH_PRUNE_THP"
 
 
 def _system_thp() -> str:
@@ -230,9 +234,9 @@ def _argv_of(args) -> list:
 
 def _run_with_policy(args) -> int:
     """Run the benchmark in a child process whose environment carries the page policy; returns its exit status."""
-    env = dict(os.environ, **THP_POLICIES[args.thp], **{_THP_MARK: args.thp})
-    if args.thp == "both":
-        env.pop("SPARSEKERN_NO_HUGEPAGE_HINT", None)  # both sides on huge pages: the kernel's hint may stay
+    env = dict(os.environ, **THP_POLICIES[args.thp])
+    # both sides on huge pages: the kernel's hint may stay
+    env = envs.child_env(env, **{_THP_MARK: args.thp, **({_NO_HINT: None} if args.thp == "both" else {})})
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "sparsekern.bench.prune", *_argv_of(args)]
@@ -241,7 +245,7 @@ def _run_with_policy(args) -> int:
 
 
 def run(args) -> int:
-    if os.environ.get(_THP_MARK) != args.thp:
+    if envs.raw(_THP_MARK) != args.thp:
         return _run_with_policy(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,7 +273,7 @@ def run(args) -> int:
             "threads": torch.get_num_threads(),
             "thp": args.thp,
             "system_thp": _system_thp(),
-            "page_env": {k: os.environ.get(k) for k in ("THP_MEM_ALLOC_ENABLE", "SPARSEKERN_NO_HUGEPAGE_HINT")},
+            "page_env": {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), _NO_HINT: envs.raw(_NO_HINT)},
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "results": results,
