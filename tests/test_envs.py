@@ -500,3 +500,19 @@ def test_data_cache_dir_reads_the_registry(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert data.cache_dir() == tmp_path / "xdg" / "sparsekern"
 
+
+
+@needs_ext
+def test_a_huge_bad_value_is_not_echoed_whole(monkeypatch):
+    # issue 16: a 100 kB SPARSEKERN_CPU_ISA was echoed whole in the error
+    huge = "x" * 100_000
+    got = _child({"SPARSEKERN_CPU_ISA": huge}, _CHILD)
+    assert len(got["spmm"]) < 600 and "xxx..." in got["spmm"]
+    with pytest.raises(RuntimeError) as info:
+        with envs.cpu_dispatch(layout=huge):
+            pass
+    assert len(str(info.value)) < 600 and "..." in str(info.value)
+    monkeypatch.setenv("SPARSEKERN_CSLT_MAX_PLANS", huge)
+    with pytest.raises(envs.EnvError) as info:
+        envs.get("SPARSEKERN_CSLT_MAX_PLANS")
+    assert len(str(info.value)) < 600

@@ -166,6 +166,9 @@ Isa level_of(IsaSetting s) {
   return best_isa();
 }
 
+// A value as it may appear in a message: at most 48 characters (a 100 kB variable must not be echoed whole).
+std::string shown(const std::string& v) { return v.size() <= 48 ? v : v.substr(0, 45) + "..."; }
+
 DispatchSettings from_environment() {
   DispatchSettings s;
   s.thresholds = kDefaultThresholds;
@@ -174,17 +177,17 @@ DispatchSettings from_environment() {
     IsaSetting isa;
     if (!parse_isa(v, &isa)) {
       s.isa_env_problem = DispatchSettings::EnvProblem::kNotUnderstood;
-      s.isa_env_value = v;
+      s.isa_env_value = shown(v);
     } else if (static_cast<int>(level_of(isa)) > static_cast<int>(best_isa())) {
       s.isa_env_problem = DispatchSettings::EnvProblem::kUnsupported;
-      s.isa_env_value = v;
+      s.isa_env_value = shown(v);
     } else {
       s.isa = isa;
     }
   }
   if (const char* env = std::getenv("SPARSEKERN_CPU_SPMM_LAYOUT")) {
     const std::string v(env);
-    if (!parse_layout(v, &s.layout)) s.layout_env_value = v;  // not empty: "" parses as auto
+    if (!parse_layout(v, &s.layout)) s.layout_env_value = shown(v);  // not empty: "" parses as auto
   }
   // Any value but unset, "" and "0" turns the hint off (as before: "1", "yes", ...).
   const char* hp = std::getenv("SPARSEKERN_NO_HUGEPAGE_HINT");
@@ -272,8 +275,9 @@ void set_dispatch_values(const std::vector<std::pair<std::string, DispatchValue>
       TORCH_CHECK(v.kind == K::kNone || v.kind == K::kStr, op, "isa must be a string or None (got ", describe(v), ")");
       const std::string text = v.kind == K::kNone ? std::string() : v.s;
       IsaSetting isa;
-      TORCH_CHECK(parse_isa(text, &isa), op, "SPARSEKERN_CPU_ISA=", text, " is not understood; ", kIsaChoices);
-      TORCH_CHECK(static_cast<int>(level_of(isa)) <= static_cast<int>(best_isa()), op, "SPARSEKERN_CPU_ISA=", text,
+      TORCH_CHECK(parse_isa(text, &isa), op, "SPARSEKERN_CPU_ISA=", shown(text), " is not understood; ", kIsaChoices);
+      TORCH_CHECK(static_cast<int>(level_of(isa)) <= static_cast<int>(best_isa()), op, "SPARSEKERN_CPU_ISA=",
+                  shown(text),
                   " but this CPU does not support it (", kIsaNeeds, ")");
       s.isa = isa;
       s.isa_env_problem = DispatchSettings::EnvProblem::kNone;
@@ -282,7 +286,7 @@ void set_dispatch_values(const std::vector<std::pair<std::string, DispatchValue>
       TORCH_CHECK(v.kind == K::kNone || v.kind == K::kStr, op, "layout must be a string or None (got ", describe(v),
                   ")");
       const std::string text = v.kind == K::kNone ? std::string() : v.s;
-      TORCH_CHECK(parse_layout(text, &s.layout), op, "SPARSEKERN_CPU_SPMM_LAYOUT=", text, " is not understood; ",
+      TORCH_CHECK(parse_layout(text, &s.layout), op, "SPARSEKERN_CPU_SPMM_LAYOUT=", shown(text), " is not understood; ",
                   kLayoutChoices);
       s.layout_env_value.clear();
     } else if (name == "huge_page_hint") {

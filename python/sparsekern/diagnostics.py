@@ -209,6 +209,9 @@ def collect_environment() -> tuple[dict, list[str]]:
     except Exception as e:  # noqa: BLE001 - doctor must always work
         table = f"unreadable: {e}"
         problems.append(f"the policy table cannot be used ({e}); fix it, or point {policy.ENV_TABLE} elsewhere.")
+    if policy._state.broken_default:
+        problems.append(f"the policy table in the user cache is ignored ({policy._state.broken_default}); rewrite it "
+                        "with `sparsekern bench gemm --policy PATH` or delete it.")
     pending = envs.cpu_dispatch_pending_errors()
     info = {
         "variables": variables,

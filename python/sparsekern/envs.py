@@ -39,6 +39,11 @@ CPP = "c++ (once, at load)"
 BUILD = "build (setup.py)"
 
 
+def _shown(raw: str) -> str:
+    """A value as it may appear in a message: at most 48 characters (a 100 kB variable is not echoed whole)."""
+    return raw if len(raw) <= 48 else raw[:45] + "..."
+
+
 class EnvError(ValueError):
     """A SPARSEKERN_* variable holds a value that breaks its rule."""
 
@@ -72,7 +77,7 @@ class Variable:
             return raw
         if self.type == "choice":
             if raw not in self.choices:
-                raise EnvError(f"{self.name}={raw} is not understood; use {self.rule}")
+                raise EnvError(f"{self.name}={_shown(raw)} is not understood; use {self.rule}")
             return raw
         if self.type == "flag":
             return raw[0] != "0"
@@ -82,14 +87,14 @@ class Variable:
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
-            raise EnvError(f"{self.name}={raw} is not understood; use {self.rule}")
+            raise EnvError(f"{self.name}={_shown(raw)} is not understood; use {self.rule}")
         if self.type == "int":
             try:
                 value = int(raw, 10)
             except ValueError:
                 value = 0
             if value <= 0:
-                raise EnvError(f"{self.name}={raw} is not understood; use {self.rule}")
+                raise EnvError(f"{self.name}={_shown(raw)} is not understood; use {self.rule}")
             return value
         raise AssertionError(self.type)
 

@@ -66,6 +66,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -73,7 +74,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from . import envs
-from ._fsutil import atomic_write_text
+from ._fsutil import FileRefused, atomic_write_text, read_json
 
 KERNELS = ("cslt", "spmm24", "dense_fallback", "dense_cached")
 _ALIASES = {"cpu_spmm": "spmm24", "decode24": "spmm24", "dense": "dense_fallback"}
@@ -154,22 +155,41 @@ class PolicyTable:
         return out
 
 
+def _short(obj) -> str:
+    text = repr(obj)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _parse_entry(e: Mapping, where: str) -> tuple[tuple[str, str, int, int], int, str]:
+    if not isinstance(e, Mapping):
+        raise PolicyError(f"{where}: every entry must be an object with arch, dtype, n, k, m, kernel; got "
+                          f"{_short(e)}")
     missing = [f for f in ("arch", "dtype", "n", "k", "m", "kernel") if f not in e]
     if missing:
-        raise PolicyError(f"{where}: entry {dict(e)!r} lacks field(s) {missing}")
+        raise PolicyError(f"{where}: entry {_short(dict(e))} lacks field(s) {missing}")
+    for f in ("arch", "dtype", "kernel"):
+        if not isinstance(e[f], str):
+            raise PolicyError(f"{where}: entry {_short(dict(e))}: '{f}' must be a string")
+    vals = []
+    for f in ("n", "k", "m"):
+        v = e[f]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2 ** 40:
+            raise PolicyError(f"{where}: entry {_short(dict(e))}: '{f}' must be a positive integer below 2^40, got "
+                              f"{_short(v)}")
+        vals.append(v)
+    n, k, m = vals
     try:
-        n, k, m = int(e["n"]), int(e["k"]), int(e["m"])
-    except (TypeError, ValueError) as exc:
-        raise PolicyError(f"{where}: entry {dict(e)!r}: n, k, m must be integers") from exc
-    if n <= 0 or k <= 0 or m <= 0:
-        raise PolicyError(f"{where}: entry {dict(e)!r}: n, k, m must be positive")
-    return (str(e["arch"]), str(e["dtype"]), n, k), m_bucket(m), normalize_kernel(str(e["kernel"]))
+        kernel = normalize_kernel(e["kernel"])
+    except PolicyError as exc:
+        raise PolicyError(f"{where}: entry {_short(dict(e))}: {exc}") from None
+    return (e["arch"], e["dtype"], n, k), m_bucket(m), kernel
 
 
 def _cached_kernel(e: Mapping) -> str | None:
     k = e.get("kernel_dense_cache")
-    return normalize_kernel(str(k)) if k is not None else None
+    if k is not None and not isinstance(k, str):
+        raise PolicyError(f"entry {_short(dict(e))}: 'kernel_dense_cache' must be a kernel name")
+    return normalize_kernel(k) if k is not None else None
 
 
 def table_from_entries(entries: Iterable[Mapping], where: str = "policy entries") -> PolicyTable:
@@ -214,9 +234,9 @@ def load_table(path: str | os.PathLike) -> PolicyTable:
     """Read a policy table written by `write_table`. PolicyError on a malformed file or an unknown version."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PolicyError(f"policy table {path} is not valid JSON: {exc}") from exc
+        doc = read_json(path, "policy table")  # a regular file, size-capped, UTF-8 (no hang on a FIFO)
+    except (FileRefused, FileNotFoundError) as exc:
+        raise PolicyError(str(exc)) from None
     if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT:
         raise PolicyError(f"policy table {path}: field 'format' must be {TABLE_FORMAT!r}")
     if doc.get("version") != TABLE_VERSION:
@@ -248,8 +268,11 @@ def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = Non
     rows: dict[tuple, dict] = {}
     thresholds: dict[str, int | None] = {}
     if merge and path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old.get("format") == TABLE_FORMAT and old.get("version") == TABLE_VERSION:
+        try:
+            old = read_json(path, "policy table")
+        except (FileRefused, FileNotFoundError) as exc:
+            raise PolicyError(f"{exc}; cannot merge into it (write elsewhere, or merge=False)") from None
+        if isinstance(old, dict) and old.get("format") == TABLE_FORMAT and old.get("version") == TABLE_VERSION:
             for e in old.get("entries", []):
                 key, b, _ = _parse_entry(e, str(path))
                 rows[key + (b,)] = dict(e)
@@ -291,6 +314,7 @@ class _State:
     table: PolicyTable | None = None  # process-wide, shared by all threads
     explicit: bool = False  # set_table() was called (then the default file is not consulted)
     cpu_pushed: bool = False  # the C++ CPU thresholds hold an active table's "cpu_dispatch" values
+    broken_default: str | None = None  # why the user-cache table was ignored (shown by doctor)
 
 
 class _Forced:
@@ -334,10 +358,26 @@ def set_table(table: PolicyTable | str | os.PathLike | None) -> None:
 
 
 def active_table() -> PolicyTable:
-    """The table in use: set_table()'s, else the default file if it exists, else an empty table."""
+    """The table in use: set_table()'s, else the default file if it exists, else an empty table.
+
+    A malformed table named explicitly ($SPARSEKERN_POLICY_TABLE) raises PolicyError naming the file and the rule. A
+    malformed file found implicitly in the user cache (~/.cache/sparsekern/policy.json) is not allowed to break
+    every SparseLinear in the process: it is reported once as a warning (and by `sparsekern doctor`) and the
+    built-in defaults are used."""
     if _state.table is None:
         path = default_table_path()
-        _activate(load_table(path) if (not _state.explicit and path.exists()) else _EMPTY)
+        if _state.explicit or not (path.exists() or path.is_symlink()):
+            return _activate(_EMPTY)
+        try:
+            _activate(load_table(path))
+        except PolicyError as exc:
+            if envs.is_set(ENV_TABLE):
+                raise
+            _state.broken_default = str(exc)
+            warnings.warn(f"sparsekern: ignoring the policy table in the user cache ({exc}); using the built-in "
+                          "defaults. Rewrite it with `sparsekern bench gemm --policy PATH` or delete it.",
+                          RuntimeWarning, stacklevel=2)
+            _activate(_EMPTY)
     return _state.table
 
 
