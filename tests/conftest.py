@@ -4,9 +4,14 @@
   it is skipped cleanly otherwise (checked here at run time, never at collection/import time).
 - DEVICES: parametrize over it for tests that run on every available device; it always contains "cpu".
 - Every test starts from a fixed seed (autouse fixture), so failures reproduce.
+- SPARSEKERN_REQUIRE_CUDA=1 (sparsekern.envs): a GPU run must not pass by skipping. Every `cuda` test that cannot
+  run fails with the reason, every skip of a `cuda` test (or any skip whose reason is a missing GPU / CUDA build)
+  becomes a failure, and a session that ran no `cuda` test at all fails.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -31,13 +36,51 @@ CUDA_OK, CUDA_WHY = _cuda_ready()
 DEVICES = ["cpu"] + (["cuda"] if CUDA_OK else [])
 
 
+def _require_cuda() -> bool:
+    from sparsekern import envs
+
+    return bool(envs.get("SPARSEKERN_REQUIRE_CUDA"))
+
+
+REQUIRE_CUDA = _require_cuda()
+_GPU_SKIP = re.compile(r"cuda|gpu|cusparselt|sm\d\d", re.IGNORECASE)
+_cuda_ran = {"passed": 0, "cuda_items": 0}
+
+
 def pytest_collection_modifyitems(config, items):
+    _cuda_ran["cuda_items"] = sum(1 for item in items if "cuda" in item.keywords)
     if CUDA_OK:
         return
+    if REQUIRE_CUDA:
+        return  # pytest_runtest_setup fails them, naming why
     skip = pytest.mark.skip(reason=f"cuda test skipped: {CUDA_WHY}")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    if REQUIRE_CUDA and not CUDA_OK and "cuda" in item.keywords:
+        pytest.fail(f"SPARSEKERN_REQUIRE_CUDA=1 but this cuda test cannot run: {CUDA_WHY}", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if "cuda" in item.keywords and report.when == "call" and report.passed:
+        _cuda_ran["passed"] += 1
+    if not (REQUIRE_CUDA and report.skipped):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if "cuda" in item.keywords or _GPU_SKIP.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"SPARSEKERN_REQUIRE_CUDA=1: a GPU test may not skip ({reason})"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if REQUIRE_CUDA and _cuda_ran["cuda_items"] and _cuda_ran["passed"] == 0 and session.exitstatus == 0:
+        session.exitstatus = 1
 
 
 def pytest_generate_tests(metafunc):

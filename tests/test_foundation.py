@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -260,3 +261,24 @@ def test_doctor_warns_when_the_gpu_arch_is_not_in_the_binary(monkeypatch):
     rep = doctor_mod.collect()
     assert rep.gpus[0].arch_in_binary is False
     assert any("not among the archs compiled" in p and "TORCH_CUDA_ARCH_LIST=10.0" in p for p in rep.problems)
+
+
+def test_require_cuda_turns_gpu_skips_into_failures(tmp_path):
+    # issue 17: on a machine without a usable GPU, `SPARSEKERN_REQUIRE_CUDA=1 pytest -m cuda` must fail, naming why
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the cuda tests would run")
+    test = tmp_path / "test_x.py"
+    test.write_text("import pytest\n\n@pytest.mark.cuda\ndef test_gpu():\n    pass\n\n"
+                    "def test_inline_skip():\n    pytest.skip('no CUDA GPU visible')\n")
+    conftest = Path(__file__).with_name("conftest.py")
+    (tmp_path / "conftest.py").write_text(conftest.read_text())
+    env = dict(os.environ, SPARSEKERN_REQUIRE_CUDA="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", str(test)], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode != 0, out.stdout
+    assert "SPARSEKERN_REQUIRE_CUDA=1 but this cuda test cannot run" in out.stdout
+    assert "a GPU test may not skip" in out.stdout and "1 failed" in out.stdout
+    env.pop("SPARSEKERN_REQUIRE_CUDA")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", str(test)], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0 and "2 skipped" in out.stdout, out.stdout

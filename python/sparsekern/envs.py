@@ -7,6 +7,7 @@ vLLM's vllm/envs.py); a value that breaks its rule raises EnvError naming the va
                        cuSPARSELt use), never per call: set it before the process starts. A value the CPU kernels
                        cannot use does not fail the import; the first op that needs it raises. At run time the CPU
                        settings change through `cpu_dispatch(...)` below (or sparsekern._C.cpu_dispatch_set);
+  "tests (conftest)"   read by the test suite (tests/conftest.py, tests/fuzz_support.py) through this module;
   "build (setup.py)"   read by the build (tools/build_config.py reads os.environ itself: setup.py must not import
                        the package); declared here so that `describe()` and `sparsekern doctor` list them.
 
@@ -37,6 +38,7 @@ from . import _ext
 PYTHON = "python"
 CPP = "c++ (once, at load)"
 BUILD = "build (setup.py)"
+TESTS = "tests (conftest)"
 
 
 def _shown(raw: str) -> str:
@@ -121,6 +123,13 @@ _VARIABLES = (
              "1: no MADV_HUGEPAGE hint on wanda_prune's large outputs", CPP),
     Variable("SPARSEKERN_CSLT_MAX_PLANS", "int", 4096,
              "bound of the cuSPARSELt plan cache (LRU, plans per process; read at the first cuSPARSELt use)", CPP),
+    # -------------------------------------------------------------------------------- read by the test suite
+    Variable("SPARSEKERN_REQUIRE_CUDA", "tristate", False,
+             "1: a test that needs a GPU fails (naming why) instead of skipping when it cannot run, so a GPU "
+             "validation run cannot pass by skipping (tests/conftest.py)", TESTS),
+    Variable("SPARSEKERN_FUZZ_EXAMPLES", "int", None,
+             "examples per property-based target (tests/test_fuzz_*.py); unset: the bounded CI profile "
+             "(docs/fuzzing.md)", TESTS),
     # -------------------------------------------------------------------------------- read by the build
     Variable("SPARSEKERN_CUDA", "tristate", None,
              "1: build the CUDA extension (fail if nvcc or a CUDA torch is missing), 0: CPU only; unset: CUDA when "
