@@ -133,7 +133,11 @@ def cuda_capability() -> tuple[int, int]:
 
 
 # ================================================================================================ host-side (no GPU)
-def test_compressed_nbytes_is_nine_or_ten_sixteenths():
+def test_compressed_nbytes_without_a_gpu_is_the_formula_lower_bound():
+    # with a GPU it is cuSPARSELt's own size query (test_compress_size_is_cuslt_query below)
+    if torch.cuda.is_available() and _ext.available() and _ext.build_info().get("with_cuda"):
+        pytest.skip("a GPU answers the size query here")
+    assert cslt.formula_nbytes(32, 64, torch.float16) == 32 * 64 * 2 * 9 // 16
     assert cslt.compressed_nbytes(32, 64, torch.float16) == 32 * 64 * 2 * 9 // 16
     assert cslt.compressed_nbytes(32, 64, torch.bfloat16) == 2304
     assert cslt.compressed_nbytes(64, 96, torch.int8) == 64 * 96 * 10 // 16
@@ -180,9 +184,10 @@ def test_linear_rejects_bad_arguments(kwargs, match):
 
 def test_linear_rejects_a_buffer_of_another_shape_or_dtype():
     x, _, n, k = _meta_args()
-    wrong = torch.empty(cslt.compressed_nbytes(n, 2 * k, torch.float16), dtype=torch.uint8, device="meta")
-    with pytest.raises(ValueError, match=r"compressed must be the uint8 buffer .* \[32, 64\] torch.float16"):
-        cslt.cslt_linear(x, wrong, n, k)
+    wrong = torch.empty(cslt.compressed_nbytes(n, k // 2, torch.float16), dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match=r"compressed must be the uint8 buffer .* \[32, 64\] torch.float16 weight "
+                                         r"\(at least"):
+        cslt.cslt_linear(x, wrong, n, k)  # a buffer too small for the weight
     with pytest.raises(ValueError, match=r"x's last dim \(64\) must equal k = 128"):
         cslt.cslt_linear(x, wrong, n, 2 * k)
     with pytest.raises(ValueError, match="x must be float16, bfloat16, int8 or float8_e4m3fn"):
@@ -546,15 +551,19 @@ def test_cslt_linear_is_cuda_graph_capturable():
     w = rand_24(n, k, torch.float16, "cuda", gen)
     c, bias = cslt.cslt_compress(w), torch.randn(n, generator=gen).half().cuda()
     x = torch.randn(5, k, generator=gen).half().cuda()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm up on the capture stream: the plan is keyed by stream
-        eager = cslt.cslt_linear(cslt.cslt_linear(x, c, n, k, bias=bias)[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
-    torch.cuda.current_stream().wait_stream(s)
+    # Warm up on the default stream: plans are not keyed by stream, so the capture (on torch.cuda.graph's own side
+    # stream) must find them and create nothing.
+    eager = cslt.cslt_linear(cslt.cslt_linear(x, c, n, k, bias=bias)[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
+    torch.cuda.synchronize()
+    plans = cslt.cache_stats()["plans_created"]
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
+    with torch.cuda.graph(g):
         y1 = cslt.cslt_linear(x, c, n, k, bias=bias)
         out = cslt.cslt_linear(y1[:, :k // 2].repeat(1, 2), c, n, k, bias=bias)
+    assert cslt.cache_stats()["plans_created"] == plans  # nothing was built inside the capture
+    # Dropping every cached plan (host objects) must not free memory the graph replays into: workspaces are per call,
+    # from the caching allocator, and the graph's private pool keeps them (issue 17, finding 2).
+    cslt.clear_cache()
     x.copy_(torch.randn(5, k, generator=gen).half().cuda())
     g.replay()
     torch.cuda.synchronize()
@@ -577,6 +586,25 @@ def test_cslt_search_is_remembered_and_used():
     assert rec["gpu"] == torch.cuda.get_device_name() and rec["cusparselt"] == cslt.runtime_version()
     assert any(r == rec for r in cslt.search_results())
     y = cslt.cslt_linear(x, c, n, k)  # alg_id = -1: the searched algorithm
+    assert_matches_reference(y, ref_linear(x, w), F.linear(x, w))
+    # The record is really applied (this part fails if records were ignored): replace it by one naming an algorithm
+    # id cuSPARSELt does not have; the alg_id = -1 plan is re-resolved against it and cuSPARSELt refuses it.
+    bogus = dict(rec, alg_id=rec["max_alg_id"] + 1000)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/s.json"
+        with open(path, "w") as f:
+            json.dump({"format": "sparsekern-cslt-search", "version": 1, "records": [bogus]}, f)
+        cslt.clear_search_results()
+        cslt.load_search_results(path)
+    try:
+        with pytest.raises(RuntimeError, match="cuSPARSELt"):
+            cslt.cslt_linear(x, c, n, k)
+        assert_matches_reference(cslt.cslt_linear(x, c, n, k, alg_id=0), ref_linear(x, w), F.linear(x, w))
+    finally:
+        cslt.clear_search_results()
+    y = cslt.cslt_linear(x, c, n, k)  # records gone: the default algorithm again
     assert_matches_reference(y, ref_linear(x, w), F.linear(x, w))
 
 
@@ -683,3 +711,45 @@ def _opcheck_cases():
 def test_opcheck_every_cuda_op():
     for op, args in _opcheck_cases():
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k,dtype", [(16, 16, torch.float16), (16, 32, torch.bfloat16), (32, 32, torch.int8),
+                                       (64, 128, torch.float16)])
+def test_compress_size_is_the_cuslt_query_and_small_layers_run(n, k, dtype):
+    # issue 17, finding 1: cuSPARSELt pads small matrices beyond the 9/16 (10/16) formula
+    gen = torch.Generator().manual_seed(21)
+    w = rand_24(n, k, dtype, "cuda", gen)
+    c = cslt.cslt_compress(w)
+    assert c.numel() == cslt.compressed_nbytes(n, k, dtype) >= cslt.formula_nbytes(n, k, dtype)
+    x = (torch.randint(-3, 4, (3, k), generator=gen) if dtype == torch.int8 else torch.randn(3, k, generator=gen))
+    x = x.to(dtype).cuda()
+    out = torch.float32 if dtype == torch.int8 else None
+    y = cslt.cslt_linear(x, c, n, k, out_dtype=out)
+    ref = ref_linear(x.float(), w.float())
+    if dtype == torch.int8:
+        assert torch.equal(y.double().cpu(), ref)
+    else:
+        assert_matches_reference(y, ref, F.linear(x, w))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int8, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_int8_bias_is_added_by_the_post_op_for_every_output(out_dtype, activation):
+    # issue 17, findings 3 and 4: an int8 bias is never fused (its epilogue dtype is not documented), and int8 ->
+    # int32 with a bias and GELU runs (plain product + post-op) instead of raising
+    n, k, M = 64, 128, 9
+    gen = torch.Generator().manual_seed(22)
+    w = rand_24(n, k, torch.int8, "cuda", gen)
+    c = cslt.cslt_compress(w)
+    x = torch.randint(-4, 5, (M, k), generator=gen).to(torch.int8).cuda()
+    bias = (torch.randn(n, generator=gen) * 8).cuda()
+    y = cslt.cslt_linear(x, c, n, k, bias=bias, activation=activation, out_dtype=out_dtype)
+    ref = ref_linear(x.float(), w.float(), bias, activation=activation)
+    if out_dtype in (torch.int32, torch.int8):
+        lo, hi = (-128, 127) if out_dtype == torch.int8 else (-2 ** 31, 2 ** 31 - 1)
+        want = torch.round(ref).clamp(lo, hi)
+        assert (y.double().cpu() - want).abs().max().item() <= 1  # round-half-even of float32 sums
+    else:
+        assert_matches_reference(y, ref, ulps=4.0, activation=activation)

@@ -298,7 +298,7 @@ __global__ void decompress_24_kernel(const T* __restrict__ values, const uint8_t
       T* dst = out + r * cols + g * 4;
       const T zero = static_cast<T>(0.f);
       if (!core::code_is_valid(code)) {
-        record_first(first_bad, r * G + g);
+        if (first_bad != nullptr) record_first(first_bad, r * G + g);
         for (int j = 0; j < 4; ++j) dst[j] = zero;
         continue;
       }
@@ -309,7 +309,10 @@ __global__ void decompress_24_kernel(const T* __restrict__ values, const uint8_t
   }
 }
 
-at::Tensor decompress_24_cuda(const at::Tensor& values_in, const at::Tensor& codes_in, int64_t cols) {
+// Shared by both entry points: host-side checks, the launch; `bad` is the first-invalid-code cell or undefined (no
+// validation, no synchronisation: invalid codes decompress to zeros).
+at::Tensor decompress_24_launch(const at::Tensor& values_in, const at::Tensor& codes_in, int64_t cols, bool validate,
+                                int64_t* first_out) {
   check_cuda(values_in, "decompress_24", "values");
   check_cuda(codes_in, "decompress_24", "codes");
   TORCH_CHECK(values_in.device() == codes_in.device(), "decompress_24: values (", values_in.device(),
@@ -329,18 +332,26 @@ at::Tensor decompress_24_cuda(const at::Tensor& values_in, const at::Tensor& cod
   const auto values = values_in.contiguous();
   const auto codes = codes_in.contiguous();
   auto out = at::empty({rows, cols}, values.options());
+  *first_out = -1;
   if (rows * bpr == 0) return out;
-  auto bad = new_first_cell(values);
+  at::Tensor bad;
+  if (validate) bad = new_first_cell(values);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(
       values.scalar_type(), "decompress_24_cuda", AT_WRAP([&] {
         decompress_24_kernel<scalar_t><<<blocks_for(rows * bpr), kThreads, 0, stream>>>(
             values.data_ptr<scalar_t>(), codes.data_ptr<uint8_t>(), out.data_ptr<scalar_t>(), rows, cols, bpr,
-            bad.data_ptr<int64_t>());
+            validate ? bad.data_ptr<int64_t>() : nullptr);
       }),
       SK_DTYPES_24);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t first = read_first_cell(bad);
+  if (validate) *first_out = read_first_cell(bad);
+  return out;
+}
+
+at::Tensor decompress_24_cuda(const at::Tensor& values_in, const at::Tensor& codes_in, int64_t cols) {
+  int64_t first = -1;
+  at::Tensor out = decompress_24_launch(values_in, codes_in, cols, /*validate=*/true, &first);
   if (first >= 0) {
     const int64_t r = first / (cols / 4), g = first % (cols / 4);
     TORCH_CHECK(false, "decompress_24: codes row ", r, ", group ", g,
@@ -348,6 +359,19 @@ at::Tensor decompress_24_cuda(const at::Tensor& values_in, const at::Tensor& cod
   }
   return out;
 }
+
+}  // namespace
+
+// For spmm_24's CUDA path: the same decompression with no code validation and so no host synchronisation (the
+// check reads a device cell back), which would stall the stream on every call and make the op impossible to capture
+// in a CUDA graph. The codes come from a Sparse24Weight, validated when it was built (docs/failure.md); an invalid
+// code decompresses to a zero group instead of raising.
+at::Tensor decompress_24_trusted(const at::Tensor& values, const at::Tensor& codes, int64_t cols) {
+  int64_t unused = -1;
+  return decompress_24_launch(values, codes, cols, /*validate=*/false, &unused);
+}
+
+namespace {
 
 // ------------------------------------------------------------------------------------------------ quantize_per_token
 // Symmetric per-row quantisation, exactly (bit for bit) the float32 recipe the CPU kernel and the tests' reference use:

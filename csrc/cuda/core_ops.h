@@ -15,6 +15,10 @@ namespace cuda {
 // (the answer is needed on the host).
 int64_t first_nm_violation(const at::Tensor& w, int64_t n, int64_t m);
 
+// decompress_24 without validating the codes: no host synchronisation (CUDA-graph capturable). For spmm_24, whose
+// codes come from a validated Sparse24Weight; an invalid code gives a zero group.
+at::Tensor decompress_24_trusted(const at::Tensor& values, const at::Tensor& codes, int64_t cols);
+
 // Activation applied after the affine part of a linear layer.
 enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2 };
 

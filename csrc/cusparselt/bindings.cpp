@@ -3,6 +3,9 @@
 // written by python/sparsekern/ops/cslt.py), and the cuSPARSELt runtime version. Tensor ops are torch ops, not here.
 #include <torch/extension.h>
 
+#include <map>
+#include <string>
+
 #include "cusparselt/cslt.h"
 
 namespace sparsekern {
@@ -80,7 +83,22 @@ void bind_cusparselt(pybind11::module_& m) {
         return d;
       },
       "Counters of the cuSPARSELt wrapper's host-side work (cumulative, except entries)");
-  m.def("cslt_cache_clear", &cslt::clear_cache, "Drop every cached cuSPARSELt plan and workspace");
+  m.def("cslt_cache_clear", &cslt::clear_cache, "Drop every cached cuSPARSELt plan (host objects; device memory is "
+        "per call, from PyTorch's caching allocator)");
+  m.def(
+      "cslt_compressed_size",
+      [](int64_t n, int64_t k, const std::string& dtype) {
+        static const std::map<std::string, at::ScalarType> kTypes = {
+            {"float16", at::kHalf}, {"bfloat16", at::kBFloat16}, {"int8", at::kChar},
+            {"float8_e4m3fn", at::kFloat8_e4m3fn}};
+        auto it = kTypes.find(dtype);
+        TORCH_CHECK(it != kTypes.end(), "cslt_compressed_size: dtype must be float16, bfloat16, int8 or "
+                    "float8_e4m3fn, got ", dtype);
+        return cslt::compressed_size(n, k, it->second);
+      },
+      py::arg("n"), py::arg("k"), py::arg("dtype"),
+      "Bytes cslt_compress allocates for a [n, k] weight of dtype on the current GPU (cuSPARSELt's own "
+      "cusparseLtSpMMACompressedSize2, cached per arch and shape)");
   m.def(
       "cslt_search",
       [](const at::Tensor& x, const at::Tensor& compressed, int64_t n, int64_t k, std::optional<at::Tensor> bias,

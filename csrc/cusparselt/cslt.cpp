@@ -2,16 +2,21 @@
 // The layout and the reasons behind it are in cslt.h and docs/cusparselt.md.
 //
 // What makes a steady-state cslt_linear call cheap: everything cuSPARSELt needs on the host (matrix descriptors,
-// matmul descriptor, algorithm selection, plan, workspace) lives in one cache entry, found by a hash lookup on
-// (requested GEMM configuration, handle, stream, fused-bias pointer). The call then does only the output
-// allocation (PyTorch's caching allocator), cusparseLtMatmul on the current stream, and - when needed - one post-op
-// kernel. No device synchronisation, no cudaMalloc: CUDA-graph capturable once the entry exists (warm up first).
+// matmul descriptor, algorithm selection, plan) lives in one cache entry, found by a hash lookup on (requested GEMM
+// configuration, handle, fused-bias pointer). The call then allocates its output and its workspace from PyTorch's
+// caching allocator, runs cusparseLtMatmul on the current stream and - when needed - one post-op kernel. No device
+// synchronisation, no cudaMalloc. CUDA graphs: the stream is not part of the key (torch.cuda.graph captures on its
+// own side stream; a warm-up on any stream builds the plan the capture uses), and everything device-side a call
+// uses (workspace, padded x, D, the FP8 C buffer) is allocated per call from the caching allocator, so a captured
+// graph's private pool keeps it alive: evicting or clearing cached plans (host objects) cannot free memory a graph
+// replays into.
 //
 // Lifetime rules this file relies on (cuSPARSELt 0.8):
 //   * a plan keeps pointers to its descriptors, so an entry is heap-allocated once and never moved;
 //   * cusparseLtMatmulAlgSelectionDestroy is mandatory since 0.8.0;
 //   * the bias pointer is a matmul-descriptor attribute read through the plan, so a fused bias is part of the key
-//     (a layer's bias tensor is persistent, so each layer hits its own entry).
+//     (a layer's bias tensor is persistent, so each layer hits its own entry);
+//   * building a plan takes milliseconds: it happens outside the cache's lock, once per key (a per-key slot).
 #include "cusparselt/cslt.h"
 
 #include <ATen/ATen.h>
@@ -87,10 +92,11 @@ int64_t dense_multiple(at::ScalarType in) {
   return core::cslt_dense_multiple(static_cast<int64_t>(c10::elementSize(in)));
 }
 
-// Size of the compressed buffer: the kept half of the values plus 2 bits of metadata per kept value, i.e. 9/16 of
-// the dense bytes for 16-bit types and 10/16 for 8-bit ones (what PyTorch's _cslt_compress allocates as well).
-// compress() checks that cuSPARSELt's own cusparseLtSpMMACompressedSize2 fits in it; the fake kernel uses it too.
-int64_t compressed_bytes(int64_t n, int64_t k, at::ScalarType in) {
+// The formula size of a compressed buffer (the kept half of the values plus 2 bits of metadata per kept value: 9/16
+// of the dense bytes for 16-bit types, 10/16 for 8-bit ones). cuSPARSELt pads small matrices beyond it (e.g. 384
+// bytes for an 8x16 fp16 matrix against 144), so buffers are sized by the query below; the formula is only the
+// lower bound the Python fake kernel uses where no GPU can answer the query (docs/cusparselt.md).
+[[maybe_unused]] int64_t formula_bytes(int64_t n, int64_t k, at::ScalarType in) {
   return is_8bit(in) ? n * k * 10 / 16 : n * k * 2 * 9 / 16;
 }
 
@@ -147,6 +153,34 @@ HandleSlot& handle_for(c10::DeviceIndex device) {
   return *slots[device];
 }
 
+// ------------------------------------------------------------------------------------------------ compressed size
+// cusparseLtSpMMACompressedSize2 for a [n, k] structured operand of `in` on `device`'s architecture; cached per
+// (arch, n, k, dtype), so compress, the op's checks and the fake kernel (through sparsekern._C) agree on one number.
+int64_t query_compressed_bytes(int64_t n, int64_t k, at::ScalarType in, c10::DeviceIndex device) {
+  static std::mutex mu;
+  static auto* cache = new std::map<std::tuple<int, int, int64_t, int64_t, int>, int64_t>();
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  const auto key = std::make_tuple(prop->major, prop->minor, n, k, static_cast<int>(in));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  auto& slot = handle_for(device);
+  cusparseLtMatDescriptor_t desc;
+  const std::string what = "(the compressed size of a [" + std::to_string(n) + ", " + std::to_string(k) + "] weight)";
+  SK_CSLT_CHECK(cusparseLtStructuredDescriptorInit(&slot.handle, &desc, n, k, k, 16, cuda_type(in), CUSPARSE_ORDER_ROW,
+                                                   CUSPARSELT_SPARSITY_50_PERCENT), what);
+  ++g_descriptors;
+  size_t size = 0, tmp_size = 0;
+  const cusparseStatus_t st = cusparseLtSpMMACompressedSize2(&slot.handle, &desc, &size, &tmp_size);
+  cusparseLtMatDescriptorDestroy(&desc);
+  SK_CSLT_CHECK(st, what);
+  std::lock_guard<std::mutex> lock(mu);
+  (*cache)[key] = static_cast<int64_t>(size);
+  return static_cast<int64_t>(size);
+}
+
 // ------------------------------------------------------------------------------------------------ configuration
 // What the descriptors and the plan depend on. `bias` / `act` are the *requested* fused epilogue.
 struct GemmConfig {
@@ -179,12 +213,11 @@ struct PlanKey {
   GemmConfig cfg;
   int64_t handle_id = 0;
   c10::DeviceIndex device = 0;
-  cudaStream_t stream = nullptr;  // a workspace is never shared by two streams
   const void* bias_ptr = nullptr;
+  // No stream: a plan is a host object usable on any stream, and every call takes its own workspace (see the top).
 
   bool operator==(const PlanKey& o) const {
-    return cfg == o.cfg && handle_id == o.handle_id && device == o.device && stream == o.stream &&
-           bias_ptr == o.bias_ptr;
+    return cfg == o.cfg && handle_id == o.handle_id && device == o.device && bias_ptr == o.bias_ptr;
   }
 };
 
@@ -197,8 +230,7 @@ struct PlanKeyHash {
     mix(static_cast<uint64_t>(c.in)); mix(static_cast<uint64_t>(c.d)); mix(static_cast<uint64_t>(c.c));
     mix(c.alpha_vector); mix(c.bias); mix(c.bias ? static_cast<uint64_t>(c.bias_dtype) : 0); mix(c.act);
     mix(static_cast<uint64_t>(c.alg_id + 1)); mix(c.split_k);
-    mix(key.handle_id); mix(key.device);
-    mix(reinterpret_cast<uintptr_t>(key.stream)); mix(reinterpret_cast<uintptr_t>(key.bias_ptr));
+    mix(key.handle_id); mix(key.device); mix(reinterpret_cast<uintptr_t>(key.bias_ptr));
     return h;
   }
 };
@@ -254,15 +286,16 @@ struct PlanEntry {
   cusparseLtMatmulPlan_t plan;
   bool have_a = false, have_b = false, have_c = false, have_d = false, have_alg = false, have_plan = false;
 
-  bool fused_bias = false;  // what the plan really fuses (a NOT_SUPPORTED epilogue falls back to the post-op)
+  // What the plan really does (an epilogue cuSPARSELt refuses falls back to the plain product + the post-op, with
+  // D in the accumulator's type; run() allocates D and finishes the call from these, not from the request).
+  bool fused_bias = false;
   int fused_act = 0;
+  bool fused_alpha = false;
+  at::ScalarType d_type = at::kHalf, c_type = at::kHalf;
   uint64_t search_epoch = 0;  // for alg_id = -1 entries: the search results they were resolved against
-  size_t workspace_size = 0;
+  std::optional<SearchRecord> record;  // the search result the plan was built with (alg_id = -1 entries)
+  size_t workspace_size = 0;  // allocated per call (caching allocator): see the top of the file
   size_t compressed_size = 0;  // cusparseLtSpMMACompressedSize for this plan
-  at::Tensor workspace;        // held here: a call allocates nothing
-  // FP8 output only: C is FP16 while D is FP8. beta = 0, so C should never be read, but handing cuSPARSELt a
-  // buffer of C's real size (zeroed, owned by the entry) keeps a read in bounds whatever the kernel does.
-  at::Tensor c_buffer;
 
   PlanEntry() = default;
   PlanEntry(const PlanEntry&) = delete;
@@ -337,7 +370,9 @@ cusparseStatus_t build_plan(PlanEntry& e, const cusparseLtHandle_t* h, const Gem
   }
   if (split_k > 1) {
     SK_TRY(cusparseLtMatmulAlgSetAttribute(h, &e.alg_sel, CUSPARSELT_MATMUL_SPLIT_K, &split_k, sizeof(split_k)));
-    if (split_k_mode == CUSPARSELT_SPLIT_K_MODE_ONE_KERNEL || split_k_mode == CUSPARSELT_SPLIT_K_MODE_TWO_KERNELS) {
+    // Every mode a search can report (ONE_KERNEL, TWO_KERNELS, HEURISTIC, DATAPARALLEL, SPLITK, STREAMK = 1..6) is
+    // re-applied; 0 is "not set".
+    if (split_k_mode >= CUSPARSELT_SPLIT_K_MODE_ONE_KERNEL && split_k_mode <= CUSPARSELT_STREAMK) {
       const auto mode = static_cast<cusparseLtSplitKMode_t>(split_k_mode);
       SK_TRY(cusparseLtMatmulAlgSetAttribute(h, &e.alg_sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode, sizeof(mode)));
     }
@@ -354,14 +389,34 @@ cusparseStatus_t build_plan(PlanEntry& e, const cusparseLtHandle_t* h, const Gem
   SK_TRY(cusparseLtSpMMACompressedSize(h, &e.plan, &e.compressed_size, &compress_tmp));
   e.fused_bias = fuse_bias;
   e.fused_act = fuse_act;
+  e.fused_alpha = cfg.alpha_vector;
+  e.d_type = cfg.d;
+  e.c_type = cfg.c;
 #undef SK_TRY
   return st;
 }
 
-// Builds an entry for `cfg`, falling back to sparsekern's post-op for bias/activation when cuSPARSELt reports the
-// fused epilogue NOT_SUPPORTED (possible only for float outputs, where the post-op can finish the job in place).
+// The configuration of the plain product a refused epilogue falls back to: no bias, activation or alpha vector, D in
+// the accumulator's type (int32 for int8, float32 for float8, x's type for 16-bit inputs); the post-op applies the
+// rest. An FP8 output cannot be finished outside cuSPARSELt, so it has no fallback.
+std::optional<GemmConfig> plain_product(const GemmConfig& cfg) {
+  if (cfg.d == at::kFloat8_e4m3fn || !(cfg.bias || cfg.act != 0 || cfg.alpha_vector)) return std::nullopt;
+  GemmConfig plain = cfg;
+  plain.bias = false;
+  plain.act = 0;
+  plain.alpha_vector = false;
+  const bool in16 = cfg.in == at::kHalf || cfg.in == at::kBFloat16;
+  plain.d = in16 ? cfg.in : (cfg.in == at::kChar ? at::kInt : at::kFloat);
+  plain.c = plain.d;
+  return plain;
+}
+
+// Builds an entry for `cfg`. When cuSPARSELt refuses the requested epilogue (NOT_SUPPORTED at plan init, or
+// INVALID_VALUE at an epilogue attribute), it falls back to the plain product and sparsekern's post-op for every
+// output type the post-op can write (all but float8), so e.g. int8 -> int32 with a bias and GELU runs instead of
+// raising. Counted in cache_stats().epilogue_fallbacks.
 std::shared_ptr<PlanEntry> make_entry(const cusparseLtHandle_t* h, const GemmConfig& cfg, const void* bias_ptr,
-                                      c10::DeviceIndex device, const at::TensorOptions& opts) {
+                                      c10::DeviceIndex device) {
   // Read the epoch before the record: a search finishing in between then leaves this entry stale (re-resolved on
   // its next use) instead of marking a plan built without the new record as up to date.
   const uint64_t epoch = g_search_epoch.load();
@@ -373,10 +428,10 @@ std::shared_ptr<PlanEntry> make_entry(const cusparseLtHandle_t* h, const GemmCon
   // cuSPARSELt may refuse an epilogue attribute it does not support for these types with INVALID_VALUE (at
   // cusparseLtMatmulDescSetAttribute) rather than NOT_SUPPORTED (at plan init): fall back on both. A rebuild that
   // fails again reports its own failing call, so a real argument error still surfaces.
-  if ((st == CUSPARSE_STATUS_NOT_SUPPORTED || st == CUSPARSE_STATUS_INVALID_VALUE) && (cfg.bias || cfg.act != 0) &&
-      is_float_out(cfg.d)) {
+  const std::optional<GemmConfig> plain = plain_product(cfg);
+  if ((st == CUSPARSE_STATUS_NOT_SUPPORTED || st == CUSPARSE_STATUS_INVALID_VALUE) && plain.has_value()) {
     e = std::make_shared<PlanEntry>();
-    st = build_plan(*e, h, cfg, nullptr, false, 0, rec, &failed);
+    st = build_plan(*e, h, *plain, nullptr, false, 0, rec, &failed);
     if (st == CUSPARSE_STATUS_SUCCESS) ++g_fallbacks;
   }
   TORCH_CHECK(st == CUSPARSE_STATUS_SUCCESS, "cuSPARSELt: ", failed, " failed (", status_text(st), ") for ",
@@ -385,16 +440,19 @@ std::shared_ptr<PlanEntry> make_entry(const cusparseLtHandle_t* h, const GemmCon
                   ? "; this combination of dtypes / epilogue / shape is not supported by cuSPARSELt on this GPU"
                   : "");
   e->search_epoch = epoch;
-  if (cfg.c != cfg.d) e->c_buffer = at::zeros({cfg.mp, cfg.n}, opts.dtype(cfg.c));
-  if (e->workspace_size > 0) {
-    e->workspace = at::empty({static_cast<int64_t>(e->workspace_size)}, opts.dtype(at::kByte));
-  }
+  e->record = rec;
   return e;
 }
 
 // ------------------------------------------------------------------------------------------------ plan cache (LRU)
+// A cache slot: the entry of one key, built once under the slot's own lock (not the cache's).
+struct PlanSlot {
+  std::mutex mu;
+  std::shared_ptr<PlanEntry> entry;
+};
+
 struct PlanCache {
-  using Item = std::pair<PlanKey, std::shared_ptr<PlanEntry>>;
+  using Item = std::pair<PlanKey, std::shared_ptr<PlanSlot>>;
   std::mutex mu;
   std::list<Item> lru;  // most recently used first
   std::unordered_map<PlanKey, std::list<Item>::iterator, PlanKeyHash> index;
@@ -412,35 +470,56 @@ PlanCache& plan_cache() {
   return *c;
 }
 
-std::shared_ptr<PlanEntry> get_entry(const PlanKey& key, const cusparseLtHandle_t* h, const at::TensorOptions& opts) {
+bool same_record(const std::optional<SearchRecord>& a, const std::optional<SearchRecord>& b) {
+  if (a.has_value() != b.has_value()) return false;
+  return !a.has_value() || (a->alg_id == b->alg_id && a->split_k == b->split_k &&
+                            a->split_k_mode == b->split_k_mode && a->split_k_buffers == b->split_k_buffers);
+}
+
+// The cached entry for `key`, built on a miss. The plan is built outside the cache's lock (cusparseLtMatmulPlanInit
+// takes milliseconds; other keys must not wait) and once per key: concurrent callers of the same new key wait on
+// that key's slot, not on the cache. A search or record import (which bumps the epoch) re-resolves an "alg_id = -1"
+// entry only when the record for its own configuration changed; other entries just take the new epoch.
+std::shared_ptr<PlanEntry> get_entry(const PlanKey& key, const cusparseLtHandle_t* h) {
   auto& cache = plan_cache();
-  std::lock_guard<std::mutex> lock(cache.mu);
-  auto it = cache.index.find(key);
-  if (it != cache.index.end()) {
-    auto& entry = it->second->second;
-    // An "alg_id = -1" entry built before the latest search is re-resolved against the new search results.
-    if (!(key.cfg.alg_id < 0 && entry->search_epoch != g_search_epoch.load())) {
+  std::shared_ptr<PlanSlot> slot;
+  {
+    std::lock_guard<std::mutex> lock(cache.mu);
+    auto it = cache.index.find(key);
+    if (it != cache.index.end()) {
       cache.lru.splice(cache.lru.begin(), cache.lru, it->second);
-      ++g_hits;
-      return entry;
+      slot = it->second->second;
+    } else {
+      slot = std::make_shared<PlanSlot>();
+      cache.lru.emplace_front(key, slot);
+      cache.index.emplace(key, cache.lru.begin());
+      // Never evict while a CUDA graph is being captured (a capture must not pay for rebuilding plans it needs).
+      if (cache.lru.size() > cache.max_entries &&
+          c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+        while (cache.lru.size() > cache.max_entries) {
+          cache.index.erase(cache.lru.back().first);
+          cache.lru.pop_back();  // shared_ptr: an entry in use by another thread lives until that call returns
+          ++g_evictions;
+        }
+      }
     }
-    cache.lru.erase(it->second);
-    cache.index.erase(it);
+  }
+  std::lock_guard<std::mutex> slot_lock(slot->mu);
+  const uint64_t epoch = g_search_epoch.load();
+  if (slot->entry && key.cfg.alg_id < 0 && slot->entry->search_epoch != epoch) {
+    if (same_record(slot->entry->record, find_record(key.cfg, key.device))) {
+      slot->entry->search_epoch = epoch;  // the search was about another configuration: keep the plan
+    } else {
+      slot->entry.reset();  // re-resolve against the new search result
+    }
+  }
+  if (slot->entry) {
+    ++g_hits;
+    return slot->entry;
   }
   ++g_misses;
-  auto entry = make_entry(h, key.cfg, key.bias_ptr, key.device, opts);
-  cache.lru.emplace_front(key, entry);
-  cache.index.emplace(key, cache.lru.begin());
-  // Never evict while a CUDA graph is being captured: a captured graph may still use the evicted workspace.
-  if (cache.lru.size() > cache.max_entries &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    while (cache.lru.size() > cache.max_entries) {
-      cache.index.erase(cache.lru.back().first);
-      cache.lru.pop_back();  // shared_ptr: an entry in use by another thread lives until that call returns
-      ++g_evictions;
-    }
-  }
-  return entry;
+  slot->entry = make_entry(h, key.cfg, key.bias_ptr, key.device);
+  return slot->entry;
 }
 
 // ------------------------------------------------------------------------------------------------ linear
@@ -477,15 +556,15 @@ Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& compress
   check_input_dtype(op, "x", in);
   check_dims(op, in, n, k);
   TORCH_CHECK(x.size(1) == k, op, ": x's last dim (", x.size(1), ") must equal k = ", k);
-  TORCH_CHECK(compressed.scalar_type() == at::kByte && compressed.dim() == 1 &&
-                  compressed.numel() == compressed_bytes(n, k, in),
-              op, ": compressed must be the uint8 buffer cslt_compress returned for a [", n, ", ", k, "] ", in,
-              " weight (", compressed_bytes(n, k, in), " bytes), got ", compressed.scalar_type(), " ",
-              compressed.sizes());
-  TORCH_CHECK(aligned16(compressed.data_ptr()), op, ": compressed must be 16-byte aligned");
   TORCH_CHECK(split_k >= 1, op, ": split_k must be >= 1, got ", split_k);
   TORCH_CHECK(alg_id >= -1, op, ": alg_id must be >= 0, or -1 for the searched / default algorithm, got ", alg_id);
   check_arch(op, in, x.device().index());
+  // Sized by cuSPARSELt's own query (cached per arch and shape); a larger buffer is accepted.
+  const int64_t need = query_compressed_bytes(n, k, in, x.device().index());
+  TORCH_CHECK(compressed.scalar_type() == at::kByte && compressed.dim() == 1 && compressed.numel() >= need,
+              op, ": compressed must be the uint8 buffer cslt_compress returned for a [", n, ", ", k, "] ", in,
+              " weight (at least ", need, " bytes), got ", compressed.scalar_type(), " ", compressed.sizes());
+  TORCH_CHECK(aligned16(compressed.data_ptr()), op, ": compressed must be 16-byte aligned");
 
   Prepared p;
   p.M = x.size(0);
@@ -523,9 +602,13 @@ Prepared prepare(const char* op, const at::Tensor& x, const at::Tensor& compress
   c.alg_id = static_cast<int>(alg_id);
   c.split_k = static_cast<int>(split_k);
   const at::ScalarType c_direct = out == at::kFloat8_e4m3fn ? at::kHalf : out;  // an FP8 output takes an FP16 C
-  // The epilogue's bias dtype: float32 for int8 inputs, else C's dtype (cuSPARSELt's rule).
-  const at::ScalarType fused_bias_dtype = in == at::kChar ? at::kFloat : c_direct;
-  const bool bias_fusable = !bias.has_value() || (bias->scalar_type() == fused_bias_dtype && plan_ready(*bias));
+  // The epilogue's bias dtype is C's dtype for 16-bit and float8 inputs (NVIDIA's matmul_advanced sample). For int8
+  // inputs the documentation does not pin it down (float32 was assumed here before; NVIDIA's sample uses the C/D
+  // type) and a wrong guess is not detectable (an untyped pointer: silent garbage), so an int8 bias is never fused:
+  // the post-op adds it to the exact int32 product.
+  const at::ScalarType fused_bias_dtype = c_direct;
+  const bool bias_fusable =
+      !bias.has_value() || (in != at::kChar && bias->scalar_type() == fused_bias_dtype && plan_ready(*bias));
   // "Direct": cuSPARSELt writes the final output and its epilogue does everything. Otherwise cuSPARSELt writes the
   // plain product (x's dtype with the alpha vector for 16-bit inputs; exact int32 / fp32 without alpha for 8-bit
   // inputs) and sparsekern's post-op applies the rest: cuSPARSELt's alpha vector scales output channels only, so a
@@ -563,12 +646,12 @@ at::Tensor run(const Prepared& p, const at::Tensor& x_in, const at::Tensor& comp
   const auto opts = x_in.options();
   if (p.M == 0) return at::empty({0, cfg.n}, opts.dtype(p.out));
 
-  // Dense operand: x as is when it is already [Mp, k] contiguous and aligned, else a zero-padded copy.
+  // Dense operand: x as is when it is already [Mp, k] contiguous and aligned, else a padded copy. The padding rows
+  // are not cleared: row r of x only feeds column r of D, and the padded columns of D are never read.
   at::Tensor x = x_in;
   if (cfg.mp != p.M || !x.is_contiguous() || !aligned16(x.data_ptr())) {
     x = at::empty({cfg.mp, cfg.k}, opts);
     x.narrow(0, 0, p.M).copy_(x_in);
-    if (cfg.mp > p.M) x.narrow(0, p.M, cfg.mp - p.M).zero_();
   }
 
   auto& slot = handle_for(p.device);
@@ -581,30 +664,38 @@ at::Tensor run(const Prepared& p, const at::Tensor& x_in, const at::Tensor& comp
     key.cfg = cfg;
     key.handle_id = slot.id;
     key.device = p.device;
-    key.stream = raw_stream;
     key.bias_ptr = cfg.bias ? bias->data_ptr() : nullptr;
-    entry = get_entry(key, &slot.handle, opts);
+    entry = get_entry(key, &slot.handle);
   } else {
     GemmConfig fresh = cfg;
     fresh.alg_id = 0;
     fresh.split_k = 1;
-    entry = make_entry(&slot.handle, fresh, cfg.bias ? bias->data_ptr() : nullptr, p.device, opts);
+    entry = make_entry(&slot.handle, fresh, cfg.bias ? bias->data_ptr() : nullptr, p.device);
   }
   TORCH_CHECK(entry->compressed_size <= static_cast<size_t>(compressed.numel()),
               "cuSPARSELt: the plan expects a compressed buffer of ", entry->compressed_size, " bytes but got ",
               compressed.numel(), " for ", describe(cfg));
 
-  // D: the output itself when cuSPARSELt writes the final dtype, else an int32 / fp32 product for the post-op.
-  const bool temp = cfg.d != p.out;
-  at::Tensor d = at::empty({cfg.mp, cfg.n}, opts.dtype(cfg.d));
+  // D: the output itself when cuSPARSELt writes the final dtype, else an int32 / fp32 product for the post-op. The
+  // entry says what the plan writes (an epilogue fallback writes the plain product).
+  const bool temp = entry->d_type != p.out;
+  at::Tensor d = at::empty({cfg.mp, cfg.n}, opts.dtype(entry->d_type));
   at::Tensor y = temp ? at::empty({p.M, cfg.n}, opts.dtype(p.out)) : d.narrow(0, 0, p.M);
 
   const float one = 1.f, zero = 0.f;
   at::Tensor alpha_vec;
-  if (cfg.alpha_vector) alpha_vec = as_float32(*alpha);  // read at call time: a per-call copy is fine
-  const void* alpha_ptr = cfg.alpha_vector ? alpha_vec.data_ptr() : static_cast<const void*>(&one);
-  void* ws = entry->workspace.defined() ? entry->workspace.data_ptr() : nullptr;
-  void* c_ptr = entry->c_buffer.defined() ? entry->c_buffer.data_ptr() : d.data_ptr();
+  if (entry->fused_alpha) alpha_vec = as_float32(*alpha);  // read at call time: a per-call copy is fine
+  const void* alpha_ptr = entry->fused_alpha ? alpha_vec.data_ptr() : static_cast<const void*>(&one);
+  // Per-call device memory from the caching allocator (graph-safe, see the top of the file). The FP8 output's C is
+  // FP16 and never read (beta = 0); it is zeroed so that even a read could not bring NaN into D.
+  at::Tensor workspace;
+  if (entry->workspace_size > 0) {
+    workspace = at::empty({static_cast<int64_t>(entry->workspace_size)}, opts.dtype(at::kByte));
+  }
+  at::Tensor c_buffer;
+  if (entry->c_type != entry->d_type) c_buffer = at::zeros({cfg.mp, cfg.n}, opts.dtype(entry->c_type));
+  void* ws = workspace.defined() ? workspace.data_ptr() : nullptr;
+  void* c_ptr = c_buffer.defined() ? c_buffer.data_ptr() : d.data_ptr();
   if (record != nullptr) {
     SK_CSLT_CHECK(cusparseLtMatmulSearch(&slot.handle, &entry->plan, alpha_ptr, compressed.data_ptr(), x.data_ptr(),
                                          &zero, c_ptr, d.data_ptr(), ws, &raw_stream, 1),
@@ -638,7 +729,7 @@ at::Tensor run(const Prepared& p, const at::Tensor& x_in, const at::Tensor& comp
   // Post-op: whatever the plan did not apply, in the order of the semantics (scales, bias, activation).
   const bool bias_left = bias.has_value() && !entry->fused_bias;
   const bool act_left = p.act != Activation::kNone && entry->fused_act != static_cast<int>(p.act);
-  const bool alpha_left = alpha.has_value() && !cfg.alpha_vector;
+  const bool alpha_left = alpha.has_value() && !entry->fused_alpha;
   if (temp || row_scale.has_value() || bias_left || act_left || alpha_left) {
     TORCH_CHECK(p.out != at::kFloat8_e4m3fn, "cuSPARSELt: cannot finish ", describe(cfg),
                 " for a float8_e4m3fn output outside cuSPARSELt's epilogue");
@@ -772,13 +863,9 @@ at::Tensor compress(const at::Tensor& w_in) {
   size_t size = 0, tmp_size = 0;
   SK_CSLT_CHECK(cusparseLtSpMMACompressedSize2(&slot.handle, &desc, &size, &tmp_size),
                 "(cslt_compress of a [" + std::to_string(n) + ", " + std::to_string(k) + "] weight)");
-  const int64_t bytes = compressed_bytes(n, k, in);
-  TORCH_CHECK(size <= static_cast<size_t>(bytes), op, ": cuSPARSELt wants ", size, " bytes for a [", n, ", ", k,
-              "] ", in, " weight, more than the ", bytes, " sparsekern's buffer format allows");
-  auto out = at::empty({bytes}, w.options().dtype(at::kByte));
-  if (static_cast<int64_t>(size) < bytes) {
-    out.narrow(0, static_cast<int64_t>(size), bytes - static_cast<int64_t>(size)).zero_();
-  }  // deterministic tail
+  // Exactly the size cuSPARSELt asks for (its padding of small matrices included; issue 17, finding 1): the same
+  // number query_compressed_bytes() caches for the op's checks and for the fake kernel.
+  auto out = at::empty({static_cast<int64_t>(size)}, w.options().dtype(at::kByte));
   at::Tensor tmp;
   if (tmp_size > 0) tmp = at::empty({static_cast<int64_t>(tmp_size)}, w.options().dtype(at::kByte));
   const auto stream = at::cuda::getCurrentCUDAStream(w.device().index());
@@ -786,6 +873,15 @@ at::Tensor compress(const at::Tensor& w_in) {
                                          out.data_ptr(), tmp.defined() ? tmp.data_ptr() : nullptr, stream.stream()),
                 "(cslt_compress of a [" + std::to_string(n) + ", " + std::to_string(k) + "] weight)");
   return out;
+}
+
+int64_t compressed_size(int64_t n, int64_t k, at::ScalarType dtype, c10::DeviceIndex device) {
+  check_input_dtype("cslt_compressed_size", "dtype", dtype);
+  check_dims("cslt_compressed_size", dtype, n, k);
+  const c10::DeviceIndex dev = device < 0 ? c10::cuda::current_device() : device;
+  check_arch("cslt_compressed_size", dtype, dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  return query_compressed_bytes(n, k, dtype, dev);
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& compressed, int64_t n, int64_t k,

@@ -7,10 +7,11 @@
 //   C = D = y^T,       [n, Mp] column-major, ld n     (== y [Mp, n] row-major, so no transpose afterwards)
 // With W as the *rows* of D, cuSPARSELt's bias vector and alpha vector are per output channel, as a linear layer
 // needs. Mp is M rounded up to the dense operand's multiple (8 for 16-bit inputs, 16 for 8-bit inputs); the padded
-// rows of x are zero and the padded rows of y are sliced off, never returned.
+// rows of x are not cleared (each feeds only its own, discarded, row of y) and are sliced off, never returned.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <optional>
@@ -64,6 +65,11 @@ void clear_search_records();
 
 // cuSPARSELt version of the loaded library ("0.8.1"), from cusparseLtGetProperty: no GPU needed.
 std::string runtime_version();
+
+// Bytes of the compressed buffer of a [n, k] 2:4 weight of `dtype` on `device` (-1: the current device), as
+// cuSPARSELt's cusparseLtSpMMACompressedSize2 reports it (cached per GPU arch and shape). cslt_compress allocates
+// exactly this; cslt_linear accepts a buffer of at least this size.
+int64_t compressed_size(int64_t n, int64_t k, at::ScalarType dtype, c10::DeviceIndex device = -1);
 
 // The ops (also registered as torch ops for CUDA in cslt.cpp).
 at::Tensor compress(const at::Tensor& w);
