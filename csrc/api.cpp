@@ -53,4 +53,27 @@ at::Tensor spmm_24(const at::Tensor& x, const at::Tensor& values, const at::Tens
   return y.reshape(out_shape);
 }
 
+// cslt_* have CUDA kernels only (csrc/cusparselt/cslt.cpp); in a CPU-only build the dispatcher's "no CUDA kernel"
+// error is what a caller gets, as from Python.
+at::Tensor cslt_compress(const at::Tensor& w) {
+  static auto h = op("sparsekern::cslt_compress").typed<at::Tensor(const at::Tensor&)>();
+  return h.call(w);
+}
+
+at::Tensor cslt_linear(const at::Tensor& x, const at::Tensor& compressed, int64_t n, int64_t k,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& alpha,
+                       const std::string& activation, std::optional<at::ScalarType> out_dtype) {
+  static auto h = op("sparsekern::cslt_linear")
+                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                        const std::optional<at::Tensor>&, c10::string_view,
+                                        std::optional<at::ScalarType>, int64_t, int64_t)>();
+  auto x2 = x.reshape({-1, x.size(-1)});
+  auto y = h.call(x2, compressed, n, k, bias, alpha, std::nullopt, activation, out_dtype, /*alg_id=*/-1,
+                  /*split_k=*/1);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  return y.reshape(out_shape);
+}
+
 }  // namespace sparsekern
