@@ -24,18 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-_FLAGS = _cpu_flags()
+from cpuinfo import FLAGS as _FLAGS  # noqa: E402  (tests/cpuinfo.py: /proc/cpuinfo, independent of the library)
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _FLAGS
 BF16 = AVX512 and "avx512_bf16" in _FLAGS
 VNNI = AVX512 and "avx512_vnni" in _FLAGS

@@ -26,18 +26,7 @@ from sparsekern.ops import core
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-_FLAGS = _cpu_flags()
+from cpuinfo import FLAGS as _FLAGS  # noqa: E402  (tests/cpuinfo.py: /proc/cpuinfo, independent of the library)
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 # avx512-base: the AVX-512 kernels of CPUs without AVX512_BF16 / AVX512_VNNI (bf16 widened to fp32, int8 by vpmaddwd)
 _ISA_NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512-base": _AVX512, "avx512": _AVX512}

@@ -41,28 +41,23 @@ def _pattern(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    if value >= 2 ** 40:
-        raise argparse.ArgumentTypeError(f"must be below 2^40, got {value}")
-    return value
+def _int_at_least(low: int):
+    """argparse type: an integer in [low, 2^40) (a larger count is a typo, refused before any work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value >= 2 ** 40:
+            raise argparse.ArgumentTypeError(f"must be below 2^40, got {value}")
+        return value
+    return parse
 
 
-def _nonneg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    if value >= 2 ** 40:
-        raise argparse.ArgumentTypeError(f"must be below 2^40, got {value}")
-    return value
+_positive = _int_at_least(1)
+_nonneg = _int_at_least(0)
 
 
 def _device(text: str) -> str:

@@ -32,6 +32,7 @@ compressed-tensors checkpoints are refused with a message. save_compressed_tenso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -137,26 +138,10 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dic
     return tied
 
 
-def _safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
-    """({key: (shape, dtype name)}, metadata) from the file's header alone: nothing is allocated for the tensors, so
-    sizes claimed elsewhere (configs) can be checked against what the file really holds first."""
-    from safetensors import safe_open
-
-    try:
-        check = check_regular_file(path, "checkpoint file")
-    except (FileRefused, FileNotFoundError) as exc:
-        raise CheckpointError(str(exc)) from None
-    try:
-        with safe_open(str(check), framework="pt") as f:
-            meta = f.metadata() or {}
-            heads = {k: (list(f.get_slice(k).get_shape()), str(f.get_slice(k).get_dtype())) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file "
-                              "is truncated or corrupt") from exc
-    return heads, meta
-
-
-def _read_safetensors(path: Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+    """safe_open on a regular file; CheckpointError naming the file for anything else (not a file, truncated,
+    corrupt: safetensors raises its own error types)."""
     from safetensors import safe_open
 
     try:
@@ -165,11 +150,27 @@ def _read_safetensors(path: Path, *, verify: bool = True) -> tuple[dict[str, tor
         raise CheckpointError(str(exc)) from None
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
+            yield f
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file "
                               "is truncated or corrupt") from exc
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    """({key: (shape, dtype name)}, metadata) from the file's header alone: nothing is allocated for the tensors, so
+    sizes claimed elsewhere (configs) can be checked against what the file really holds first."""
+    with _open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        heads = {k: (list(f.get_slice(k).get_shape()), str(f.get_slice(k).get_dtype())) for k in f.keys()}
+    return heads, meta
+
+
+def _read_safetensors(path: Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with _open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     if verify:
         _verify_checksums(path, tensors, meta)
     return tensors, meta
