@@ -1,0 +1,625 @@
+"""Property-based tests of the entry points users hand files and command lines to: the checkpoint loader
+(sparsekern.from_pretrained on mutated folders) and the command-line parser (sparsekern.cli).
+
+Loader property: a folder written by save_pretrained, then mutated (bytes of model.safetensors flipped, its header
+edited, the file truncated or extended, fields of sparsekern_config.json / config.json / generation_config.json set to
+wrong types, huge / negative numbers, strings, removed; files replaced by garbage, folders or deleted), either fails
+with CheckpointError (or FileExistsError / TypeError with a message), or loads a model that computes exactly what the
+original computed (the mutation changed nothing that matters). Never another exception type, never a silently
+different model. Edits of config.json that load are held to the weaker rule "every tensor loaded equals the
+original's": the model's own hyper-parameters (rms_norm_eps, hidden_act, ...) legitimately change its outputs.
+
+CLI property: an argument list with an obviously invalid value is refused with exit status 2 (argparse's
+SystemExit(2) or main() returning 2), quickly, before any work (loading a model, pruning, benchmarking: those entry
+points are replaced by a sentinel that fails the test when reached).
+
+Budget and long mode: tests/fuzz_support.py, docs/fuzzing.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import event, given, note
+from hypothesis.control import currently_in_test_context
+from hypothesis import strategies as st
+
+from fuzz_support import fuzz
+from fuzz_support import fuzz_threads  # noqa: F401  (autouse: one intra-op thread)
+from sparsekern import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import sparsekern  # noqa: E402
+from sparsekern.weight import CheckpointError  # noqa: E402
+
+META, CONFIG, GEN, WEIGHTS = "sparsekern_config.json", "config.json", "generation_config.json", "model.safetensors"
+FILES = [META, CONFIG, GEN, WEIGHTS]
+ALLOWED = (CheckpointError, FileExistsError, TypeError)
+
+# ------------------------------------------------------------------------------------------------------ the model
+IDS = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 0, 12, 41]])
+
+
+class Saved:
+    def __init__(self, root: Path):
+        torch.manual_seed(1234)
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                                       max_position_embeddings=64, attention_bias=True, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.copy_(sparsekern.prune_nm(mod.weight)[0])
+                    if mod.bias is not None:
+                        mod.bias.normal_()
+        sparsekern.sparsify(model)
+        self.dir = root / "saved"
+        sparsekern.save_pretrained(model, self.dir)
+        self.logits = _logits(model)
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.work = root / "work"
+        self.work.mkdir()
+        self.meta = json.loads((self.dir / META).read_text())
+        self.config = json.loads((self.dir / CONFIG).read_text())
+        self.gen = json.loads((self.dir / GEN).read_text())
+        raw = (self.dir / WEIGHTS).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        self.header = json.loads(raw[8:8 + n])
+        self.size = len(raw)
+        self.header_end = 8 + n
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return Saved(tmp_path_factory.mktemp("fuzz_ckpt"))
+
+
+# ------------------------------------------------------------------------------------------------------ mutations
+def _paths(doc, prefix=()):
+    """Every path (tuple of keys / indices) into a JSON document, objects and lists included."""
+    out = [prefix] if prefix else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+HUGE = [2**31, 2**32, 2**40, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30, -1, -2**63, 0, -7]
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.sampled_from(HUGE), st.integers(-10**6, 10**6),
+                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                         st.sampled_from(["float32", "float16", "bfloat16", "int8", "fp8", "float64", "linear",
+                                          "conv1d", "LlamaForCausalLM", "llama", "", "sparsekern", "1", "silu"]))
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                 st.dictionaries(st.text(max_size=6), inner,
+                                                                                 max_size=3)), max_leaves=6)
+# config.json: sizes of the layers that become SparseLinear (intermediate_size, head_dim, the head counts) and the
+# layer count are not checked before transformers builds the dense model (finding "config_sparse_sizes_unchecked"
+# below): a huge value there allocates gigabytes or takes minutes before anything fails. The fuzz keeps integers
+# in config.json small so that the default run stays bounded; the xfail reproducer below covers the huge values.
+# vocab_size and hidden_size (dense tensors, checked on the meta device first) also get the huge ones.
+SMALL_INTS = st.integers(-8, 4096)
+CONFIG_SCALARS = st.one_of(st.none(), st.booleans(), SMALL_INTS, st.floats(allow_nan=True, allow_infinity=True),
+                           st.text(max_size=12), st.sampled_from(["float32", "float16", "llama", "", "silu", "1",
+                                                                  "LlamaForCausalLM", "default"]))
+CONFIG_VALUES = st.recursive(CONFIG_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                     st.dictionaries(st.text(max_size=6), inner,
+                                                                                     max_size=3)), max_leaves=6)
+CHECKED_SIZES = ("vocab_size", "hidden_size")
+GARBAGE = st.one_of(st.sampled_from([b"", b"{", b"[]", b"null", b"1", b'{"a":', b"\xff\xfe\x00", b"[" * 5000,
+                                     b'{"format": 1e999999}', b"\x00" * 64, b'"just a string"']),
+                    st.binary(max_size=64))
+ST_DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "U32", "I16", "U16", "I8", "U8", "BOOL", "F8_E4M3", "X9"]
+
+
+@st.composite
+def mutation(draw, saved: Saved):
+    kind = draw(st.sampled_from(["flip", "flip", "header", "header", "truncate", "append", "json", "json", "json",
+                                 "garbage", "delete", "folder"]))
+    if kind == "flip":
+        region = draw(st.sampled_from(["length", "header", "data"]))
+        lo, hi = {"length": (0, 8), "header": (8, saved.header_end), "data": (saved.header_end, saved.size)}[region]
+        return ("flip", region, draw(st.integers(lo, hi - 1)), draw(st.integers(1, 255)))
+    if kind == "header":
+        keys = sorted(k for k in saved.header if k != "__metadata__")
+        key = draw(st.sampled_from(keys + ["__metadata__"]))
+        if key == "__metadata__":
+            mkey = draw(st.sampled_from(sorted(saved.header["__metadata__"]) + ["other"]))
+            return ("header", key, mkey, draw(st.one_of(st.text(max_size=20), JSON_VALUES.map(json.dumps))))
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "rename", "drop", "alias"]))
+        if field == "dtype":
+            return ("header", key, field, draw(st.sampled_from(ST_DTYPES)))
+        if field == "shape":
+            return ("header", key, field, draw(st.lists(st.one_of(st.integers(0, 80), st.sampled_from(HUGE)),
+                                                         max_size=3)))
+        if field == "data_offsets":
+            return ("header", key, field, (draw(st.integers(-16, 16)), draw(st.integers(-16, 16))))
+        if field in ("rename", "alias"):
+            return ("header", key, field, draw(st.sampled_from(keys + ["x", key + ".x", key.replace("values",
+                                                                                                   "weight")])))
+        return ("header", key, field, None)
+    if kind == "truncate":
+        return ("truncate", draw(st.integers(0, saved.size - 1)))
+    if kind == "append":
+        return ("append", draw(st.binary(min_size=1, max_size=32)))
+    if kind == "json":
+        file = draw(st.sampled_from([META, META, CONFIG, GEN]))
+        doc = {META: saved.meta, CONFIG: saved.config, GEN: saved.gen}[file]
+        path = draw(st.sampled_from(_paths(doc)))
+        op = draw(st.sampled_from(["set", "set", "set", "delete", "add"]))
+        values = JSON_VALUES
+        if file == CONFIG:
+            values = st.one_of(CONFIG_VALUES, st.sampled_from(HUGE)) if path[-1] in CHECKED_SIZES else CONFIG_VALUES
+        if file == CONFIG and path[-1] == "num_hidden_layers":
+            values = st.one_of(st.integers(-2, 16), CONFIG_SCALARS.filter(lambda v: not isinstance(v, int)))
+        return ("json", file, path, op, draw(values) if op != "delete" else None,
+                draw(st.text(max_size=8)) if op == "add" else None)
+    if kind == "garbage":
+        return ("garbage", draw(st.sampled_from(FILES)), draw(GARBAGE))
+    return (kind, draw(st.sampled_from(FILES)))
+
+
+def _get_parent(doc, path):
+    for p in path[:-1]:
+        doc = doc[p]
+    return doc
+
+
+def apply_mutation(folder: Path, mut) -> None:
+    try:
+        _apply(folder, mut)
+    except OSError:
+        pass  # an earlier mutation removed the file or made it a folder: nothing to change
+
+
+def _apply(folder: Path, mut) -> None:
+    kind = mut[0]
+    st_path = folder / WEIGHTS
+    if kind == "flip":
+        raw = bytearray(st_path.read_bytes())
+        if mut[2] < len(raw):
+            raw[mut[2]] ^= mut[3]
+        st_path.write_bytes(bytes(raw))
+    elif kind == "header":
+        try:
+            raw = st_path.read_bytes()
+            n = int.from_bytes(raw[:8], "little")
+            header = json.loads(raw[8:8 + n])
+            assert isinstance(header, dict)
+        except (OSError, ValueError, AssertionError, RecursionError):
+            return  # an earlier mutation removed or broke the header: nothing to edit
+        _, key, field, value = mut
+        if key == "__metadata__":
+            header.setdefault("__metadata__", {})[field] = value
+        elif key in header:
+            entry = header[key]
+            if not isinstance(entry, dict):
+                return
+            if field == "dtype":
+                entry["dtype"] = value
+            elif field == "shape":
+                entry["shape"] = value
+            elif field == "data_offsets":
+                entry["data_offsets"] = [entry["data_offsets"][0] + value[0], entry["data_offsets"][1] + value[1]]
+            elif field == "rename":
+                header[value] = header.pop(key)
+            elif field == "alias":
+                header[value] = dict(entry)
+            elif field == "drop":
+                del header[key]
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        st_path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    elif kind == "truncate":
+        with open(st_path, "r+b") as f:
+            f.truncate(mut[1])
+    elif kind == "append":
+        with open(st_path, "ab") as f:
+            f.write(mut[1])
+    elif kind == "json":
+        _, file, path, op, value, new_key = mut
+        p = folder / file
+        try:
+            doc = json.loads(p.read_text())
+            parent = _get_parent(doc, path)
+            if op == "set":
+                parent[path[-1]] = value
+            elif op == "delete":
+                del parent[path[-1]]
+            elif isinstance(parent[path[-1]], dict):
+                parent[path[-1]][new_key] = value
+            else:
+                parent[path[-1]] = {new_key: value}
+        except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError):
+            return  # an earlier mutation removed or broke this file: nothing to edit
+        p.write_text(json.dumps(doc))
+    elif kind == "garbage":
+        p = folder / mut[1]
+        if p.is_dir():
+            shutil.rmtree(p)
+        p.write_bytes(mut[2])
+    elif kind == "delete":
+        p = folder / mut[1]
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    elif kind == "folder":
+        p = folder / mut[1]
+        if p.exists() and not p.is_dir():
+            p.unlink()
+        p.mkdir(exist_ok=True)
+
+
+# Findings of this campaign that the library does not handle yet (see the report of issue 16 and the xfail
+# reproducers below). The fuzz target lets an example that hits one of them pass with an `event` (so CI stays green
+# while the rest of the property is still checked); the strict xfails below go XPASS, and fail, once the library is
+# fixed, which is the signal to delete the entry here.
+KNOWN_BUGS = {
+    # config.json is handed to transformers unchecked: a wrong type / zero / negative value escapes as
+    # StrictDataclassFieldValidationError, RuntimeError, ZeroDivisionError, KeyError, ValueError, OSError (or a
+    # TypeError about Python internals) instead of a CheckpointError naming the file, the field and the rule.
+    "config_json_unvalidated": "config.json is not validated (transformers' own exceptions escape)",
+    # sparsekern_config.json "dtype" (top level or per layer) is not compared with the tensors' dtypes in the header.
+    "meta_dtype_unchecked": "sparsekern_config.json dtype is not checked against the tensors",
+    # config.json sizes of the layers that become SparseLinear (intermediate_size, head_dim, num_attention_heads,
+    # num_key_value_heads) are not compared with sparsekern_config.json / the header: transformers first builds the
+    # dense layers at the forged size (2**40: a raw allocator error; 10**6: tens of seconds and gigabytes), and a
+    # moderate value loads a model whose forward fails.
+    "config_sparse_sizes_unchecked": "config.json sizes of the sparse layers are not checked",
+    # The dtype of a dense tensor in the safetensors header (embeddings, norms, a SparseLinear's bias) is neither
+    # checked against the model nor covered by the CRC-32 (bytes only): F32 -> I32 loads the bit patterns as integers,
+    # converted to float, silently.
+    "header_dtype_unchecked": "dense tensors' header dtype is not checked (nor covered by the CRC-32)",
+}
+
+
+def _classify_known(muts, exc: BaseException | None) -> str | None:
+    touched = {m[1] for m in muts if m[0] in ("json", "garbage", "delete", "folder")}
+    if exc is not None and CONFIG in touched and not isinstance(exc, ALLOWED):
+        return "config_json_unvalidated"
+    if exc is None and any(m[0] == "json" and m[1] == META and "dtype" in m[2] for m in muts):
+        return "meta_dtype_unchecked"
+    if exc is None and any(m[0] == "header" and m[2] == "dtype" for m in muts):
+        return "header_dtype_unchecked"
+    return None
+
+
+def _state_equal(model, saved: Saved) -> bool:
+    state = model.state_dict()
+    if set(state) != set(saved.state):
+        return False
+    return all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in saved.state.items())
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")  # config.json sizes of 0
+@fuzz(1200)
+@given(data=st.data())
+def test_mutated_checkpoints_fail_cleanly_or_load_unchanged(saved, data):
+    muts = data.draw(st.lists(mutation(saved), min_size=1, max_size=3), label="mutations")
+    folder = Path(tempfile.mkdtemp(dir=saved.work)) / "m"
+    try:
+        shutil.copytree(saved.dir, folder)
+        for mut in muts:
+            apply_mutation(folder, mut)
+        event(" + ".join(sorted({m[0] + (":" + m[1] if m[0] in ("json", "garbage", "delete", "folder") else "")
+                                 for m in muts})))
+        try:
+            model = sparsekern.from_pretrained(folder)
+        except ALLOWED as exc:
+            assert str(exc).strip(), f"{type(exc).__name__} without a message"
+            if isinstance(exc, TypeError):
+                event(f"TypeError: {str(exc)[:60]}")
+            return
+        except Exception as exc:  # noqa: BLE001  (the property: no other exception type)
+            known = _classify_known(muts, exc)
+            if known:
+                event(f"known bug: {known}")
+                return
+            raise AssertionError(f"from_pretrained raised {type(exc).__name__}: {exc}") from exc
+        config_touched = any(m[0] == "json" and m[1] == CONFIG for m in muts)
+        note_exc = None
+        try:
+            same_out = torch.equal(_logits(model), saved.logits)
+        except Exception as exc:  # noqa: BLE001
+            same_out, note_exc = False, exc
+            note(f"forward failed: {type(exc).__name__}: {exc}")
+        if same_out and _state_equal(model, saved):
+            return
+        if config_touched and _state_equal(model, saved):
+            if not same_out and note_exc is not None:
+                event("known bug: config_sparse_sizes_unchecked")  # loaded, but the config does not fit the weights
+                return
+            event("config.json edit changed the model's hyper-parameters, weights intact")
+            return
+        known = _classify_known(muts, None)
+        if known:
+            event(f"known bug: {known}")
+            return
+        raise AssertionError("a mutated checkpoint loaded silently as a different model")
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- reproducers of the findings
+def _copy(saved: Saved, tmp_path: Path) -> Path:
+    dst = tmp_path / "m"
+    shutil.copytree(saved.dir, dst)
+    return dst
+
+
+def _edit(path: Path, fn) -> None:
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["config_json_unvalidated"])
+@pytest.mark.parametrize("field,value", [("hidden_size", "abc"), ("num_attention_heads", 0), ("vocab_size", -1),
+                                         ("hidden_act", "nope"), ("model_type", "xyz"), ("architectures", [1])])
+def test_forged_config_json_is_a_checkpoint_error(saved, tmp_path, field, value):
+    folder = _copy(saved, tmp_path)
+    _edit(folder / CONFIG, lambda d: d.__setitem__(field, value))
+    with pytest.raises(CheckpointError, match="config.json"):
+        sparsekern.from_pretrained(folder)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["meta_dtype_unchecked"])
+@pytest.mark.parametrize("where", ["top", "layer"])
+def test_forged_dtype_in_sparsekern_config_is_a_checkpoint_error(saved, tmp_path, where):
+    folder = _copy(saved, tmp_path)
+    layer = next(iter(saved.meta["layers"]))
+    if where == "top":
+        _edit(folder / META, lambda d: d.__setitem__("dtype", "float16"))
+    else:
+        _edit(folder / META, lambda d: d["layers"][layer].__setitem__("dtype", "bfloat16"))
+    with pytest.raises(CheckpointError):
+        sparsekern.from_pretrained(folder)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["config_sparse_sizes_unchecked"])
+@pytest.mark.parametrize("field,value", [("intermediate_size", 2**40), ("num_attention_heads", 4), ("head_dim", 4096)])
+def test_config_sizes_of_sparse_layers_are_checked(saved, tmp_path, field, value):
+    folder = _copy(saved, tmp_path)
+    _edit(folder / CONFIG, lambda d: d.__setitem__(field, value))
+    with pytest.raises(CheckpointError, match="config.json"):
+        sparsekern.from_pretrained(folder)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["header_dtype_unchecked"])
+@pytest.mark.parametrize("key", ["model.norm.weight", "model.embed_tokens.weight",
+                                 "model.layers.0.self_attn.q_proj.bias"])
+def test_forged_dtype_in_safetensors_header_is_a_checkpoint_error(saved, tmp_path, key):
+    folder = _copy(saved, tmp_path)
+    apply_mutation(folder, ("header", key, "dtype", "I32"))  # same width: every byte and its CRC-32 unchanged
+    with pytest.raises(CheckpointError, match=key):
+        sparsekern.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+class WorkStarted(BaseException):
+    """Raised by the sentinels that replace the CLI's expensive entry points (BaseException: no `except Exception`
+    in the CLI swallows it)."""
+
+
+# (module, attribute) of every expensive step a command may take; each is replaced by a sentinel while a case runs.
+WORK = [("sparsekern.data", "load_model"), ("sparsekern.serialization", "from_pretrained"),
+        ("sparsekern.pipeline", "prune_model"), ("sparsekern.eval", "perplexity"),
+        ("sparsekern.sensitivity", "sensitivity_scan"), ("sparsekern.bench.gemm", "run_gemm"),
+        ("sparsekern.bench.prune", "bench_point"), ("sparsekern.bench.prune", "_run_with_policy"),
+        ("sparsekern.pipeline_cli", "_load")]
+
+
+@contextlib.contextmanager
+def _sentinels():
+    import importlib
+
+    with contextlib.ExitStack() as stack:
+        for mod_name, attr in WORK:
+            try:
+                mod = importlib.import_module(mod_name)
+            except ImportError:
+                continue
+            if hasattr(mod, attr):
+                def boom(*a, _name=f"{mod_name}.{attr}", **k):
+                    raise WorkStarted(_name)
+                stack.enter_context(mock.patch.object(mod, attr, boom))
+        # `bench prune` re-runs itself in a child process with its page policy unless this marks it as that child
+        stack.enter_context(mock.patch.dict(os.environ, {"SPARSEKERN_BENCH_PRUNE_THP": "both"}))
+        yield
+
+
+def run_cli(argv: list[str]) -> tuple[int | None, str, float, str | None]:
+    """(exit status, stderr, seconds, work step reached or None) of `sparsekern <argv>` run in-process."""
+    from sparsekern import cli
+
+    err = io.StringIO()
+    t0 = time.perf_counter()
+    code, work = None, None
+    with _sentinels(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if not isinstance(exc.code, (int, type(None))):
+                err.write(str(exc.code))
+        except WorkStarted as exc:
+            work = str(exc)
+        except Exception as exc:  # noqa: BLE001  (a traceback: recorded as exit 1, as the interpreter would)
+            code = 1
+            err.write(f"{type(exc).__name__}: {exc}")
+    return code, err.getvalue(), time.perf_counter() - t0, work
+
+
+def assert_refused(argv: list[str]) -> None:
+    code, err, seconds, work = run_cli(argv)
+    if currently_in_test_context():
+        note(f"argv={argv!r} exit={code} work={work} stderr={err[-400:]!r}")
+    assert work is None, f"{argv}: work started ({work}) before the argument was refused"
+    assert code == 2, f"{argv}: exit status {code}, expected 2 (stderr: {err[-300:]!r})"
+    assert err.strip(), f"{argv}: no message on stderr"
+    assert seconds < 10, f"{argv}: took {seconds:.1f} s to refuse"
+
+
+@pytest.fixture(scope="module")
+def cli_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz_cli")
+    a_file = root / "a_file"
+    a_file.write_text("not a folder\n")
+    return {"file": str(a_file), "under_file": str(a_file / "out"), "missing": str(root / "no" / "such" / "model"),
+            "existing_dir": str(root)}
+
+
+# Invalid values per option: every one is a user error by the option's documented rule.
+COUNTS = ["0", "-1", "-100", "abc", "1.5", ""]
+PATTERNS = ["5:4", "2:x", "0:4", "4:4", "2:64", "", "abc", "1.5", "-0.5", "0", "2:4:8"]
+DEVICES = ["tpu", "npu", "cuda:x", "", "gpu0"]
+
+
+def _prune_invalid(paths):
+    return {
+        "--pattern": PATTERNS, "--nsamples": COUNTS, "--batch-size": COUNTS, "--seqlen": COUNTS,
+        "--scan-nsamples": COUNTS, "--scan-eval-tokens": COUNTS, "--method": ["foo", ""],
+        "--calib-dtype": ["float8"], "--rerun-kernel": ["x"], "--quant": ["int4"],
+        "--model": [paths["missing"]], "--unknown-flag": ["1"], "--skip-sensitive": ["-3", "-1", "x"],
+        "--eval-tokens": ["-1", "-5", "x"], "--device": DEVICES, "--text": [paths["missing"]],
+        "--out": [paths["under_file"], paths["file"] + "/", ""],
+    }
+
+
+def _eval_invalid(paths):
+    return {"--eval-tokens": COUNTS, "--batch-size": COUNTS, "--seqlen": COUNTS, "--model": [paths["missing"]],
+            "--unknown-flag": ["1"], "--device": DEVICES, "--text": [paths["missing"]]}
+
+
+def _gemm_invalid(paths):
+    return {"--shapes": ["0x4x4", "4x0x8", "-1x4x4", "abc", "4x4x4x4", "1x4000000x4000000", "1x8x2147483648"],
+            "--m": ["0", "-1", "abc"], "--m-max": ["0", "-3"], "--warmup": ["-1", "abc"], "--iters": ["0", "-2"],
+            "--min-iters": ["0"], "--max-seconds": ["0", "-1", "abc"], "--rotate": ["0"], "--threads": ["0", "-2"],
+            "--seed": ["-1"], "--dtype": ["fp99", ""], "--contenders": ["nope"], "--device": DEVICES,
+            "--preset": ["nope"], "--unknown-flag": ["1"], "--out": [paths["file"], paths["under_file"]],
+            "--policy": [paths["under_file"], paths["existing_dir"]]}
+
+
+def _bench_prune_invalid(paths):
+    return {"--thp": ["x"], "--unknown-flag": ["1"], "--repeats": ["abc"], "--budget": ["abc"], "--threads": ["x"]}
+
+
+def _bench_prune_pending(paths):
+    # `bench prune` validates none of these today: it starts benchmarking (or fails with a traceback, or exits 0)
+    return {"--shapes": ["0x4", "abc", "4x-4", "4x4000000000"], "--methods": ["nope", ""],
+            "--pattern": ["5:4", "2:x"], "--devices": ["tpu", ""], "--repeats": ["0", "-1"], "--budget": ["0", "-1"],
+            "--threads": ["0", "-1"], "--json": [paths["under_file"], paths["existing_dir"]]}
+
+
+def _none(paths):
+    return {}
+
+
+# command -> (argv head, invalid options refused today, invalid options pending, valid options to mix in)
+COMMANDS = {
+    "prune": (["prune"], _prune_invalid, _none, ["--method", "magnitude", "--nsamples", "2"]),
+    "eval": (["eval"], _eval_invalid, _none, ["--eval-tokens", "64"]),
+    "bench gemm": (["bench", "gemm"], _gemm_invalid, _none, ["--shapes", "4x8x8", "--iters", "1"]),
+    "bench prune": (["bench", "prune"], _bench_prune_invalid, _bench_prune_pending, ["--repeats", "1"]),
+}
+
+
+_PENDING = pytest.mark.xfail(strict=False, reason="CLI hardening pending (issue 16): bench prune validates its "
+                                                  "arguments only while benchmarking")
+
+
+@st.composite
+def cli_case(draw, paths, which: int):
+    """(command, argv): some valid options, then 1-2 invalid ones from table `which` of COMMANDS (1: refused today,
+    2: pending)."""
+    name = draw(st.sampled_from(sorted(c for c, spec in COMMANDS.items() if spec[which](paths))))
+    head, invalid, pending, valid = COMMANDS[name]
+    table = (invalid if which == 1 else pending)(paths)
+    options = draw(st.lists(st.sampled_from(sorted(table)), min_size=1, max_size=2, unique=True))
+    argv = list(head) + (valid if draw(st.booleans()) else [])
+    for opt in options:
+        value = draw(st.sampled_from(table[opt]))
+        argv += [opt, value] if not draw(st.booleans()) or not value.startswith("-") else [f"{opt}={value}"]
+    return name, argv
+
+
+@fuzz(800)
+@given(data=st.data())
+def test_cli_refuses_invalid_arguments_before_any_work(cli_paths, data):
+    name, argv = data.draw(cli_case(cli_paths, 1), label="argv")
+    event(name)
+    assert_refused(argv)
+
+
+@_PENDING
+@fuzz(100)
+@given(data=st.data())
+def test_cli_refuses_pending_invalid_arguments_before_any_work(cli_paths, data):
+    name, argv = data.draw(cli_case(cli_paths, 2), label="argv")
+    event(name)
+    assert_refused(argv)
+
+
+# The issue's reproducers and their neighbours, one case each.
+CLI_EXAMPLES = [
+    ["prune", "--skip-sensitive", "-3"],
+    ["prune", "--eval-tokens", "-1"],
+    ["prune", "--device", "tpu"],
+    ["prune", "--out", "{under_file}"],
+    ["prune", "--out", ""],
+    ["prune", "--pattern", "4:8", "--out", "{fresh_dir}"],
+    ["prune", "--dense", "--quant", "int8", "--out", "{fresh_dir}"],
+    ["prune", "--text", "{missing}"],
+    ["eval", "--device", "tpu"],
+    ["eval", "--text", "{missing}"],
+    ["bench", "gemm", "--shapes", "1x4000000x4000000"],
+    ["bench", "gemm", "--shapes", "4x8x8", "--out", "{file}"],
+    ["bench", "gemm", "--shapes", "4x8x8", "--out", "{under_file}"],
+    ["bench", "gemm", "--shapes", "4x8x8", "--policy", "{under_file}"],
+    pytest.param(["bench", "prune", "--shapes", "0x4"], marks=_PENDING),
+    pytest.param(["bench", "prune", "--shapes", "abc"], marks=_PENDING),
+    pytest.param(["bench", "prune", "--methods", "nope"], marks=_PENDING),
+    pytest.param(["bench", "prune", "--pattern", "5:4"], marks=_PENDING),
+    pytest.param(["bench", "prune", "--devices", "tpu"], marks=_PENDING),
+    pytest.param(["bench", "prune", "--repeats", "0"], marks=_PENDING),
+    pytest.param(["bench", "prune", "--budget", "-1"], marks=_PENDING),
+    pytest.param(["bench", "prune", "--threads", "-1"], marks=_PENDING),
+    pytest.param(["bench", "prune", "--json", "{under_file}"], marks=_PENDING),
+]
+
+
+def _fill(argv, paths, tmp_path):
+    values = dict(paths, fresh_dir=str(tmp_path / "fresh_out"))
+    return [a.format(**values) for a in argv]
+
+
+def _cli_id(param) -> str:
+    argv = param.values[0] if hasattr(param, "values") else param
+    return " ".join(a.strip("{}") for a in argv)
+
+
+@pytest.mark.parametrize("argv", CLI_EXAMPLES, ids=[_cli_id(p) for p in CLI_EXAMPLES])
+def test_cli_examples_refused_before_any_work(cli_paths, tmp_path, argv):
+    assert_refused(_fill(argv, cli_paths, tmp_path))
