@@ -216,9 +216,10 @@ class SparseLinear(nn.Module):
         w = self.__dict__["_weight24"]
         b = self._buffers
         if b["values"] is not w.values or b["codes"] is not w.codes or b["weight_scale"] is not w.scale:
-            # Something replaced a buffer directly (e.g. a device-map loader): adopt what the buffers hold now.
+            # Something replaced a buffer directly (e.g. a device-map loader, or `layer.codes = t`): adopt what the
+            # buffers hold now, validated like any compressed data from outside (shapes, dtypes, pattern codes).
             w = Sparse24Weight(b["values"], b["codes"], (self.out_features, self.in_features),
-                               scale=b["weight_scale"], validate=False)
+                               scale=b["weight_scale"], validate=True)
             self.__dict__["_weight24"] = w
             self._refresh_device_state()
         return w
@@ -335,6 +336,8 @@ class SparseLinear(nn.Module):
         elif not x.is_floating_point():
             raise TypeError(f"SparseLinear(quant={self.quant!r}) needs a floating input, got {x.dtype}")
         x2 = x.reshape(-1, self.in_features)
+        if not torch.compiler.is_compiling():
+            self.weight24  # noqa: B018  (adopts and validates buffers replaced from outside since the last call)
         kernel = self.kernel_for(x2.shape[0])
         if kernel == "dense_cached":  # a plain dense layer: autograd through x as usual, the copy is a buffer
             y = F.linear(x2, self.dense_weight_cache, self.bias)

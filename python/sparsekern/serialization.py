@@ -45,7 +45,7 @@ from torch import nn
 from ._fsutil import FileRefused, atomic_write, check_regular_file, read_json
 from ._modules import replace_module
 from ._version import __version__
-from .linear import SparseLinear, is_convertible
+from .linear import SparseLinear, dense_weight_of, is_convertible
 from .weight import FORMAT_VERSION, CheckpointError, NotTwoFourError, Sparse24Weight
 
 FILE_FORMAT = "sparsekern"
@@ -86,6 +86,10 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         if k in state_dict and tuple(state_dict[k].shape) != tuple(t.shape):
             problems.append(f"{k}: checkpoint shape {tuple(state_dict[k].shape)} != model shape {tuple(t.shape)} "
                             "(truncated or mismatched)")
+        elif k in state_dict and _kind(state_dict[k].dtype) != _kind(t.dtype):
+            # torch would convert the values silently (an int32 tensor's bit patterns read as numbers)
+            problems.append(f"{k}: checkpoint dtype {state_dict[k].dtype} is not the kind of the model's {t.dtype} "
+                            "(mismatched or edited checkpoint)")
     unexpected = [k for k in state_dict if k not in expected
                   and not (_layer_of(k, sparse) is not None and k.rpartition(".")[2] in sparse_keys)]
     if strict and missing:
@@ -99,6 +103,11 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
         model.load_state_dict(rest, strict=False)
     for name, (weight, bias) in installs.items():
         sparse[name].load_weight(weight, bias)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else "float" if dtype.is_floating_point else \
+        "complex" if dtype.is_complex else "int"
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -118,11 +127,14 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
 
 
 def tensor_checksum(t: torch.Tensor) -> str:
-    """CRC-32 of a CPU tensor's bytes (contiguous, row-major) as "crc32:xxxxxxxx": what save_safetensors records per
-    tensor and the loaders verify, so a flipped bit in a checkpoint is an error naming the tensor, not a changed
-    output. zlib's CRC-32 runs at a few GB/s: a fraction of the time reading the file takes."""
-    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return f"crc32:{zlib.crc32(memoryview(data)) & 0xFFFFFFFF:08x}"
+    """CRC-32 of a tensor's dtype, shape and bytes (contiguous, row-major) as "crc32:xxxxxxxx": what save_safetensors
+    records per tensor and the loaders verify, so a flipped bit in a checkpoint, or a header edited to call the same
+    bytes another dtype or shape, is an error naming the tensor, not a changed output. zlib's CRC-32 runs at a few
+    GB/s: a fraction of the time reading the file takes."""
+    t = t.detach().to("cpu").contiguous()
+    head = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode()
+    data = t.reshape(-1).view(torch.uint8).numpy()
+    return f"crc32:{zlib.crc32(memoryview(data), zlib.crc32(head)) & 0xFFFFFFFF:08x}"
 
 
 def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> dict:
@@ -316,10 +328,17 @@ def _dtype_from_name(name: str) -> torch.dtype:
 def _build_model(directory: Path, model_class, dtype: torch.dtype | None):
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(directory))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory))
+    except Exception as exc:  # noqa: BLE001  (transformers raises many types for a malformed config)
+        raise CheckpointError(f"{directory}/config.json: transformers cannot read it ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
     if model_class is None:
         archs = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, archs[0], None) if archs else None
+        if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+            raise CheckpointError(f"{directory}/config.json: 'architectures' must be a list of class names, got "
+                                  f"{str(archs)[:80]}")
+        model_class = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
         if model_class is None:
             raise CheckpointError(f"{directory}/config.json names no known architecture ({archs}); pass "
                                   "model_class=...")
@@ -406,22 +425,53 @@ def _check_layers_against_header(meta: dict, heads: dict, where: str) -> None:
                                   f"(values [{n}, {k // 2}]) but {WEIGHTS_FILE} holds values {head[0]}")
 
 
-def _check_dense_against_header(model_class, config, heads: dict, tied: dict, sparse: set, where: str) -> None:
-    """Build the model on the meta device (no memory) and compare each dense entry's shape with the file's header,
-    so a config.json whose sizes do not match the weights (e.g. a forged vocab_size) fails before the real model is
-    allocated. A model class that cannot be built on meta skips this (the loader still checks every shape)."""
+def _construct(model_class, config, where: str, device: str | None = None):
+    """model_class(config), on `device` (e.g. "meta"); any failure is a CheckpointError naming config.json (a
+    malformed config makes transformers raise ZeroDivisionError, KeyError, its own validation errors...)."""
     try:
-        with torch.device("meta"):
-            probe = model_class(config)
-    except Exception:  # noqa: BLE001  (any failure here only means the early check is not possible)
-        return
+        with torch.device(device) if device else contextlib.nullcontext():
+            return model_class(config)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{where}/config.json: {model_class.__name__} cannot be built from it "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _check_dense_against_header(model_class, config, meta: dict, heads: dict, where: str) -> None:
+    """Build the model on the meta device (no memory) and compare it with the file's header before the real model is
+    allocated: each dense entry's shape (a forged vocab_size), each sparse layer's [out, in] (a forged
+    intermediate_size or head count), and the dtypes sparsekern_config.json claims (top level: the floating dense
+    tensors; per layer: an unquantised layer's values)."""
+    tied, layers = meta.get("tied", {}), meta.get("layers", {})
+    probe = _construct(model_class, config, where, "meta")
+    for name, spec in layers.items():
+        try:
+            mod = probe.get_submodule(name)
+            shape = list(dense_weight_of(mod)[0].shape)
+        except (AttributeError, TypeError):
+            raise CheckpointError(f"{where}: sparsekern_config.json names layer {name!r}, which the model built from "
+                                  "config.json has not as a Linear") from None
+        if shape != [spec["out_features"], spec["in_features"]]:
+            raise CheckpointError(f"{where}: config.json gives layer {name!r} the shape {shape} but "
+                                  f"sparsekern_config.json and {WEIGHTS_FILE} hold [{spec['out_features']}, "
+                                  f"{spec['in_features']}]; the config does not match the weights")
+        head = heads.get(f"{name}.values")
+        if spec["quant"] is None and head is not None and head[1] != _ST_DTYPES[spec["dtype"]]:
+            raise CheckpointError(f"{where}: sparsekern_config.json says layer {name!r} is {spec['dtype']} but its "
+                                  f"values are {head[1]} in {WEIGHTS_FILE}")
+    want = _ST_DTYPES[meta.get("dtype", "float32")]
     for key, t in probe.state_dict().items():
-        if key.rpartition(".")[0] in sparse:
+        if key.rpartition(".")[0] in layers:
             continue
         head = heads.get(tied.get(key, key))
         if head is not None and list(t.shape) != head[0]:
             raise CheckpointError(f"{where}: config.json gives {key} the shape {list(t.shape)} but {WEIGHTS_FILE} "
                                   f"holds {head[0]}; the config does not match the weights")
+        if head is not None and t.is_floating_point() and head[1] in _ST_DTYPES.values() and head[1] != want:
+            raise CheckpointError(f"{where}: sparsekern_config.json says the model is {meta.get('dtype')} but "
+                                  f"{WEIGHTS_FILE} holds {key} as {head[1]}")
         if key in tied and head is None:
             raise CheckpointError(f"{where}: tied key {key!r} refers to missing {tied[key]!r}")
 
@@ -454,12 +504,11 @@ def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: to
     heads, _ = _safetensors_header(directory / WEIGHTS_FILE)
     _check_layers_against_header(meta, heads, str(directory))
     config, model_class, _ = _build_model(directory, model_class, dtype)
-    _check_dense_against_header(model_class, config, heads, meta.get("tied", {}), set(meta.get("layers", {})),
-                                str(directory))
+    _check_dense_against_header(model_class, config, meta, heads, str(directory))
     tensors, st_meta = _read_safetensors(directory / WEIGHTS_FILE, verify=verify)
     requested = dtype
     dtype = dtype or _dtype_from_name(meta.get("dtype", "float32"))
-    model = model_class(config).to(dtype)
+    model = _construct(model_class, config, str(directory)).to(dtype)
     for name, spec in meta.get("layers", {}).items():
         try:
             old = model.get_submodule(name)
@@ -531,7 +580,7 @@ def _from_compressed_tensors(directory: Path, raw_cfg: dict, sparsity: dict, mod
     first_dtype = next((tensors[n + ".compressed"].dtype for n in layers), None)
     dtype = dtype or _dtype_from_name(str(raw_cfg.get("torch_dtype") or raw_cfg.get("dtype") or first_dtype
                                           or "float32").removeprefix("torch."))
-    model = model_class(config).to(dtype)
+    model = _construct(model_class, config, str(directory)).to(dtype)
     for name in layers:
         missing = [s for s in ("bitmask", "shape") if f"{name}.{s}" not in tensors]
         if missing:

@@ -180,22 +180,101 @@ class _null:
 # ---------------------------------------------------------------- CLI
 
 
+def _type(parse):
+    """argparse type from a parser raising ValueError: the message becomes argparse's (exit 2, before any work)."""
+    def conv(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    conv.__name__ = getattr(parse, "__name__", "value")
+    return conv
+
+
+def _parse_shapes(text: str) -> str:
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError("empty shape list (expected e.g. 4096x4096,11008x4096)")
+    for t in items:
+        parts = t.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) <= 2 ** 20 for p in parts):
+            raise ValueError(f"shape {t!r} is not ROWSxCOLS with both in 1..2^20 (e.g. 4096x11008)")
+    return text
+
+
+def _parse_methods(text: str) -> str:
+    names = [m for m in text.split(",") if m]
+    bad = [m for m in names if m not in ("sparsegpt", "wanda")]
+    if not names or bad:
+        raise ValueError(f"methods must be a non-empty comma-separated list of sparsegpt, wanda (got {text!r})")
+    return text
+
+
+def _parse_pattern(text: str) -> str:
+    from ..prune import parse_pattern
+
+    p = parse_pattern(text)  # ValueError names the rule
+    if not p.structured:
+        raise ValueError(f"pattern {text!r}: the benchmark measures N:M patterns (e.g. 2:4)")
+    return text
+
+
+def _parse_devices(text: str) -> str:
+    if not [d for d in text.split(",") if d]:
+        raise ValueError("empty device list; use cpu, cuda or cuda:N")
+    for d in (d for d in text.split(",") if d):
+        dev = torch.device(d) if d in ("cpu", "cuda") or d.startswith("cuda:") else None
+        if dev is None:
+            raise ValueError(f"device {d!r}: use cpu, cuda or cuda:N")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {d!r}: no CUDA GPU is visible")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise ValueError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0 or v == float("inf"):
+        raise ValueError(f"must be a positive number, got {text}")
+    return v
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, type=_type(_parse_shapes),
                         help=f"comma-separated ROWSxCOLS (out_features x in_features), default {DEFAULT_SHAPES}")
-    parser.add_argument("--methods", default="sparsegpt,wanda", help="comma-separated: sparsegpt, wanda")
-    parser.add_argument("--pattern", default="2:4", help="n:m pattern (default 2:4)")
-    parser.add_argument("--devices", default=None,
+    parser.add_argument("--methods", default="sparsegpt,wanda", type=_type(_parse_methods),
+                        help="comma-separated: sparsegpt, wanda")
+    parser.add_argument("--pattern", default="2:4", type=_type(_parse_pattern), help="n:m pattern (default 2:4)")
+    parser.add_argument("--devices", default=None, type=_type(_parse_devices),
                         help="comma-separated devices (default: cpu, plus cuda when a GPU is present)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating ours/reference pairs per point (default 3)")
-    parser.add_argument("--budget", type=float, default=60.0,
+    parser.add_argument("--repeats", type=_type(_positive_int), default=3,
+                        help="alternating ours/reference pairs per point (default 3)")
+    parser.add_argument("--budget", type=_type(_positive_float), default=60.0,
                         help="seconds per point after which no new pair starts (at least one pair runs; default 60)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU runs")
+    parser.add_argument("--threads", type=_type(_positive_int), default=None,
+                        help="torch.set_num_threads for the CPU runs")
     parser.add_argument("--thp", default="both", choices=sorted(THP_POLICIES),
                         help="page policy applied to both sides alike: both = transparent huge pages for every large "
                              "tensor of ours and the reference's (default), none = no huge-page request on either side "
                              "(the system THP mode 'always' still gives them to both; the header prints the mode)")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--json", default=None, type=_type(_parse_json_path),
+                        help="write the results to this JSON file")
+
+
+def _parse_json_path(text: str) -> str:
+    from .._fsutil import FileRefused, check_output_path
+
+    try:
+        check_output_path(text, what="--json", overwrite=True, kind="file")
+    except FileRefused as e:
+        raise ValueError(str(e)) from None
+    return text
 
 
 # Environment of each page policy; _THP_MARK records that a process was started with it (the variables only take

@@ -111,6 +111,11 @@ def spmm_24(x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, bias: to
     values [N, K/2], codes uint8 [N, ceil(K/8)]: the weight (sparsekern.weight documents the format).
     bias, alpha: optional floating [N]; row_scale: optional floating [M]; all on x's device.
     activation: None/"none", "relu", "gelu" (erf form). out_dtype: default x's dtype (int32 for int8 x).
+    The codes are trusted, not re-validated: checking them costs a pass over the whole codes tensor per call (a
+    decode step's weight read again), and on CUDA a host synchronisation. They are validated once where compressed
+    data enters the library: Sparse24Weight's constructor (and so sparsekern.sparse_linear, SparseLinear, every
+    checkpoint loader). With an invalid code the result is unspecified (it differs between kernels); call
+    sparsekern.weight.codes_violation(codes, K) first when the codes come from elsewhere.
     """
     act = check_activation("spmm_24", activation)
     _ext.require("sparse_linear")
