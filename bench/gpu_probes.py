@@ -212,20 +212,28 @@ def probe_1():
                               "same_library_version": same_lib, "shapes": rows}
 
 
-def probe_2():
-    """Finding 2: a captured graph replays into workspace memory freed by clear_cache()/search()."""
+def _cslt_fp16_layer(n: int, k: int):
+    """(a float16 nn.Linear [n, k] with a 2:4 weight and a bias on the GPU, its SparseLinear forced to cuSPARSELt)."""
     torch = _torch()
     import torch.nn as nn
 
     from sparsekern.linear import SparseLinear
-    from sparsekern.ops import cslt
 
-    n, k, m = 128, 256, 16
     lin = nn.Linear(k, n, bias=True, device=DEV, dtype=torch.float16)
     with torch.no_grad():
         lin.weight.copy_(_prune24(lin.weight))
     layer = SparseLinear.from_linear(lin)
     layer.set_kernel("cslt")
+    return lin, layer
+
+
+def probe_2():
+    """Finding 2: a captured graph replays into workspace memory freed by clear_cache()/search()."""
+    torch = _torch()
+    from sparsekern.ops import cslt
+
+    n, k, m = 128, 256, 16
+    lin, layer = _cslt_fp16_layer(n, k)
     detail = {"shape": f"{m}x{n}x{k} float16", "kernel": layer.kernel_for(m)}
     x = torch.randn(m, k, device=DEV, dtype=torch.float16)
     with torch.no_grad():
@@ -415,17 +423,11 @@ def probe_6():
     torch = _torch()
     import io
 
-    import torch.nn as nn
-
     from sparsekern.linear import SparseLinear
     from sparsekern.ops import cslt
 
     n, k, m = 128, 256, 16
-    lin = nn.Linear(k, n, bias=True, device=DEV, dtype=torch.float16)
-    with torch.no_grad():
-        lin.weight.copy_(_prune24(lin.weight))
-    layer = SparseLinear.from_linear(lin)
-    layer.set_kernel("cslt")
+    lin, layer = _cslt_fp16_layer(n, k)
     x = torch.randn(m, k, device=DEV, dtype=torch.float16)
     with torch.no_grad():
         y0 = layer(x)
