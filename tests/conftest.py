@@ -96,3 +96,13 @@ def pytest_generate_tests(metafunc):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _intra_op_threads():
+    # A test that changes the process's intra-op thread count (e.g. an in-process `bench gemm --threads 1`) must not
+    # change the numerics of the tests after it: the count is restored after every test.
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

@@ -279,3 +279,23 @@ def test_prune_cli_passes_the_pass_and_kernel_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(common + ["--rerun-kernel", "fastest"])
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_single_pass_is_bit_identical_after_the_caller_changed_its_thread_count():
+    # The intra-op thread count is per OS thread: the paused pass's chunk threads must use the caller's, or their
+    # reductions split (and round) differently from the per-group passes. Seen in CI after an in-process
+    # `bench gemm --threads 1` had left the main thread at 1.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        torch.manual_seed(0)
+        base = _llama()
+        ids = _calib(7, 24)
+        one, many = _clone(base), _clone(base)
+        prune_model(one, ids, method="sparsegpt", pattern="2:4", true_sequential=True, single_pass=True,
+                    batch_size=3, progress=False)
+        prune_model(many, ids, method="sparsegpt", pattern="2:4", true_sequential=True, single_pass=False,
+                    batch_size=3, progress=False)
+        assert _same_parameters(one, many) == []
+    finally:
+        torch.set_num_threads(before)

@@ -225,7 +225,16 @@ def _measure_point_interleaved(prepared: dict, problem, bufs, ref, m: int, cfg: 
 
 
 def run_gemm(cfg: GemmConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-    """Run the benchmark; returns the JSON document (see schema.json)."""
+    """Run the benchmark; returns the JSON document (see schema.json). cfg.threads applies for the run only: the
+    caller's intra-op thread count is restored afterwards (it is process state other code depends on)."""
+    before = torch.get_num_threads()
+    try:
+        return _run_gemm(cfg, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_gemm(cfg: GemmConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     device = cfg.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA GPU is visible to torch")

@@ -45,6 +45,10 @@ class _StagedPass:
         self.abort = False
         self.local = threading.local()
         self.cuda_ctx = (lambda: torch.cuda.device(device)) if device.type == "cuda" else contextlib.nullcontext
+        # The intra-op thread count is per OS thread (OpenMP): a new thread starts at the default, not at what the
+        # caller set with torch.set_num_threads. The chunk threads take the caller's count, so the paused pass splits
+        # its reductions (and rounds) exactly as the calling thread would: bit-identical to the per-group passes.
+        self.num_threads = torch.get_num_threads()
 
     def hook_for(self, k: int):
         """Forward pre-hook on group k's leader: add the chunk's input to the group's statistics and park."""
@@ -62,6 +66,7 @@ class _StagedPass:
         return hook
 
     def worker(self, c: int) -> None:
+        torch.set_num_threads(self.num_threads)
         self.local.chunk = c
         self.go[c].acquire()
         try:
