@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -42,26 +41,10 @@ settings.register_profile(
 
 
 def examples_override() -> int | None:
-    """SPARSEKERN_FUZZ_EXAMPLES as a positive int, None when unset or empty. Read through sparsekern.envs when the
-    registry declares the variable, else from os.environ with the same rule."""
-    try:
-        from sparsekern import envs
+    """SPARSEKERN_FUZZ_EXAMPLES (declared in sparsekern.envs: a positive int, None when unset)."""
+    from sparsekern import envs
 
-        if FUZZ_ENV in envs.VARIABLES:
-            value = envs.get(FUZZ_ENV)
-            return None if value is None else int(value)
-    except ImportError:
-        pass
-    raw = os.environ.get(FUZZ_ENV, "")
-    if not raw:
-        return None
-    try:
-        value = int(raw, 10)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"{FUZZ_ENV}={raw} is not understood; use a positive integer (or unset)")
-    return value
+    return envs.get(FUZZ_ENV)
 
 
 def fuzz(default_examples: int, **overrides):

@@ -92,13 +92,9 @@ int64_t dense_multiple(at::ScalarType in) {
   return core::cslt_dense_multiple(static_cast<int64_t>(c10::elementSize(in)));
 }
 
-// The formula size of a compressed buffer (the kept half of the values plus 2 bits of metadata per kept value: 9/16
-// of the dense bytes for 16-bit types, 10/16 for 8-bit ones). cuSPARSELt pads small matrices beyond it (e.g. 384
-// bytes for an 8x16 fp16 matrix against 144), so buffers are sized by the query below; the formula is only the
-// lower bound the Python fake kernel uses where no GPU can answer the query (docs/cusparselt.md).
-[[maybe_unused]] int64_t formula_bytes(int64_t n, int64_t k, at::ScalarType in) {
-  return is_8bit(in) ? n * k * 10 / 16 : n * k * 2 * 9 / 16;
-}
+// Compressed buffers are sized by cuSPARSELt's own query (query_compressed_bytes, below), never by a formula: it pads
+// small matrices beyond 9/16 (10/16) of the dense bytes. The formula survives only in Python (ops/cslt.py
+// formula_nbytes) as the lower bound where no GPU can answer the query.
 
 bool is_float_out(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
 

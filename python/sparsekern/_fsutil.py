@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat as _stat
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -100,8 +101,6 @@ def check_regular_file(path: str | os.PathLike, what: str) -> Path:
         st = os.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
-    import stat as _stat
-
     if not _stat.S_ISREG(st.st_mode):
         kind = "a folder" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \
             "a device or socket"

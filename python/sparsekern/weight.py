@@ -42,7 +42,7 @@ import torch
 from . import _ext, policy
 from .ops import core as _core
 from .ops import cslt as _cslt
-from .quant import dequantize_weight, quant_dtype, quant_of_dtype, quantize_weight
+from .quant import dequantize_weight, quant_of_dtype, quantize_weight
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "sparsekern-2:4-portable"
@@ -558,4 +558,4 @@ def to_bitmask(c: Sparse24Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 __all__ = ["Sparse24Weight", "Compressed24", "FORMAT_VERSION", "FORMAT_NAME", "SUPPORTED_FORMAT_VERSIONS",
            "NotTwoFourError", "CheckpointError", "compress_24", "decompress_24", "sparse_linear", "from_bitmask",
-           "to_bitmask", "check_twofour", "twofour_violation", "codes_violation", "codes_shape", "quant_dtype"]
+           "to_bitmask", "check_twofour", "twofour_violation", "codes_violation", "codes_shape"]
