@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -336,13 +337,20 @@ Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& va
   // for M > MT the tile loops over row blocks of x while its NT weight rows stay in cache.
   // Contract with the tile kernels: one thread runs all of an n-tile's row blocks, in order from m0 = 0 (the row-pair
   // kernels build their per-n-tile panels at m0 = 0 and reuse them for the later blocks).
+  // Work is handed out dynamically: each thread takes the next n-tile from a shared counter until none is left,
+  // instead of one static slab of tiles per thread. Why: on a shared machine a thread that loses its core for a
+  // while (another process) would otherwise hold back the whole call while the others wait at the barrier; with
+  // dynamic tiles the others take its share (measured: `sparsekern bench generate --contend`, docs/benchmarks.md).
   constexpr int64_t NT = kTileN, MT = kTileM;
   const int64_t n_tiles = (N + NT - 1) / NT;
   const bool exact_int = is_int && od == at::kInt && !ep.any();
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+  std::atomic<int64_t> next_tile{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tiles));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> accf(MT * NT);
     std::vector<int32_t> acci(is_int ? MT * NT : 0);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = next_tile.fetch_add(1, std::memory_order_relaxed); t < n_tiles;
+         t = next_tile.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t n0 = t * NT, n1 = std::min(N, n0 + NT), nc = n1 - n0;
       for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t m1 = std::min(M, m0 + MT);
