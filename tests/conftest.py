@@ -4,6 +4,8 @@
   it is skipped cleanly otherwise (checked here at run time, never at collection/import time).
 - DEVICES: parametrize over it for tests that run on every available device; it always contains "cpu".
 - Every test starts from a fixed seed (autouse fixture), so failures reproduce.
+- SPARSEKERN_CPU_CALIBRATE=0 for the whole suite (kernel choices never depend on timing), except where a test turns it
+  on.
 - SPARSEKERN_REQUIRE_CUDA=1 (sparsekern.envs): a GPU run must not pass by skipping. Every `cuda` test that cannot
   run fails with the reason, every skip of a `cuda` test (or any skip whose reason is a missing GPU / CUDA build)
   becomes a failure, and a session that ran no `cuda` test at all fails.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -31,6 +34,10 @@ def _cuda_ready() -> tuple[bool, str]:
         return False, "extension built CPU-only"
     return True, ""
 
+
+# Kernel choices must not depend on timing: first-use calibration of CPU layers (sparsekern.calibrate) is off for the
+# suite; tests/test_calibrate.py turns it on where it is the subject (monkeypatch.setenv).
+os.environ["SPARSEKERN_CPU_CALIBRATE"] = "0"
 
 CUDA_OK, CUDA_WHY = _cuda_ready()
 DEVICES = ["cpu"] + (["cuda"] if CUDA_OK else [])

@@ -109,6 +109,10 @@ _VARIABLES = (
     Variable("SPARSEKERN_CACHE", "path", None,
              "folder for derived files such as the float copy of the bundled model (default: "
              "$XDG_CACHE_HOME/sparsekern, i.e. ~/.cache/sparsekern)", PYTHON),
+    Variable("SPARSEKERN_CPU_CALIBRATE", "tristate", True,
+             "0: no first-use calibration of CPU SparseLinear kernels (a CPU layer then follows the policy table or "
+             "the built-in defaults); on (default): a (dtype, N, K, M bucket) no table covers is timed once, a few "
+             "ms, and the winner cached in the policy table (sparsekern.calibrate)", PYTHON),
     Variable("SPARSEKERN_BENCH_PRUNE_THP", "choice", None,
              "internal: set by `sparsekern bench prune` on the child process it starts with a page policy "
              "(--thp); not for users", PYTHON, ("both", "none")),

@@ -309,6 +309,7 @@ class SparseLinear(nn.Module):
             raise ValueError("SparseLinear.set_dense_cache: dense_cache=True is for unquantised layers")
         self.dense_cache = bool(enabled)
         self._buffers["dense_weight_cache"] = self._build_dense_cache()
+        self.__dict__.pop("_kernel_cache", None)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -323,6 +324,7 @@ class SparseLinear(nn.Module):
         from . import policy
 
         self._kernel_override = policy.normalize_kernel(kernel) if kernel is not None else None
+        self.__dict__.pop("_kernel_cache", None)
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,19 +338,68 @@ class SparseLinear(nn.Module):
         elif not x.is_floating_point():
             raise TypeError(f"SparseLinear(quant={self.quant!r}) needs a floating input, got {x.dtype}")
         x2 = x.reshape(-1, self.in_features)
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            kernel = self.kernel_for(x2.shape[0])
+        else:
             self.weight24  # noqa: B018  (adopts and validates buffers replaced from outside since the last call)
-        kernel = self.kernel_for(x2.shape[0])
+            kernel = self._eager_kernel(x2)
+        b = self._buffers
         if kernel == "dense_cached":  # a plain dense layer: autograd through x as usual, the copy is a buffer
-            y = F.linear(x2, self.dense_weight_cache, self.bias)
+            y = F.linear(x2, b["dense_weight_cache"], b["bias"])
             return y.reshape(*x.shape[:-1], self.out_features)
-        args = (x2, self.values, self.codes, self.weight_scale, self.bias, self.cslt_buffer, kernel, self.quant,
+        args = (x2, b["values"], b["codes"], b["weight_scale"], b["bias"], b["cslt_buffer"], kernel, self.quant,
                 self.out_features, self.in_features)
         if torch.is_grad_enabled() and x2.requires_grad:
             y = _SparseLinearFunction.apply(*args)
         else:
             y = _sparse_matmul(*args)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _eager_kernel(self, x2: torch.Tensor) -> str:
+        """kernel_for(M) outside torch.compile, cached per M bucket until the policy's generation changes (a table
+        activated or recorded into, override() entered or left) or the layer's own facts change (_kernel_cache
+        dropped by set_kernel, set_dense_cache and every device move). A CPU bucket no table covers is calibrated
+        here first (sparsekern.calibrate)."""
+        from . import calibrate, policy
+
+        m = x2.shape[0]
+        bucket = policy.m_bucket(m)
+        gen = policy.generation()
+        cache = self.__dict__.get("_kernel_cache")
+        if cache is None or cache[0] != gen:
+            cache = (gen, {})
+            self.__dict__["_kernel_cache"] = cache
+        kernel = cache[1].get(bucket)
+        if kernel is not None:
+            return kernel
+        if (x2.device.type == "cpu" and self._kernel_override is None and policy.forced_kernel() is None
+                and calibrate.wanted(policy.dtype_name(self.values.dtype), self.out_features, self.in_features, m)):
+            self._calibrate(x2)
+        kernel = self.kernel_for(m)
+        self.__dict__.setdefault("_kernel_cache", (policy.generation(), {}))
+        if self.__dict__["_kernel_cache"][0] == policy.generation():
+            self.__dict__["_kernel_cache"][1][bucket] = kernel
+        return kernel
+
+    def _calibrate(self, x2: torch.Tensor) -> None:
+        """Time this layer's CPU candidates on x2 and record the winner (sparsekern.calibrate)."""
+        from . import calibrate, policy
+
+        b = self._buffers
+        n, k = self.out_features, self.in_features
+
+        def run(kernel):
+            return lambda: _sparse_matmul(x2, b["values"], b["codes"], b["weight_scale"], b["bias"], None, kernel,
+                                          self.quant, n, k)
+
+        candidates = {"spmm24": run("spmm24"), "dense_fallback": run("dense_fallback")}
+        if self.quant is None:
+            w = b["dense_weight_cache"]
+            w = w if w is not None else self.__dict__["_weight24"].decompress()
+            bias = b["bias"]
+            candidates["dense"] = lambda: F.linear(x2, w, bias)
+        with torch.no_grad():
+            calibrate.calibrate(policy.dtype_name(self.values.dtype), n, k, x2.shape[0], candidates)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -364,6 +415,7 @@ class SparseLinear(nn.Module):
         from . import policy
 
         weight = self.__dict__["_weight24"]
+        self.__dict__.pop("_kernel_cache", None)
         if rebuild_cslt:
             self._buffers["cslt_buffer"] = weight.build_cslt() if weight.device.type == "cuda" else None
         weight.kernel_for(1)  # computes and caches the device facts the policy needs (arch, kernels compiled)
@@ -418,6 +470,7 @@ class SparseLinear(nn.Module):
         # an A100 and loaded on an H100 with map_location would otherwise run an sm80 buffer on sm90), and the dense
         # copy is derived data: neither is pickled. __setstate__ rebuilds both for wherever the tensors land.
         state = self.__dict__.copy()
+        state.pop("_kernel_cache", None)  # per-process kernel choices (sparsekern.policy.generation)
         state["_buffers"] = {**self._buffers, "cslt_buffer": None, "dense_weight_cache": None}
         return state
 

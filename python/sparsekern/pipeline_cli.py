@@ -77,12 +77,6 @@ def _device(text: str) -> str:
     return text
 
 
-def _is_sparsekern_dir(path: str) -> bool:
-    from .serialization import META_FILE
-
-    return os.path.isfile(os.path.join(path, META_FILE))
-
-
 def _check_sources(args) -> None:
     """--model and --text name something that exists (before anything is loaded)."""
     from . import data
@@ -98,26 +92,10 @@ def _check_sources(args) -> None:
 
 
 def _load(args, dtype=torch.float32):
-    """(model, tokenizer) for --model: 'bundled', an HF checkpoint directory, or a sparsekern-saved directory. A
-    directory that does not hold a loadable model and tokenizer is a user error naming it."""
-    from . import data
-    from .cli import UserError
-    from .weight import CheckpointError
+    """(model, tokenizer) for --model on --device (sparsekern.loading)."""
+    from .loading import load_model_and_tokenizer
 
-    try:
-        if args.model != data.BUNDLED and _is_sparsekern_dir(args.model):
-            from transformers import AutoTokenizer
-
-            from .serialization import from_pretrained
-
-            model = from_pretrained(args.model, device=args.device)
-            return model, AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        return data.load_model(args.model, dtype=dtype, device=args.device)
-    except (CheckpointError, data.DataError):
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' errors for a corrupt / partial folder
-        raise UserError(f"--model {args.model!r} could not be loaded with its tokenizer ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    return load_model_and_tokenizer(args.model, device=args.device, dtype=dtype)
 
 
 def _token_stream(args, tok) -> torch.Tensor:
@@ -333,6 +311,27 @@ def _sparse_layer_bytes(model) -> int:
     return total
 
 
+def _demo_generation(args, model, tok, stages: dict) -> dict | None:
+    """End-to-end generation, dense vs 2:4, on the pruned (sparsified) model: `sparsekern bench generate`'s protocol
+    with the demo's sizes; on the CPU only (on a GPU, `sparsekern bench gemm`)."""
+    if not args.generate or torch.device(args.device).type != "cpu":
+        return None
+    import copy
+
+    from . import data
+    from .bench.generate import DECODE_PROMPT, prepare_base, run_protocol
+
+    t0 = time.perf_counter()
+    limit = data.max_positions(getattr(model, "config", None)) or 4096
+    lengths = [n for n in (128, 512) if n <= limit] or [max(1, limit // 2)]
+    decode = max(1, min(32, limit - DECODE_PROMPT - 1))
+    base, _ = prepare_base(copy.deepcopy(model), prune=False, where="the demo's pruned model")
+    generation = run_protocol(base, tok, dtypes=["float32", "bfloat16"], variants=["dense", "sparse"],
+                              prompt_lengths=lengths, decode_tokens=decode, repeats=3, log=lambda msg: _log(args, msg))
+    stages["generation benchmark (dense vs 2:4)"] = time.perf_counter() - t0
+    return generation
+
+
 def _cmd_demo(args) -> int:
     from . import data
     from .convert import sparsify
@@ -386,6 +385,7 @@ def _cmd_demo(args) -> int:
     # logits' range); anything larger means a wrong weight.
     outputs_match = max_err <= 1e-3 * max(scale, 1.0)
 
+    generation = _demo_generation(args, model, tok, stages)
     sparse_bytes = _sparse_layer_bytes(model)
     rows = [("perplexity dense", f"{dense_ppl:.3f}"),
             (f"perplexity SparseGPT {args.pattern}", f"{pruned_ppl:.3f}"),
@@ -402,6 +402,9 @@ def _cmd_demo(args) -> int:
               "dense_weight_bytes": dense_bytes, "sparse_weight_bytes": sparse_bytes,
               "outputs_match": outputs_match, "max_abs_diff": max_err, "seconds": stages,
               "converted": len(srep.converted)}
+    if generation is not None:
+        result["generation"] = {k: generation[k] for k in ("prompt_lengths", "decode_tokens", "repeats", "records",
+                                                           "models", "calibration")}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -409,6 +412,13 @@ def _cmd_demo(args) -> int:
         print("\nsummary")
         for k, v in rows:
             print(f"  {k:<{width}}  {v}")
+        if generation is not None:
+            from .bench.generate import summary_table
+
+            print("\ngeneration, tokens/s: dense vs 2:4 (sparsify) on the pruned model, batch 1, median of "
+                  f"{generation['repeats']} interleaved runs (x = 2:4 / dense, same dtype; "
+                  "`sparsekern bench generate` for more)")
+            print("  " + summary_table(generation).replace("\n", "\n  "))
     return 0 if outputs_match else 1
 
 
@@ -478,5 +488,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--nsamples", type=_positive, default=16, help="calibration windows (default 16)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     p.add_argument("--eval-tokens", type=_positive, default=8192, help="evaluation tokens (default 8192)")
+    p.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="skip the dense-vs-2:4 generation table (prefill 128/512 tokens and decode, fp32 and bf16)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)")
     p.set_defaults(func=_clean_errors("demo")(_cmd_demo))

@@ -56,7 +56,9 @@ pushed down to the C++ dispatch (sparsekern.envs.set_cpu_thresholds); a table wi
 settings alone, except that it restores the defaults after a table that had one. A bad name or value is a
 PolicyError naming the file, the field and the rule.
 Lookup of a (arch, dtype, n, k) that was measured at other buckets uses the nearest measured bucket (in log2 M);
-a shape that was never measured gets `default_kernel`. A chosen kernel the layer cannot run (no cuSPARSELt buffer,
+a shape that was never measured gets `default_kernel`. On the CPU, a bucket the table does not hold is first
+measured by the layer itself (first-use calibration, sparsekern.calibrate: a few ms, once, the winner written into
+the table in use with `record_entries`; SPARSEKERN_CPU_CALIBRATE=0 turns it off). A chosen kernel the layer cannot run (no cuSPARSELt buffer,
 kernel not compiled for the device) is replaced by the default too, so a stale table can never break a layer.
 """
 
@@ -141,6 +143,15 @@ class PolicyTable:
         lb = math.log2(b)
         best = min(per_bucket, key=lambda x: (abs(math.log2(x) - lb), -x))
         return per_bucket[best]
+
+    def has_entry(self, arch: str, dtype: str, n: int, k: int, m: int) -> bool:
+        """Whether the table measured (arch, dtype, n, k) at m's own bucket (lookup() would otherwise borrow the
+        nearest measured bucket, or fall back to the default)."""
+        return m_bucket(m) in self.choices.get((arch, dtype, int(n), int(k)), ())
+
+    def copy(self) -> "PolicyTable":
+        return PolicyTable({key: dict(v) for key, v in self.choices.items()}, self.source,
+                           {key: dict(v) for key, v in self.cached_choices.items()}, dict(self.cpu_dispatch))
 
     def entries(self) -> list[dict]:
         out = []
@@ -298,6 +309,7 @@ def write_table(entries: Iterable[Mapping], path: str | os.PathLike | None = Non
     if (_state.table is not None and _state.table.source == str(path)) or \
             (not _state.explicit and path == default_table_path()):
         _state.table = None
+        _state.generation += 1
     return path
 
 
@@ -312,6 +324,7 @@ def default_table_path() -> Path:
 
 class _State:
     table: PolicyTable | None = None  # process-wide, shared by all threads
+    generation: int = 0  # bumped whenever the table in use or the override() context changes (layers' caches)
     explicit: bool = False  # set_table() was called (then the default file is not consulted)
     cpu_pushed: bool = False  # the C++ CPU thresholds hold an active table's "cpu_dispatch" values
     broken_default: str | None = None  # why the user-cache table was ignored (shown by doctor)
@@ -338,13 +351,45 @@ def _activate(table: PolicyTable) -> PolicyTable:
             raise PolicyError(f"policy table {table.source or '(in memory)'}: field 'cpu_dispatch': {exc}") from exc
         _state.cpu_pushed = bool(table.cpu_dispatch)
     _state.table = table
+    _state.generation += 1
     return table
+
+
+def generation() -> int:
+    """A number that changes whenever a kernel choice may change: a table becoming active, entries recorded,
+    override() entered or left. SparseLinear caches its eager choices per M bucket under it."""
+    return _state.generation
+
+
+def record_entries(entries: Iterable[Mapping]) -> str | None:
+    """Add measured entries (write_table's entry format) to the table in use and to its file: the table's own file,
+    else the default file (default_table_path()); a table set in memory is updated in memory only. Returns None, or
+    why the file could not be written (the entries are then kept for this process only)."""
+    entries = list(entries)
+    new = active_table().copy()
+    added = table_from_entries(entries, "record_entries")
+    for key, per_bucket in added.choices.items():
+        new.choices.setdefault(key, {}).update(per_bucket)
+    for key, per_bucket in added.cached_choices.items():
+        new.cached_choices.setdefault(key, {}).update(per_bucket)
+    path = new.source or (None if _state.explicit else str(default_table_path()))
+    problem = None
+    if path is not None:
+        try:
+            write_table(entries, path, merge=True)
+            new.source = path
+        except (PolicyError, OSError) as exc:
+            problem = f"cannot write the policy table {path}: {exc}"
+    _state.table = new  # same cpu_dispatch as before: nothing to push down
+    _state.generation += 1
+    return problem
 
 
 def set_table(table: PolicyTable | str | os.PathLike | None) -> None:
     """Use this table (or file) from now on; None returns to the default file (read lazily)."""
     if table is None:
         _state.table, _state.explicit = None, False
+        _state.generation += 1
         if _state.cpu_pushed:
             _activate(_EMPTY)
             _state.table = None
@@ -395,10 +440,12 @@ def override(kernel: str | None) -> Iterator[None]:
     """Force every SparseLinear (without its own set_kernel) to `kernel` inside the block, where it can run it."""
     prev = _forced.kernel
     _forced.kernel = normalize_kernel(kernel) if kernel is not None else None
+    _state.generation += 1
     try:
         yield
     finally:
         _forced.kernel = prev
+        _state.generation += 1
 
 
 def forced_kernel() -> str | None:

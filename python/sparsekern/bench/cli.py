@@ -79,7 +79,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks: gemm, overhead, prune",
+    bench = subparsers.add_parser("bench", help="benchmarks: gemm, overhead, prune, generate",
                                   description="sparsekern benchmarks (docs/benchmarks.md)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     bsub.required = True
@@ -127,6 +127,13 @@ def add_commands(subparsers) -> None:
     o.set_defaults(func=run_overhead_command)
 
     _add_prune(bsub)
+
+    from . import generate
+
+    gen = bsub.add_parser("generate", help="end-to-end generation: dense vs 2:4 vs 2:4 int8 tokens/s (prefill, "
+                                           "decode), memory, greedy-token agreement")
+    generate.add_arguments(gen)
+    gen.set_defaults(func=generate.run)
 
 
 def _add_prune(bsub) -> None:
