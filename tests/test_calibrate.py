@@ -241,3 +241,28 @@ def test_int8_layers_calibrate_without_a_dense_candidate(table_file, monkeypatch
     (e,) = json.loads(table_file.read_text())["entries"]
     assert e["dtype"] == "int8" and set(e["timings_us"]) == {"spmm24", "dense_fallback"}
     assert "kernel_dense_cache" not in e
+
+
+def test_layer_kernel_cache_follows_the_policy_buckets_and_generation(monkeypatch):
+    layer, _ = _layer()
+    asked = []
+    real = SparseLinear.kernel_for
+
+    def counting(self, m):
+        asked.append(m)
+        return real(self, m)
+
+    monkeypatch.setattr(SparseLinear, "kernel_for", counting)
+    ms = [1, 2, 3, 4, 5, 8, 9, 16, 17, 16384, 16385, 40000]
+    for m in ms:
+        layer._eager_kernel(torch.empty(m, 64))
+    first = list(asked)
+    assert len(first) == len({policy.m_bucket(m) for m in ms})  # once per bucket (16385 and 40000 share the cap)
+    for m in ms:
+        layer._eager_kernel(torch.empty(m, 64))
+    assert asked == first  # the hot path answered every repeat
+    with policy.override("dense_fallback"):
+        assert layer._eager_kernel(torch.empty(3, 64)) == "dense_fallback"  # a new generation: asked again
+    assert layer._eager_kernel(torch.empty(3, 64)) == "spmm24"
+    layer.set_kernel("dense_fallback")
+    assert layer._eager_kernel(torch.empty(3, 64)) == "dense_fallback"
