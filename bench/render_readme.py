@@ -106,6 +106,32 @@ def render_run(d: str, device: str, rel_to: str) -> str:
     return "\n".join(parts)
 
 
+def newest_generate(results_root: str) -> str | None:
+    """The newest results folder holding a `sparsekern bench generate` document, or None."""
+    runs = [d for d in result_dirs(results_root) if report.find_docs(d).get("generate")]
+    return runs[-1] if runs else None
+
+
+def render_generate(d: str, rel_to: str) -> str:
+    """End-to-end generation, dense vs 2:4 (sparsekern bench generate): tokens/s table and goal lines."""
+    from sparsekern.bench.generate import summary_table
+
+    doc = report.find_docs(d)["generate"][0]
+    env = doc["environment"]
+    rel = os.path.relpath(d, rel_to)
+    load = env.get("loadavg")
+    parts = [f"### CPU generation: {doc['model']} ({env.get('device_name')}, {env.get('threads')} threads; torch "
+             f"{env.get('torch')}" + (f"; load average {load[0]:.1f} at the start" if load else "") + ")", "",
+             f"From [`{rel}`]({rel}) (commit `{(env.get('git_commit') or 'unknown')[:12]}`): "
+             f"`{doc.get('command', 'sparsekern bench generate')}`. Tokens/s, batch 1, median of {doc['repeats']} "
+             "interleaved runs; (x) = vs dense of the same dtype (int8 also vs bf16 dense).", "", "```",
+             summary_table(doc), "```", ""]
+    rows = [[g["goal"], f"{g['value']:.2f}", "met" if g["met"] else "**missed**"] for g in doc.get("goals", [])]
+    if rows:
+        parts += [report.markdown_table(["goal (issue 18)", "measured", ""], rows), ""]
+    return "\n".join(parts)
+
+
 def newest_validation(results_root: str) -> str | None:
     """The newest results folder written by bench/gpu_validate.sh (it holds stages.tsv), or None."""
     runs = [d for d in result_dirs(results_root) if os.path.exists(os.path.join(d, "stages.tsv"))]
@@ -155,6 +181,9 @@ def render(results_root: str, only: str | None = None, rel_to: str = ROOT) -> st
     for dev in ("cuda", "cpu"):
         if dev in runs:
             parts += [render_run(runs[dev], dev, rel_to), ""]
+    generation = None if only else newest_generate(results_root)
+    if generation:
+        parts += [render_generate(generation, rel_to), ""]
     # The newest GPU validation run's stages and probes (only where a folder holds them: a run whose benchmark
     # stages did not run still shows here).
     validation = (only if os.path.exists(os.path.join(only, "stages.tsv")) else None) if only else \
