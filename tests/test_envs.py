@@ -219,34 +219,36 @@ def test_defaults_table_and_default_choices_unchanged():
     assert envs.cpu_dispatch_defaults() == {
         "rows_pair_bf16_min_m": 8, "rows_pair_i8_min_m": 32, "pairs_bf16_min_m": 80, "pairs_i8_min_m": 80,
         "pairs_u8_min_m": 24, "tokens_f32_min_m": 32, "tokens_bf16_min_m": None, "tokens_i8_min_m": 256,
-        "slab_rows": 256}
+        "slab_rows": 256, "amx_bf16_min_m": 12, "amx_i8_min_m": 8, "amx_slab_rows": 1024}
     s = envs.cpu_dispatch_settings()
     assert {k: s[k] for k in envs.cpu_dispatch_defaults()} == envs.cpu_dispatch_defaults()
     kern = _ext._C.cpu_spmm_kernel
     if not AVX512:
         assert kern(256, 1024, "float32")[0] == "rows"
         return
-    # The choices the kernels made before the dispatch moved (spmm_24.cpp / spmm_24_avx512.cpp of commit 921fca6).
-    assert kern(31, 1024, "float32") == ("rows", "avx512-f32")
-    assert kern(32, 1024, "float32") == ("tokens", "avx512-tokens-f32")
-    assert kern(32, 1024, "float16") == ("tokens", "avx512-tokens-f16")
-    if BF16:
-        assert kern(7, 1024, "bfloat16") == ("rows", "avx512-bf16-dp")
-        assert kern(8, 1024, "bfloat16") == ("rows", "avx512-bf16-dp-pairs-unblocked")
-        assert kern(79, 1024, "bfloat16") == ("rows", "avx512-bf16-dp-pairs-unblocked")
-        assert kern(80, 1024, "bfloat16") == ("pairs", "avx512-bf16-dp-pairs")
-        assert kern(10_000, 1024, "bfloat16") == ("pairs", "avx512-bf16-dp-pairs")  # its first slab: 256 rows
-    if VNNI and VBMI:
-        assert kern(23, 1024, "int8") == ("rows", "avx512-i8-vnni")
-        assert kern(24, 1024, "int8") == ("pairs", "avx512-i8-vnni-u8-pairs")
-        assert kern(32, 70_000, "int8") == ("rows", "avx512-i8-vnni-pairs-unblocked")  # K past vpdpbusd's bound
-        assert kern(80, 70_000, "int8") == ("pairs", "avx512-i8-vnni-pairs")
-    with envs.cpu_dispatch(isa="avx512-base"):
-        assert kern(79, 1024, "int8") == ("rows", "avx512-i8")
-        assert kern(80, 1024, "int8") == ("pairs", "avx512-i8-pairs")
-        assert kern(79, 1024, "bfloat16") == ("tokens", "avx512-tokens-bf16-f32")
-    with envs.cpu_dispatch(isa="avx2"):
-        assert kern(256, 1024, "bfloat16") == ("rows", "avx2-bf16")
+    # The choices the kernels made before the dispatch moved (spmm_24.cpp / spmm_24_avx512.cpp of commit 921fca6),
+    # with the AMX family (newer, Intel with AMX only) switched off.
+    with envs.cpu_dispatch(amx_bf16_min_m=None, amx_i8_min_m=None):
+        assert kern(31, 1024, "float32") == ("rows", "avx512-f32")
+        assert kern(32, 1024, "float32") == ("tokens", "avx512-tokens-f32")
+        assert kern(32, 1024, "float16") == ("tokens", "avx512-tokens-f16")
+        if BF16:
+            assert kern(7, 1024, "bfloat16") == ("rows", "avx512-bf16-dp")
+            assert kern(8, 1024, "bfloat16") == ("rows", "avx512-bf16-dp-pairs-unblocked")
+            assert kern(79, 1024, "bfloat16") == ("rows", "avx512-bf16-dp-pairs-unblocked")
+            assert kern(80, 1024, "bfloat16") == ("pairs", "avx512-bf16-dp-pairs")
+            assert kern(10_000, 1024, "bfloat16") == ("pairs", "avx512-bf16-dp-pairs")  # its first slab: 256 rows
+        if VNNI and VBMI:
+            assert kern(23, 1024, "int8") == ("rows", "avx512-i8-vnni")
+            assert kern(24, 1024, "int8") == ("pairs", "avx512-i8-vnni-u8-pairs")
+            assert kern(32, 70_000, "int8") == ("rows", "avx512-i8-vnni-pairs-unblocked")  # K past vpdpbusd's bound
+            assert kern(80, 70_000, "int8") == ("pairs", "avx512-i8-vnni-pairs")
+        with envs.cpu_dispatch(isa="avx512-base"):
+            assert kern(79, 1024, "int8") == ("rows", "avx512-i8")
+            assert kern(80, 1024, "int8") == ("pairs", "avx512-i8-pairs")
+            assert kern(79, 1024, "bfloat16") == ("tokens", "avx512-tokens-bf16-f32")
+        with envs.cpu_dispatch(isa="avx2"):
+            assert kern(256, 1024, "bfloat16") == ("rows", "avx2-bf16")
 
 
 @pytest.mark.skipif(not AVX512, reason="the token-lane kernels need AVX-512")

@@ -13,6 +13,14 @@
 
 #include "cpu/spmm_24.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace sparsekern {
 namespace cpu {
 
@@ -21,6 +29,34 @@ namespace cpu {
 // (ATen/cpu/Utils.h) were considered: their names changed between torch releases (is_cpu_support_avx512,
 // is_avx512_supported, then a capability map keyed by strings in torch 2.14) and a missing key would silently turn
 // the fast kernels off, while these five rules are exactly what the kernels' target attributes need.
+#if defined(__x86_64__) && defined(__GNUC__)
+namespace {
+// AMX tiles usable by this process: cpuid amx-tile, the OS saves the tile state (XCR0 bits 17 TILECFG, 18 TILEDATA),
+// and (Linux >= 5.16) the process was granted the tile data state: arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA), once per process, before any tile instruction (without it the first one faults). Refused
+// (older kernel, seccomp, ...): the AMX kernels are reported unavailable, never run. cpuid is read directly: GCC 12's
+// __builtin_cpu_supports("amx-tile") answers 0 on a Sapphire Rapids with AMX enabled (measured).
+bool amx_usable() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, a, b, c, d);
+  if (!((d >> 24) & 1)) return false;  // AMX-TILE
+  __cpuid(1, a, b, c, d);
+  if (!((c >> 27) & 1)) return false;  // OSXSAVE: xgetbv allowed
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if (((lo >> 17) & 3) != 3) return false;
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  return true;
+#else
+  return false;  // other systems: not probed, so not used
+#endif
+}
+}  // namespace
+#endif
+
 const CpuFeatures& cpu_features() {
   static const CpuFeatures f = [] {
     CpuFeatures c;
@@ -32,6 +68,14 @@ const CpuFeatures& cpu_features() {
     c.avx512_vnni = c.avx512 && __builtin_cpu_supports("avx512vnni");
     c.avx512_vbmi = c.avx512 && __builtin_cpu_supports("avx512vbmi");
     c.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#if defined(__GNUC__)
+    if (c.avx512 && __builtin_cpu_supports("avx512vbmi2") && amx_usable()) {
+      unsigned a = 0, b = 0, cx = 0, d = 0;
+      __cpuid_count(7, 0, a, b, cx, d);
+      c.amx_bf16 = ((d >> 22) & 1) && c.avx512_bf16;  // AMX-BF16
+      c.amx_int8 = (d >> 25) & 1;                     // AMX-INT8
+    }
+#endif
 #endif
     return c;
   }();
@@ -82,6 +126,15 @@ const char* isa_name(Isa isa) {
 //   (M = 1024 x K = 11008 bf16: 22 MB) that traffic dominates; a slab's x stays in L2/L3 while the whole weight (read
 //   once per slab) passes over it. Measured (4096 x 11008, bf16, 2 threads): M = 1024 0.86x -> 1.0x+ dense,
 //   M = 2048 0.83x -> 1.0x+.
+// amx_bf16_min_m = 12, amx_i8_min_m = 8: the AMX family (spmm_24_amx.cpp; Intel with AMX only, so these never apply
+//   on the Zen 4 machine above). Measured 2026-12-05 on the 2-core Sapphire Rapids development VM (2 threads, best of
+//   7, 1536 x 576 and 4096 x 4096) against what auto took without it: bf16 0.31-0.34x at M = 1, 0.67-0.71x at 4,
+//   1.04-1.09x at 8, 1.8-2.0x at 16, 5x at 96-128, 7-8x at 256; int8 0.41-0.58x at M = 1, 0.73-0.87x at 4, 1.37-1.56x
+//   at 8, 2.2-2.4x at 16-32, 2.7-3.1x at 128. Below, the per-call panel decompression (a 16-row tile for one row)
+//   is not paid back.
+// amx_slab_rows = 1024: the AMX family rebuilds its weight panels per slab, so it takes larger slabs than slab_rows
+//   (same machine, bf16, M = 2048, us, slab 256 / 512 / 1024 / 2048: 1536 x 576 2809 / 2424 / 2269 / 2285, 576 x 1536
+//   3732 / 3078 / 3129 / 3123, 4096 x 4096 51.5k / 47.7k / 46.4k / 44.5k); 1024 keeps x of K = 576 in L2.
 constexpr Thresholds kDefaultThresholds{
     /*rows_pair_bf16_min_m=*/8,
     /*rows_pair_i8_min_m=*/32,
@@ -92,6 +145,9 @@ constexpr Thresholds kDefaultThresholds{
     /*tokens_bf16_min_m=*/kNever,
     /*tokens_i8_min_m=*/256,
     /*slab_rows=*/256,
+    /*amx_bf16_min_m=*/12,
+    /*amx_i8_min_m=*/8,
+    /*amx_slab_rows=*/1024,
 };
 
 const Thresholds& default_thresholds() { return kDefaultThresholds; }
@@ -107,6 +163,9 @@ const std::vector<ThresholdField>& threshold_fields() {
       {"tokens_bf16_min_m", &Thresholds::tokens_bf16_min_m, true},
       {"tokens_i8_min_m", &Thresholds::tokens_i8_min_m, true},
       {"slab_rows", &Thresholds::slab_rows, false},
+      {"amx_bf16_min_m", &Thresholds::amx_bf16_min_m, true},
+      {"amx_i8_min_m", &Thresholds::amx_i8_min_m, true},
+      {"amx_slab_rows", &Thresholds::amx_slab_rows, false},
   };
   return fields;
 }
@@ -117,7 +176,7 @@ namespace {
 constexpr const char* kIsaChoices =
     "use avx512, avx512-base (no BF16/VNNI kernels), avx2 or scalar (or unset it for the best the CPU supports)";
 constexpr const char* kIsaNeeds = "avx512 needs avx512f+bw+vl+dq; avx2 needs avx2+fma+f16c";
-constexpr const char* kLayoutChoices = "use auto (default), rows, pairs or tokens";
+constexpr const char* kLayoutChoices = "use auto (default), rows, pairs or tokens, or amx on CPUs with AMX";
 
 bool parse_isa(const std::string& v, IsaSetting* out) {
   if (v.empty()) {
@@ -145,6 +204,8 @@ bool parse_layout(const std::string& v, LayoutSetting* out) {
     *out = LayoutSetting::kPairs;
   } else if (v == "tokens") {
     *out = LayoutSetting::kTokens;
+  } else if (v == "amx") {
+    *out = LayoutSetting::kAmx;
   } else {
     return false;
   }
@@ -258,6 +319,8 @@ std::string layout_setting_name(LayoutSetting s) {
       return "pairs";
     case LayoutSetting::kTokens:
       return "tokens";
+    case LayoutSetting::kAmx:
+      return "amx";
     case LayoutSetting::kAuto:
       break;
   }
@@ -406,9 +469,11 @@ Kernel rows_kernel(WType w, const IsaChoice& c, int64_t M, const Thresholds& t) 
 // Kernel family (SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|pairs|tokens, or cpu_dispatch_set's "layout"):
 //   rows:   K in the vector lanes, one weight row per vector (best for a few activation rows; every ISA);
 //   pairs:  K in the lanes, two weight rows per vector, K-blocked (AVX-512; bfloat16 with AVX512_BF16, int8);
-//   tokens: 16 activation rows in the lanes (AVX-512), see spmm_24.h.
-// auto takes pairs from their threshold where they exist for the dtype, else tokens from theirs, else rows (the
-// thresholds and their measurements: kDefaultThresholds above).
+//   tokens: 16 activation rows in the lanes (AVX-512), see spmm_24.h;
+//   amx:    the weight decompressed per n-tile and multiplied on the AMX tile unit (bfloat16 / int8; full avx512 ISA
+//           only, never avx512-base), see spmm_24_amx.cpp.
+// auto takes amx from its threshold where it exists for the dtype, else pairs from theirs, else tokens from theirs,
+// else rows (the thresholds and their measurements: kDefaultThresholds above).
 Plan plan_call(int64_t M, int64_t K, WType w, const DispatchSettings& s) {
   const IsaChoice c = spmm_isa(s);
   TORCH_CHECK(s.layout_env_value.empty(), "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=", s.layout_env_value,
@@ -420,6 +485,26 @@ Plan plan_call(int64_t M, int64_t K, WType w, const DispatchSettings& s) {
     return plan;
   }
   const bool avx512 = c.isa == Isa::kAvx512;
+  Kernel ak{};
+  const bool have_amx = avx512 && c.extensions && amx_kernel(w, &ak);
+  if (s.layout == LayoutSetting::kAmx) {
+    TORCH_CHECK(have_amx, "sparsekern.spmm_24: SPARSEKERN_CPU_SPMM_LAYOUT=amx needs Intel AMX (amx-tile with amx-bf16 "
+                "for bfloat16 or amx-int8 for int8 weights, AVX512_VBMI2, and the OS granting the tile state), the "
+                "full avx512 ISA (not avx512-base / avx2 / scalar) and bfloat16 or int8 weights; ",
+                !cpu_features().amx_bf16 && !cpu_features().amx_int8 ? "this CPU (or OS) has no usable AMX"
+                : !(avx512 && c.extensions) ? "the ISA in use (SPARSEKERN_CPU_ISA) is not avx512"
+                                            : "the weight dtype has no AMX kernel here",
+                "; use rows, pairs, tokens or auto");
+    plan.family = Family::kAmx;
+    plan.kernel = ak;
+    return plan;
+  }
+  const int64_t amx_min_m = w == WType::kBF16 ? t.amx_bf16_min_m : t.amx_i8_min_m;
+  if (s.layout == LayoutSetting::kAuto && have_amx && M >= amx_min_m) {
+    plan.family = Family::kAmx;
+    plan.kernel = ak;
+    return plan;
+  }
   Kernel pk{};
   TokenKernel tk{};
   const bool have_pairs = avx512 && avx512_pair_kernel(w, c.extensions, K, &pk);
@@ -459,6 +544,14 @@ Plan plan_call(int64_t M, int64_t K, WType w, const DispatchSettings& s) {
   return plan;
 }
 
+int64_t slab_rows_for(int64_t M, int64_t K, WType w, const DispatchSettings& s) {
+  const Thresholds& t = s.thresholds;
+  if (M > t.slab_rows && plan_call(std::min(M, t.amx_slab_rows), K, w, s).family == Family::kAmx) {
+    return t.amx_slab_rows;
+  }
+  return t.slab_rows;
+}
+
 }  // namespace spmm
 
 std::pair<std::string, std::string> spmm_kernel_for(int64_t M, int64_t K, const std::string& dtype) {
@@ -478,12 +571,14 @@ std::pair<std::string, std::string> spmm_kernel_for(int64_t M, int64_t K, const 
   }
   TORCH_CHECK(M >= 1 && K >= 4 && K % 4 == 0, "sparsekern.cpu_spmm_kernel: need M >= 1 and K a positive multiple of 4");
   const DispatchSettings& s = dispatch_settings();
-  const spmm::Plan p = spmm::plan_call(std::min(M, s.thresholds.slab_rows), K, w, s);
+  const spmm::Plan p = spmm::plan_call(std::min(M, spmm::slab_rows_for(M, K, w, s)), K, w, s);  // the first slab
   switch (p.family) {
     case spmm::Family::kTokens:
       return {"tokens", p.tokens.name};
     case spmm::Family::kPairs:
       return {"pairs", p.kernel.name};
+    case spmm::Family::kAmx:
+      return {"amx", p.kernel.name};
     case spmm::Family::kRows:
       break;
   }

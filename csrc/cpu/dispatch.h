@@ -5,7 +5,7 @@
 //
 // Settings are read from the environment ONCE, the first time a kernel (or the Python side) asks for them:
 //   SPARSEKERN_CPU_ISA=avx512|avx512-base|avx2|scalar   force an ISA (unset: the best the CPU supports)
-//   SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|pairs|tokens   force spmm_24's kernel family (default auto)
+//   SPARSEKERN_CPU_SPMM_LAYOUT=auto|rows|pairs|tokens|amx   force spmm_24's kernel family (default auto)
 //   SPARSEKERN_NO_HUGEPAGE_HINT=1                        no MADV_HUGEPAGE on wanda_prune's outputs
 // A value that cannot be used does not fail at load (import never crashes): it is kept and raised, with the message
 // the op always gave, by the first call that needs it. After load the settings change only through
@@ -30,6 +30,10 @@ struct CpuFeatures {
   bool avx512_vnni = false;  // + AVX512_VNNI (vpdpwssd, vpdpbusd)
   bool avx512_vbmi = false;  // + AVX512_VBMI (vpermb, vpmultishiftqb)
   bool avx2 = false;         // avx2 + fma + f16c: the AVX2 kernels (spmm_24 and wanda_prune)
+  // AMX (spmm_24's amx family): amx-tile + the dtype's AMX extension + AVX512_VBMI2 (the decompression's vpexpand),
+  // enabled by the OS (XCR0 tile state) AND granted to this process (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)).
+  bool amx_bf16 = false;     // + AMX-BF16 (tdpbf16ps) and AVX512_BF16
+  bool amx_int8 = false;     // + AMX-INT8 (tdpbssd)
 };
 const CpuFeatures& cpu_features();
 
@@ -39,7 +43,7 @@ const char* isa_name(Isa isa);
 
 // ------------------------------------------------------------------------------------------------- settings
 enum class IsaSetting { kAuto, kAvx512, kAvx512Base, kAvx2, kScalar };
-enum class LayoutSetting { kAuto, kRows, kPairs, kTokens };
+enum class LayoutSetting { kAuto, kRows, kPairs, kTokens, kAmx };
 
 // Batch sizes M (rows of x in one call, or one slab of it) from which `auto` takes a kernel family, and the slab
 // size. The defaults and the measurements behind them are in dispatch.cpp (kDefaultThresholds); a measured policy
@@ -55,6 +59,9 @@ struct Thresholds {
   int64_t tokens_bf16_min_m;     // token lanes, bfloat16 pairs (AVX512_BF16)
   int64_t tokens_i8_min_m;       // token lanes, int8 pairs
   int64_t slab_rows;             // a call with more rows runs as slabs of this many rows (driver, spmm_24.cpp)
+  int64_t amx_bf16_min_m;        // AMX tile kernels, bfloat16 (AMX-BF16)
+  int64_t amx_i8_min_m;          // AMX tile kernels, int8 (AMX-INT8)
+  int64_t amx_slab_rows;         // the slab size instead of slab_rows where the AMX family runs
 };
 // Name and member of every threshold, in one list (the pybind dict keys and the policy table's field names).
 struct ThresholdField {
@@ -99,7 +106,7 @@ void restore_dispatch_version(int64_t version);
 // The environment values kept since load that an op will refuse (empty when none), as sentences.
 std::vector<std::string> pending_env_errors(const DispatchSettings& s);
 
-// Spellings: "avx512" / "avx512-base" / "avx2" / "scalar" / "" (auto); "auto" / "rows" / "pairs" / "tokens".
+// Spellings: "avx512" / "avx512-base" / "avx2" / "scalar" / "" (auto); "auto" / "rows" / "pairs" / "tokens" / "amx".
 std::string isa_setting_name(IsaSetting s);
 std::string layout_setting_name(LayoutSetting s);
 

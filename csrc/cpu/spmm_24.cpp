@@ -176,6 +176,8 @@ at::ScalarType xtype_dtype(XType t) {
       return at::kInt;
     case XType::kU8:
       return at::kChar;  // filled with int8 x, then the sign bit flipped in place (x + 128 as uint8 bits)
+    case XType::kI8:
+      return at::kChar;
   }
   TORCH_CHECK(false, "unreachable");
 }
@@ -214,7 +216,7 @@ Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
 Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& values, const Tensor& codes,
                    const std::optional<Tensor>& bias, const std::optional<Tensor>& alpha,
                    const std::optional<Tensor>& row_scale, c10::string_view activation,
-                   std::optional<at::ScalarType> out_dtype) {
+                   std::optional<at::ScalarType> out_dtype, const Tensor& out_into = Tensor()) {
   TORCH_CHECK(values.device() == x.device(), "sparsekern.spmm_24: values is on ", values.device(), " but x is on ",
               x.device(), "; all tensors must be on the same device");
   TORCH_CHECK(codes.device() == x.device(), "sparsekern.spmm_24: codes is on ", codes.device(), " but x is on ",
@@ -258,7 +260,8 @@ Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& va
   ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   ep.row_scale = rs_f.defined() ? rs_f.data_ptr<float>() : nullptr;
 
-  Tensor out = at::empty({M, N}, x.options().dtype(od));
+  // out_into: a slab's rows of the whole call's output (contiguous [M, N] of dtype od), written in place.
+  Tensor out = out_into.defined() ? out_into : at::empty({M, N}, x.options().dtype(od));
   if (M == 0 || N == 0) return out;
   if (K == 0) {
     // Empty reduction: the epilogue of a zero accumulator.
@@ -271,16 +274,17 @@ Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& va
     return out;
   }
 
-  // Large M: slabs of slab_rows activation rows (default 256), one after another, so that a slab's x stays in cache
-  // while the whole weight passes over it (why and the measurements: dispatch.cpp, kDefaultThresholds).
-  const int64_t slab = ds.thresholds.slab_rows;
+  // Large M: slabs of slab_rows activation rows (default 256; amx_slab_rows where the AMX family runs), one after
+  // another, so that a slab's x stays in cache while the whole weight passes over it (why and the measurements:
+  // dispatch.cpp, kDefaultThresholds).
+  const int64_t slab = slab_rows_for(M, K, wt, ds);
   if (M > slab) {
     for (int64_t s0 = 0; s0 < M; s0 += slab) {
       const int64_t len = std::min(slab, M - s0);
       const std::optional<Tensor> rs = row_scale.has_value() ? std::optional<Tensor>(row_scale->narrow(0, s0, len))
                                                              : std::nullopt;
-      out.narrow(0, s0, len).copy_(spmm_24_run(ds, x.narrow(0, s0, len), values, codes, bias, alpha, rs, activation,
-                                               out_dtype));
+      spmm_24_run(ds, x.narrow(0, s0, len), values, codes, bias, alpha, rs, activation, out_dtype,
+                  out.narrow(0, s0, len));  // rows of a contiguous [M, N]: contiguous, written in place
     }
     return out;
   }
@@ -288,28 +292,83 @@ Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& va
   const Plan plan = plan_call(M, K, wt, ds);
   const TokenKernel& tk = plan.tokens;
   const bool tokens = plan.family == Family::kTokens;
+  const bool amx = plan.family == Family::kAmx;
   const Kernel kern = tokens ? Kernel{tk.xtype, tk.tile, tk.name} : plan.kernel;
   const Tensor vc = values.contiguous(), cc = codes.contiguous();
   // Activations once per call: the kernel's input type, contiguous, zero-padded to whole chunks (row kernels) or
   // to whole blocks of 16 rows (token lanes, which then build their table from these rows).
+  // AMX: no row-major copy; its tile table is built from x directly (below).
   const int64_t ldx = tokens ? K : (K + kXPad - 1) / kXPad * kXPad;
   const int64_t Mp = tokens ? (M + kTokenBlock - 1) / kTokenBlock * kTokenBlock : M;
-  Tensor xp = scratch(0, {Mp, ldx}, xtype_dtype(kern.xtype));
-  if (ldx > K) xp.narrow(1, K, ldx - K).zero_();
-  if (Mp > M) xp.narrow(0, M, Mp - M).zero_();
-  xp.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
-  if (kern.xtype == XType::kU8) xp.bitwise_xor_(-128);  // x + 128 as uint8 bits (the padding becomes x = 0 too)
+  Tensor xp = amx ? Tensor() : scratch(0, {Mp, ldx}, xtype_dtype(kern.xtype));
+  if (!amx) {
+    if (ldx > K) xp.narrow(1, K, ldx - K).zero_();
+    if (Mp > M) xp.narrow(0, M, Mp - M).zero_();
+    xp.narrow(0, 0, M).narrow(1, 0, K).copy_(x);
+    if (kern.xtype == XType::kU8) xp.bitwise_xor_(-128);  // x + 128 as uint8 bits (the padding becomes x = 0 too)
+  }
   Tensor table;
+  // AMX (x in the kernel's dtype: bfloat16 / int8 = x's own): the A tiles are read from x itself where its rows are
+  // whole chunks (K a multiple of 32 bf16 / 64 int8) at a stride that spreads the 32 rows of two tiles over the L1
+  // sets (not a multiple of 2 KB: at 4 KB all 16 rows of a tile share one set of 12 ways; at 3 KB 8 rows a set), the
+  // last M % 16 rows from a zero-padded 16-row copy; else from a table [chunk b][row m][64 bytes] (m < M rounded up
+  // to 16, zero past K and M), every tile one contiguous KB, built by plain memcpy (see the InferenceMode note below).
+  // Why not always the table: the copy cost ~20 % of the call where N is small next to M (192 x 576, M = 2048: ~190 us
+  // of ~730, 1 thread).
+  const int64_t amx_rows = (M + 15) / 16 * 16;
+  const Tensor xc = amx ? x.contiguous() : Tensor();
+  Tensor x_tail;
+  const bool amx_direct = amx && K % kern.x_chunk == 0 && K * xc.element_size() % 2048 != 0;
+  if (amx_direct && amx_rows > M) {
+    const int64_t m16 = M / 16 * 16;
+    x_tail = at::zeros({16, K}, xc.options());
+    x_tail.narrow(0, 0, M - m16).copy_(xc.narrow(0, m16, M - m16));
+  }
+  if (amx && !amx_direct) {
+    const int64_t cols = kern.x_chunk, esize = xc.element_size(), nch = (K + cols - 1) / cols;
+    table = scratch(1, {nch, amx_rows, cols}, xc.scalar_type());
+    const char* xsrc = static_cast<const char*>(xc.data_ptr());
+    char* tdst = static_cast<char*>(table.data_ptr());
+    TORCH_CHECK(cols * esize == 64, "sparsekern.spmm_24: internal error: AMX chunks must be 64 bytes");
+    // Chunks outer, rows inner: sequential writes, constant-stride reads (rows inner was 2x slower: 18+ write
+    // streams 64 KB apart).
+    const int64_t full = K * esize / 64;  // whole 64-byte pieces of a row (inlined copies)
+    at::parallel_for(0, amx_rows / 16, 1, [&](int64_t g0, int64_t g1) {
+      const int64_t m0 = g0 * 16, m1 = g1 * 16, mv = std::min(m1, M);
+      for (int64_t b = 0; b < nch; ++b) {
+        char* d = tdst + (b * amx_rows) * 64;
+        const char* src = xsrc + b * 64;
+        if (b < full) {
+          for (int64_t m = m0; m < mv; ++m) std::memcpy(d + m * 64, src + m * K * esize, 64);
+        } else {
+          const int64_t w = K * esize - b * 64;  // < 64
+          for (int64_t m = m0; m < mv; ++m) {
+            std::memcpy(d + m * 64, src + m * K * esize, w);
+            std::memset(d + m * 64 + w, 0, 64 - w);
+          }
+        }
+        if (mv < m1) std::memset(d + mv * 64, 0, (m1 - mv) * 64);
+      }
+    });
+  }
   const int64_t xs = kern.x_block + kern.x_chunk;
   if (!tokens && kern.x_block > 0) {  // K-blocked copy for the kernel (spmm_24.h)
     const int64_t nblk = x_blocks(K, kern.x_block, kern.x_chunk);
     table = scratch(1, {nblk, M, xs}, xp.scalar_type());
+    // Plain memcpy, not tensor ops: the worker threads of at::parallel_for do not inherit the caller's InferenceMode,
+    // and an in-place tensor op there on buffers made under torch.inference_mode() raised "Inplace update to
+    // inference tensor outside InferenceMode" (found by `bench generate`, int8 prefill; tests/test_inference_mode.py).
+    const int64_t esize = xp.element_size();
+    const char* xsrc = static_cast<const char*>(xp.data_ptr());
+    char* tdst = static_cast<char*>(table.data_ptr());
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t b = 0; b < nblk; ++b) {
         const int64_t c0 = b * kern.x_block, n = std::min(xs, ldx - c0);
-        Tensor dst = table.select(0, b).narrow(0, m0, m1 - m0);
-        dst.narrow(1, 0, n).copy_(xp.narrow(0, m0, m1 - m0).narrow(1, c0, n));
-        if (n < xs) dst.narrow(1, n, xs - n).zero_();
+        for (int64_t m = m0; m < m1; ++m) {
+          char* dst = tdst + ((b * M + m) * xs) * esize;
+          std::memcpy(dst, xsrc + (m * ldx + c0) * esize, n * esize);
+          if (n < xs) std::memset(dst + n * esize, 0, (xs - n) * esize);
+        }
       }
     });
   }
@@ -329,9 +388,18 @@ Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& va
   p.codes = cc.data_ptr<uint8_t>();
   p.code_stride = cb;
   p.xtype = kern.xtype;
-  p.x = tokens || kern.x_block > 0 ? table.data_ptr() : xp.data_ptr();
-  // Row kernels: the row stride of x (token lanes address their table by its layout, spmm_24.h).
-  p.ldx = tokens ? 0 : kern.x_block > 0 ? xs : ldx;
+  p.x = amx_direct ? xc.data_ptr() : tokens || amx || kern.x_block > 0 ? table.data_ptr() : xp.data_ptr();
+  // Row kernels: the row stride of x (token lanes address their table by its layout, spmm_24.h; AMX: the fields
+  // below).
+  p.ldx = tokens || amx ? 0 : kern.x_block > 0 ? xs : ldx;
+  if (amx) {
+    p.x_row_bytes = amx_direct ? K * xc.element_size() : 64;
+    p.x_chunk_bytes = amx_direct ? 64 : amx_rows * 64;
+    if (x_tail.defined()) {
+      p.x_tail = x_tail.data_ptr();
+      p.x_tail_m = M / 16 * 16;
+    }
+  }
 
   // Output tiles: NT weight rows x MT activation rows. Threads split N (each weight row is streamed by one thread);
   // for M > MT the tile loops over row blocks of x while its NT weight rows stay in cache.
@@ -341,24 +409,44 @@ Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& va
   // instead of one static slab of tiles per thread. Why: on a shared machine a thread that loses its core for a
   // while (another process) would otherwise hold back the whole call while the others wait at the barrier; with
   // dynamic tiles the others take its share (measured: `sparsekern bench generate --contend`, docs/benchmarks.md).
-  constexpr int64_t NT = kTileN, MT = kTileM;
+  // The AMX family takes wider n-tiles where N allows (amx_tile_n, spmm_24.h).
+  const int64_t NT = amx ? amx_tile_n(N, at::get_num_threads()) : kTileN, MT = kTileM;
   const int64_t n_tiles = (N + NT - 1) / NT;
   const bool exact_int = is_int && od == at::kInt && !ep.any();
+  void* const out_ptr = out.data_ptr();  // once: data_ptr<T>() checks the dtype and storage on every call
+  // The kernel's fused epilogue + store where it covers the output and epilogue (AMX: float32 / bfloat16 out with
+  // none / relu, or the exact int32 accumulator; spmm_24.h FusedOut).
+  FusedOut fo;
+  const bool fused = kern.tile_fused != nullptr && ep.act != Act::kGelu &&
+                     (exact_int || od == at::kFloat || od == at::kBFloat16);
+  if (fused) {
+    fo.type = exact_int ? FusedOut::Type::kI32Raw : od == at::kFloat ? FusedOut::Type::kF32 : FusedOut::Type::kBF16;
+    fo.out = out_ptr;
+    fo.ldo = N;
+    fo.alpha = ep.alpha;
+    fo.bias = ep.bias;
+    fo.row_scale = ep.row_scale;
+    fo.relu = ep.act == Act::kRelu;
+  }
   std::atomic<int64_t> next_tile{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tiles));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> accf(MT * NT);
-    std::vector<int32_t> acci(is_int ? MT * NT : 0);
+    std::vector<float> accf(fused ? 0 : MT * NT);
+    std::vector<int32_t> acci(is_int && !fused ? MT * NT : 0);
     for (int64_t t = next_tile.fetch_add(1, std::memory_order_relaxed); t < n_tiles;
          t = next_tile.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t n0 = t * NT, n1 = std::min(N, n0 + NT), nc = n1 - n0;
       for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t m1 = std::min(M, m0 + MT);
+        if (fused) {
+          kern.tile_fused(p, m0, m1, n0, n1, fo);
+          continue;
+        }
         kern.tile(p, m0, m1, n0, n1, is_int ? static_cast<void*>(acci.data()) : accf.data(), NT);
         for (int64_t m = m0; m < m1; ++m) {
           float* a = accf.data() + (m - m0) * NT;
           if (exact_int) {
-            std::memcpy(out.data_ptr<int32_t>() + m * N + n0, acci.data() + (m - m0) * NT, nc * sizeof(int32_t));
+            std::memcpy(static_cast<int32_t*>(out_ptr) + m * N + n0, acci.data() + (m - m0) * NT, nc * sizeof(int32_t));
             continue;
           }
           if (is_int) {
@@ -367,19 +455,23 @@ Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& va
           apply_epilogue(a, nc, n0, ep.row_scale ? ep.row_scale[m] : 1.f, ep);
           switch (od) {
             case at::kFloat:
-              store_row(a, nc, out.data_ptr<float>() + m * N + n0);
+              store_row(a, nc, static_cast<float*>(out_ptr) + m * N + n0);
               break;
             case at::kHalf:
-              store_row(a, nc, out.data_ptr<c10::Half>() + m * N + n0);
+              store_row(a, nc, static_cast<c10::Half*>(out_ptr) + m * N + n0);
               break;
             case at::kBFloat16:
-              store_row(a, nc, out.data_ptr<c10::BFloat16>() + m * N + n0);
+              if (kern.store_bf16 != nullptr) {
+                kern.store_bf16(a, nc, static_cast<c10::BFloat16*>(out_ptr) + m * N + n0);
+              } else {
+                store_row(a, nc, static_cast<c10::BFloat16*>(out_ptr) + m * N + n0);
+              }
               break;
             case at::kInt:
-              store_row(a, nc, out.data_ptr<int32_t>() + m * N + n0);
+              store_row(a, nc, static_cast<int32_t*>(out_ptr) + m * N + n0);
               break;
             case at::kChar:
-              store_row(a, nc, out.data_ptr<int8_t>() + m * N + n0);
+              store_row(a, nc, static_cast<int8_t*>(out_ptr) + m * N + n0);
               break;
             default:
               break;
@@ -387,6 +479,7 @@ Tensor spmm_24_run(const DispatchSettings& ds, const Tensor& x, const Tensor& va
         }
       }
     }
+    if (kern.finish != nullptr) kern.finish();
   });
   return out;
 }

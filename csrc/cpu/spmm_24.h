@@ -22,6 +22,14 @@ namespace spmm {
 constexpr int64_t kXPad = 64;
 // The driver's output tiles: at most kTileN weight rows x kTileM activation rows per TileFn call.
 constexpr int64_t kTileN = 32, kTileM = 64;
+// The AMX family's tiles (spmm_24_amx.cpp): up to kAmxTileN weight rows (the driver takes 32 or 64, amx_tile_n) x
+// kTileM activation rows; it writes whole 16-row x 32-column blocks of acc (rows up to a multiple of 16).
+constexpr int64_t kAmxTileN = 64;
+// The n-tile width of an AMX call: 64 (each x tile loaded from L2 feeds 4 weight subtiles instead of 2) where there
+// are enough 64-row tiles for the threads (dynamic tiles: a thread idles at most one tile at the end), else 32.
+// Measured (2 threads, bf16, M = 2048): 576 x 1536 2.2-2.3 ms with 64 (9 tiles, 5 + 4) against 2.8-3.9 ms with 32
+// (18 tiles, 9 + 9): the x reuse outweighs the balance.
+inline int64_t amx_tile_n(int64_t N, int64_t threads) { return (N + 63) / 64 >= 4 * threads ? 64 : 32; }
 
 // Dtype of the compressed weight values ([N, K/2], contiguous).
 enum class WType { kF32, kF16, kBF16, kI8 };
@@ -32,7 +40,8 @@ enum class XType {
   kBF16,
   kI16,
   kI32,
-  kU8  // int8 activations stored as x + 128 (uint8 bits: the sign bit flipped), for vpdpbusd
+  kU8,  // int8 activations stored as x + 128 (uint8 bits: the sign bit flipped), for vpdpbusd
+  kI8   // int8 activations as they are (AMX-INT8's tdpbssd: signed x signed)
 };
 
 struct Problem {
@@ -44,6 +53,12 @@ struct Problem {
   XType xtype = XType::kF32;
   const void* x = nullptr;  // [M, ldx]
   int64_t ldx = 0;
+  // AMX only (spmm_24_amx.cpp): the A tile of rows [m, m + 16), chunk ch (64 bytes of each row) is at
+  // x + m * x_row_bytes + ch * x_chunk_bytes, with row stride x_row_bytes; for m >= x_tail_m at x_tail (same
+  // strides, rows counted from x_tail_m; 16 rows, zero past M).
+  int64_t x_row_bytes = 0, x_chunk_bytes = 0;
+  const void* x_tail = nullptr;
+  int64_t x_tail_m = INT64_MAX;
 };
 
 // Fills acc[(m - m0) * ld_acc + (n - n0)] for m in [m0, m1), n in [n0, n1) with the raw dot products: float for
@@ -60,6 +75,31 @@ struct Kernel {
   // padding, then zeros), the blocks one after another (x_blocks() of them); p.ldx = x_block + x_chunk.
   int64_t x_block = 0;
   int64_t x_chunk = 32;
+  // Optional (amx): called by each worker thread of the driver after its last tile of a call (the AMX kernels keep
+  // their tile configuration loaded across a thread's tiles and release the tiles here).
+  void (*finish)() = nullptr;
+  // Optional (amx): the driver's store of a finished fp32 accumulator row (epilogue applied) to bfloat16 output, in
+  // place of its portable loop (same rounding: to nearest even).
+  void (*store_bf16)(const float* a, int64_t cnt, void* y) = nullptr;
+  // Optional (amx): the tile with the epilogue and the store fused (FusedOut below), for the outputs and epilogues
+  // FusedOut covers; same call contract as tile otherwise. Why: at small K the driver's per-tile epilogue cost as much
+  // as the tile unit's work, and fused it runs on the vector units while the tile unit works on the next block.
+  void (*tile_fused)(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const struct FusedOut& fo) =
+      nullptr;
+};
+
+// The fused epilogue and store: y[m, n] = act(row_scale[m] * alpha[n] * acc + bias[n]) (each optional; act none or
+// relu) in fp32, stored as float32 / bfloat16 (to nearest even), or the raw int32 accumulator (int8 inputs, int32 out,
+// no epilogue). Same arithmetic, in the same order, as the driver's apply_epilogue / store_row.
+struct FusedOut {
+  enum class Type { kF32, kBF16, kI32Raw };
+  Type type = Type::kF32;
+  void* out = nullptr;  // [M, ldo] of the call (or slab)
+  int64_t ldo = 0;
+  const float* alpha = nullptr;      // [N] or null
+  const float* bias = nullptr;       // [N] or null
+  const float* row_scale = nullptr;  // [M] or null
+  bool relu = false;
 };
 // Number of K blocks of a blocked-x kernel: its whole chunks in blocks of x_block columns, at least one (the partial
 // last chunk rides in the last block's extra chunk).
@@ -111,6 +151,12 @@ bool avx512_row_pair_kernel(WType w, bool extensions, Kernel* out);
 // int32 bound: the vpdpbusd variant (xtype kU8).
 bool avx512_pair_kernel(WType w, bool extensions, int64_t K, Kernel* out);
 bool avx2_kernel(WType w, Kernel* out);
+// The AMX family (spmm_24_amx.cpp): bfloat16 with AMX-BF16 (xtype kBF16), int8 with AMX-INT8 (xtype kI8); x as
+// prepared (x_block = 0). Per n-tile it decompresses the weight rows into a thread-local panel at m0 == 0 and runs the
+// tile unit on it; it writes whole 16 x 32 blocks of acc (see kAmxTileN) and needs x prepared with its rows padded to
+// a multiple of 16 (zero). False when the
+// CPU or the OS (no AMX permission) lacks it, or no kernel exists for w.
+bool amx_kernel(WType w, Kernel* out);
 // The portable scalar kernel (spmm_24.cpp): every dtype, every CPU.
 Kernel scalar_kernel(WType w);
 
@@ -153,13 +199,16 @@ bool avx512_token_kernel(WType w, bool extensions, TokenKernel* out);
 // What one call (or one slab of a large-M call) runs: decided by dispatch.cpp from the call's M, K and weight dtype
 // and the settings snapshot (ISA, kernel family, thresholds). Raises the errors of a forced ISA / family that cannot
 // run (and a bad environment value kept since load).
-enum class Family { kRows, kPairs, kTokens };
+enum class Family { kRows, kPairs, kTokens, kAmx };
 struct Plan {
   Family family = Family::kRows;
-  Kernel kernel{};       // rows / pairs
+  Kernel kernel{};       // rows / pairs / amx
   TokenKernel tokens{};  // tokens
 };
 Plan plan_call(int64_t M, int64_t K, WType w, const DispatchSettings& s);
+// The slab size (driver, spmm_24.cpp) of a call with M rows: amx_slab_rows where the AMX family runs the call's first
+// slab of that size (its panels are rebuilt per slab, so it wants larger slabs), else slab_rows.
+int64_t slab_rows_for(int64_t M, int64_t K, WType w, const DispatchSettings& s);
 
 }  // namespace spmm
 }  // namespace cpu

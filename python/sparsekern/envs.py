@@ -21,9 +21,10 @@ and the M thresholds at which `auto` changes kernel family), as a dict:
   `set_cpu_thresholds(mapping|None)`  thresholds = built-in defaults overridden by `mapping` (what a policy table's
                                       "cpu_dispatch" object does when the table becomes active, sparsekern.policy).
 Keys: isa (None = the best the CPU supports, "avx512", "avx512-base", "avx2", "scalar"), layout ("auto", "rows",
-"pairs", "tokens"), huge_page_hint (bool), and the thresholds (int, or None = never): rows_pair_bf16_min_m,
+"pairs", "tokens", "amx"), huge_page_hint (bool), and the thresholds (int, or None = never): rows_pair_bf16_min_m,
 rows_pair_i8_min_m, pairs_bf16_min_m, pairs_i8_min_m, pairs_u8_min_m, tokens_f32_min_m, tokens_bf16_min_m,
-tokens_i8_min_m, slab_rows (csrc/cpu/dispatch.h and dispatch.cpp say what each means and what was measured).
+tokens_i8_min_m, slab_rows, amx_bf16_min_m, amx_i8_min_m, amx_slab_rows (csrc/cpu/dispatch.h and dispatch.cpp say
+what each means and what was measured).
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ _VARIABLES = (
              "force the CPU kernels' ISA (spmm_24, wanda_prune; avx512-base: AVX-512 without the BF16/VNNI kernels); "
              "default: the best the CPU supports", CPP, ("avx512", "avx512-base", "avx2", "scalar")),
     Variable("SPARSEKERN_CPU_SPMM_LAYOUT", "choice", "auto",
-             "force the CPU spmm_24 kernel family (rows, pairs, tokens); auto picks by M", CPP,
-             ("auto", "rows", "pairs", "tokens")),
+             "force the CPU spmm_24 kernel family (rows, pairs, tokens, amx: Intel AMX); auto picks by M", CPP,
+             ("auto", "rows", "pairs", "tokens", "amx")),
     Variable("SPARSEKERN_NO_HUGEPAGE_HINT", "flag", False,
              "1: no MADV_HUGEPAGE hint on wanda_prune's large outputs", CPP),
     Variable("SPARSEKERN_CSLT_MAX_PLANS", "int", 4096,

@@ -50,6 +50,8 @@ positive integer (the smallest M from which `auto` takes that kernel) or null (n
   tokens_f32_min_m (32), tokens_bf16_min_m (null),    the token-lane family (fp32 table; bf16 pairs; int8 pairs)
   tokens_i8_min_m (256)
   slab_rows (256)                                     a call with more rows runs as slabs of this many rows
+  amx_bf16_min_m (12), amx_i8_min_m (8),              the AMX family (Intel AMX: bf16 tdpbf16ps, int8 tdpbssd;
+  amx_slab_rows (1024)                                weights decompressed into tile panels) and its slab size
 (built-in defaults in parentheses: csrc/cpu/dispatch.cpp, with the measurements behind them). Names not given keep
 their defaults. When the table becomes the active one (set_table, or its first use through active_table) these are
 pushed down to the C++ dispatch (sparsekern.envs.set_cpu_thresholds); a table without the field leaves the C++
@@ -58,8 +60,9 @@ PolicyError naming the file, the field and the rule.
 Lookup of a (arch, dtype, n, k) that was measured at other buckets uses the nearest measured bucket (in log2 M);
 a shape that was never measured gets `default_kernel`. On the CPU, a bucket the table does not hold is first
 measured by the layer itself (first-use calibration, sparsekern.calibrate: a few ms, once, the winner written into
-the table in use with `record_entries`; SPARSEKERN_CPU_CALIBRATE=0 turns it off). A chosen kernel the layer cannot run (no cuSPARSELt buffer,
-kernel not compiled for the device) is replaced by the default too, so a stale table can never break a layer.
+the table in use with `record_entries`; SPARSEKERN_CPU_CALIBRATE=0 turns it off). A chosen kernel the layer
+cannot run (no cuSPARSELt buffer, kernel not compiled for the device) is replaced by the default too, so a stale
+table can never break a layer.
 """
 
 from __future__ import annotations
