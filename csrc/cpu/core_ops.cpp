@@ -462,7 +462,11 @@ void quantize_rows(const in_t* x, q_t* q, float* scale, int64_t M, int64_t K, fl
         float v = static_cast<float>(xr[k]) / s;
         v = std::min(std::max(v, -qmax), qmax);
         if constexpr (std::is_same_v<q_t, int8_t>) {
-          qr[k] = static_cast<int8_t>(std::nearbyint(v));
+          // Round half to even by the 1.5 * 2^23 trick (exact for |v| <= 127 under IEEE round-to-nearest-even, the
+          // same result as std::nearbyint): plain adds the compiler vectorises, where the libm call per element
+          // made this op cost more than the int8 GEMM it feeds (2048 x 576 bf16: 4.35 ms, issue 18).
+          constexpr float kMagic = 12582912.f;
+          qr[k] = static_cast<int8_t>((v + kMagic) - kMagic);
         } else {
           qr[k] = static_cast<q_t>(v);
         }

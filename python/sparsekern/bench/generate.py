@@ -585,6 +585,7 @@ def run(args) -> int:
             raise UserError(f"--out {out} is a file; results are written into a folder")
     if args.threads:
         torch.set_num_threads(args.threads)
+    environment = capture("cpu")  # before measuring: the load average is the machine's, not this run's
     dtypes = args.dtype or ["float32", "bfloat16"]
     variants = args.variants or list(VARIANTS)
     prompt_lengths = args.prompt_lengths or list(DEFAULT_PROMPTS)
@@ -609,7 +610,7 @@ def run(args) -> int:
     except GenerateError as e:
         raise UserError(str(e)) from None
     doc = {"benchmark": "generate", "model": name, "pruned_here": prune, "linears_24": n24, **doc,
-           "environment": capture("cpu"),
+           "environment": environment,
            "command": "sparsekern bench generate " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "generate"]
                                                               else [])}
     table = summary_table(doc)
