@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sparsekern import _ext, envs
 from sparsekern.ops import core
@@ -25,6 +24,7 @@ from sparsekern.ops import core
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
 
 from cpuinfo import FLAGS  # noqa: E402  (tests/cpuinfo.py: /proc/cpuinfo, independent of the library)
+from test_spmm_cpu import reference, torch_same_dtype  # noqa: E402  (the float64 spec of spmm_24 and torch's error)
 
 _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2"}
 AMX_BF16 = {"amx_tile", "amx_bf16", "avx512_bf16"} | _AVX512 <= FLAGS
@@ -72,37 +72,8 @@ def weight(n: int, k: int, dtype: torch.dtype, gen: torch.Generator):
     return w, w64, values, codes
 
 
-def epilogue64(y, bias=None, alpha=None, row_scale=None, activation="none"):
-    if row_scale is not None:
-        y = y * row_scale.double()[:, None]
-    if alpha is not None:
-        y = y * alpha.double()[None, :]
-    if bias is not None:
-        y = y + bias.double()
-    if activation == "relu":
-        y = torch.relu(y)
-    elif activation == "gelu":
-        y = F.gelu(y)
-    return y
-
-
-def torch_same_dtype(x, w, bias=None, alpha=None, row_scale=None, activation="none"):
-    y = F.linear(x, w)
-    if row_scale is not None:
-        y = y * row_scale.to(y.dtype)[:, None]
-    if alpha is not None:
-        y = y * alpha.to(y.dtype)[None, :]
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    if activation == "relu":
-        y = torch.relu(y)
-    elif activation == "gelu":
-        y = F.gelu(y)
-    return y
-
-
 def check(ours, x, w, w64, out_dtype=None, **epi):
-    ref = epilogue64(x.double() @ w64.t(), **epi)
+    ref = reference(x, w64, **epi)  # float64 throughout: w64 is the float64 weight
     out_dtype = out_dtype or (torch.int32 if x.dtype == torch.int8 else x.dtype)
     assert ours.dtype == out_dtype and ours.shape == ref.shape
     if x.dtype == torch.int8:
