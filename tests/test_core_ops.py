@@ -387,3 +387,28 @@ def test_float64_values_below_float_range_count_as_non_zero():
     w[1, 6] = 0
     c = weight.compress_24(w)
     assert torch.equal(c.decompress(), w)  # the kept tiny values round-trip exactly
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_per_token_same_on_every_isa(xdtype):
+    # The AVX-512 int8 rows (float32 / bfloat16 input) and the portable loop give identical q and scale; K values
+    # next to the 16-lane width, tails, zero rows, a denormal row, ties at .5 steps.
+    from sparsekern import envs
+
+    for M, K in [(1, 4), (5, 15), (4, 16), (3, 17), (7, 100), (33, 576)]:
+        x = (torch.randn(M, K) * torch.rand(M, 1) * 10).to(xdtype)
+        x[0, : K // 2] = 0.0
+        if M > 2:
+            x[2] = 0.0
+        if M > 3:
+            x[3] = torch.arange(K).to(xdtype) * 0.5 - K / 4  # halves: round-half-even decides
+        q, scale = core.quantize_per_token(x, torch.int8)
+        with envs.cpu_dispatch(isa="scalar"):
+            q_s, scale_s = core.quantize_per_token(x, torch.int8)
+        q_ref, scale_ref = ref_quantize(x, torch.int8)
+        assert torch.equal(scale, scale_s) and torch.equal(q, q_s), (M, K)
+        assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref), (M, K)
+    bad = torch.randn(40, 33).to(xdtype)
+    bad[17, 32] = float("nan")
+    with pytest.raises(RuntimeError, match="row 17 of x holds Inf or NaN"):
+        core.quantize_per_token(bad, torch.int8)

@@ -21,8 +21,15 @@
 #include <string>
 #include <type_traits>
 
+#include <immintrin.h>
+
+// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized on their own masked-load temporaries (as in
+// spmm_24_tokens_avx512.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include "core/messages.h"
 #include "core/nm.h"
+#include "cpu/dispatch.h"
 
 namespace sparsekern {
 namespace cpu {
@@ -435,11 +442,74 @@ Tensor decompress_24_cpu(const Tensor& values, const Tensor& codes, int64_t cols
 // q = round_half_even(x / scale) clamped to [-127, 127] (int8) or x / scale clamped to +-448 and rounded to nearest
 // even by the float8_e4m3fn conversion. The division (not a multiply by 1/scale) keeps q identical to the plain
 // PyTorch formula the tests use.
+// AVX-512 row of the int8 case (float32 / bfloat16 input; the same numbers as the portable loop below: amax by max
+// of |x|, scale by the same expression, x / s by a true division, round half to even by vrndscaleps in its
+// round-to-nearest mode, saturation after clamping to +-127). Why: the portable loop is scalar (a float max
+// reduction does not vectorise without fast-math) and cost more than the int8 GEMM it feeds (issue 18). Returns
+// false when the row holds Inf / NaN (scale and q are then not written).
+#define SK_Q512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+template <typename in_t>
+SK_Q512 inline __m512 load16(const in_t* p, __mmask16 k) {
+  if constexpr (std::is_same_v<in_t, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else {  // bfloat16: the high half of a float
+    const __m256i h = _mm256_maskz_loadu_epi16(k, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename in_t>
+SK_Q512 bool quantize_row_i8_avx512(const in_t* xr, int8_t* qr, int64_t K, float qmax, float* scale_out) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512 fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 finite = 0xFFFF;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __m512 a = _mm512_and_ps(load16(xr + k, m), abs_mask);
+    finite &= _mm512_cmp_ps_mask(a, fmax, _CMP_LE_OQ) | static_cast<__mmask16>(~m);  // false for Inf and NaN
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  if (finite != 0xFFFF) return false;
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const float s = amax > 0.f ? std::max(amax / qmax, std::numeric_limits<float>::denorm_min()) : 1.f;
+  *scale_out = s;
+  const __m512 vs = _mm512_set1_ps(s), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    __m512 v = _mm512_div_ps(load16(xr + k, m), vs);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_mask_storeu_epi8(qr + k, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  return true;
+}
+
+// Whether quantize_per_token may take the AVX-512 rows: the CPU has them and no lower ISA is forced (SPARSEKERN_CPU_ISA
+// / cpu_dispatch_set, the one home of those choices: dispatch.h).
+bool quantize_avx512_allowed() {
+  const DispatchSettings& s = dispatch_settings();
+  return cpu_features().avx512 && s.isa_env_problem == DispatchSettings::EnvProblem::kNone &&
+         (s.isa == IsaSetting::kAuto || s.isa == IsaSetting::kAvx512 || s.isa == IsaSetting::kAvx512Base);
+}
+
 template <typename in_t, typename q_t>
 void quantize_rows(const in_t* x, q_t* q, float* scale, int64_t M, int64_t K, float qmax,
                    std::atomic<int64_t>& bad_row) {
+  constexpr bool kVec = std::is_same_v<q_t, int8_t> &&
+                        (std::is_same_v<in_t, float> || std::is_same_v<in_t, c10::BFloat16>);
+  const bool vec = kVec && quantize_avx512_allowed();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
+      if constexpr (kVec) {
+        if (vec) {
+          if (!quantize_row_i8_avx512(x + m * K, q + m * K, K, qmax, scale + m)) {
+            atomic_min(bad_row, m);
+            scale[m] = 1.f;
+          }
+          continue;
+        }
+      }
       const in_t* xr = x + m * K;
       float amax = 0.f;
       bool finite = true;
