@@ -5,7 +5,7 @@
 - DEVICES: parametrize over it for tests that run on every available device; it always contains "cpu".
 - Every test starts from a fixed seed (autouse fixture), so failures reproduce.
 - SPARSEKERN_CPU_CALIBRATE=0 for the whole suite (kernel choices never depend on timing), except where a test turns it
-  on.
+  on; SPARSEKERN_POLICY_TABLE names a file that does not exist (the user cache's table is not read).
 - SPARSEKERN_REQUIRE_CUDA=1 (sparsekern.envs): a GPU run must not pass by skipping. Every `cuda` test that cannot
   run fails with the reason, every skip of a `cuda` test (or any skip whose reason is a missing GPU / CUDA build)
   becomes a failure, and a session that ran no `cuda` test at all fails.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import pytest
 import torch
@@ -38,6 +39,10 @@ def _cuda_ready() -> tuple[bool, str]:
 # Kernel choices must not depend on timing: first-use calibration of CPU layers (sparsekern.calibrate) is off for the
 # suite; tests/test_calibrate.py turns it on where it is the subject (monkeypatch.setenv).
 os.environ["SPARSEKERN_CPU_CALIBRATE"] = "0"
+# Nor on the machine's history: the user-cache policy table (~/.cache/sparsekern/policy.json, written by a benchmark or
+# by calibration in another process) is not read; the suite starts from the built-in defaults (a file that does not
+# exist). Tests about the table files set their own (monkeypatch).
+os.environ["SPARSEKERN_POLICY_TABLE"] = os.path.join(tempfile.mkdtemp(prefix="sparsekern-tests-"), "no-policy.json")
 
 CUDA_OK, CUDA_WHY = _cuda_ready()
 DEVICES = ["cpu"] + (["cuda"] if CUDA_OK else [])
