@@ -266,3 +266,18 @@ def test_layer_kernel_cache_follows_the_policy_buckets_and_generation(monkeypatc
     assert layer._eager_kernel(torch.empty(3, 64)) == "spmm24"
     layer.set_kernel("dense_fallback")
     assert layer._eager_kernel(torch.empty(3, 64)) == "dense_fallback"
+
+
+def test_record_entries_refuses_a_malformed_entry_and_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_POLICY_TABLE", str(tmp_path / "t.json"))
+    policy.set_table(None)
+    try:
+        policy.active_table()  # the table in use is read (its first use activates it)
+        gen = policy.generation()
+        with pytest.raises(policy.PolicyError, match=r"record_entries: entry .* 'm' must be a positive integer"):
+            policy.record_entries([{"arch": "cpu", "dtype": "float32", "n": 4, "k": 8, "m": 0, "kernel": "spmm24"}])
+        with pytest.raises(policy.PolicyError, match="unknown kernel 'fast'"):
+            policy.record_entries([{"arch": "cpu", "dtype": "float32", "n": 4, "k": 8, "m": 1, "kernel": "fast"}])
+        assert policy.generation() == gen and not (tmp_path / "t.json").exists()
+    finally:
+        policy.set_table(None)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ext
+from . import calibrate as _calib
 from . import policy as _policy
 from ._modules import is_conv1d
 from .ops import core as _core
@@ -367,34 +368,27 @@ class SparseLinear(nn.Module):
         dropped by set_kernel, set_dense_cache and every device move). A CPU bucket no table covers is calibrated
         here first (sparsekern.calibrate)."""
         m = x2.shape[0]
+        bucket = _policy.m_bucket(m)
+        gen = _policy._state.generation
         cache = self.__dict__.get("_kernel_cache")
-        if cache is not None and cache[0] == _policy._state.generation:  # the hot path: one dict lookup
-            kernel = cache[1].get(1 if m <= 1 else min(1 << (m - 1).bit_length(), _policy.MAX_BUCKET))
+        if cache is not None and cache[0] == gen:  # the hot path: one dict lookup
+            kernel = cache[1].get(bucket)
             if kernel is not None:
                 return kernel
-        from . import calibrate, policy
-
-        bucket = policy.m_bucket(m)
-        gen = policy.generation()
+        if (x2.device.type == "cpu" and self._kernel_override is None and _policy.forced_kernel() is None
+                and _calib.wanted(_policy.dtype_name(self.values.dtype), self.out_features, self.in_features, m)):
+            self._calibrate(x2)
+        kernel = self.kernel_for(m)  # may activate a table (a new generation): cache under the one in effect now
+        gen = _policy._state.generation
+        cache = self.__dict__.get("_kernel_cache")
         if cache is None or cache[0] != gen:
             cache = (gen, {})
             self.__dict__["_kernel_cache"] = cache
-        kernel = cache[1].get(bucket)
-        if kernel is not None:
-            return kernel
-        if (x2.device.type == "cpu" and self._kernel_override is None and policy.forced_kernel() is None
-                and calibrate.wanted(policy.dtype_name(self.values.dtype), self.out_features, self.in_features, m)):
-            self._calibrate(x2)
-        kernel = self.kernel_for(m)
-        self.__dict__.setdefault("_kernel_cache", (policy.generation(), {}))
-        if self.__dict__["_kernel_cache"][0] == policy.generation():
-            self.__dict__["_kernel_cache"][1][bucket] = kernel
+        cache[1][bucket] = kernel
         return kernel
 
     def _calibrate(self, x2: torch.Tensor) -> None:
         """Time this layer's CPU candidates on x2 and record the winner (sparsekern.calibrate)."""
-        from . import calibrate, policy
-
         b = self._buffers
         n, k = self.out_features, self.in_features
 
@@ -409,7 +403,7 @@ class SparseLinear(nn.Module):
             bias = b["bias"]
             candidates["dense"] = lambda: F.linear(x2, w, bias)
         with torch.no_grad():
-            calibrate.calibrate(policy.dtype_name(self.values.dtype), n, k, x2.shape[0], candidates)
+            _calib.calibrate(_policy.dtype_name(self.values.dtype), n, k, x2.shape[0], candidates)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

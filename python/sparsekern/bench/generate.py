@@ -425,11 +425,10 @@ def run_protocol(base: nn.Module, tok, *, dtypes: list[str], variants: list[str]
                  decode_tokens: int, repeats: int, contend: bool = False, seed: int = 1, log=print) -> dict:
     """Measure every (dtype, variant) of `base` (dense float32, 2:4 block linears) and return the result document
     (without the environment)."""
-    from .. import calibrate
+    from .. import calibrate, data
+    from ..linear import SparseLinear
 
     config = getattr(base, "config", None)
-    from .. import data
-
     limit = data.max_positions(config)
     longest = max(max(prompt_lengths), DECODE_PROMPT + decode_tokens + 1)
     if limit is not None and longest > limit:
@@ -443,8 +442,6 @@ def run_protocol(base: nn.Module, tok, *, dtypes: list[str], variants: list[str]
     models: dict[tuple[str, str], nn.Module] = {}
     bytes_of: dict[tuple[str, str], int] = {}
     converted: dict[tuple[str, str], int] = {}
-    from ..linear import SparseLinear
-
     for dtype in dtypes:
         for variant in variants:
             m = make_variant(base, variant, getattr(torch, dtype))
