@@ -48,7 +48,9 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("wanda_prune(Tensor w, Tensor act_scale, int n, int m, float sparsity) -> (Tensor, Tensor)");
   // SparseGPT column-block OBS update, in place on w1 [rows, bs]; hinv1 [bs, bs] upper Cholesky factor block.
   // Returns (err [rows, bs], loss [rows] = sum (w - q)^2 / d^2 / 2, keep mask bool [rows, bs]: True = kept).
-  // prune_mask (True = prune) is the unstructured mode (n = m = 0); qscale / qzero [rows] + maxq: joint quantisation.
+  // prune_mask (True = prune) is the unstructured mode (n = m = 0); qscale / qzero [rows] + maxq: joint quantisation
+  // (maxq = 2^bits - 1: min-max grid scale * (clamp(round(w / scale) + zero, 0, maxq) - zero); maxq = -1: fp8 e4m3
+  // grid scale * e4m3(clamp(w / scale, -448, 448)), qzero given but ignored).
   m.def(
       "sparsegpt_prune_block_(Tensor(a!) w1, Tensor hinv1, int n, int m, Tensor? prune_mask, "
       "Tensor? qscale, Tensor? qzero, int maxq) -> (Tensor, Tensor, Tensor)");

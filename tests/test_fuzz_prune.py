@@ -241,7 +241,7 @@ def test_sparsegpt_float64_matches_reference_and_nm_is_exact(case):
     H = _hessian(g, cols, case["tokens"], case["dead"])
     w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     pattern = f"{n}:{m}" if m else sparsity
-    quant = {None: None, 8: "int8", 4: "int4"}[bits]
+    quant = {None: None, 8: "int8-minmax", 4: "int4"}[bits]
     w0, H0 = w.clone(), H.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a retry with more damping warns; the reference does not

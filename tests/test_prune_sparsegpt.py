@@ -68,7 +68,7 @@ def test_sparsegpt_unstructured_matches_oracle(device, rows, cols, blocksize):
     _check(r, ref)
 
 
-@pytest.mark.parametrize("quant,bits", [("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize("quant,bits", [("int8-minmax", 8), ("int4", 4)])
 @pytest.mark.parametrize("pattern", ["2:4", 0.5])
 def test_sparsegpt_joint_quantisation_matches_oracle(device, quant, bits, pattern):
     p = P.parse_pattern(pattern)
@@ -189,7 +189,7 @@ def test_sparsegpt_bad_inputs():
         P.sparsegpt(w, H, "garbage")
     with pytest.raises(ValueError, match=r"blocksize \(30\) must be a multiple of m = 4"):
         P.sparsegpt(w, H, "2:4", blocksize=30)
-    with pytest.raises(ValueError, match="quant must be None, 'int8' or 'int4'"):
+    with pytest.raises(ValueError, match="quant must be None or one of 'int8', 'fp8', 'int8-minmax', 'int4'"):
         P.sparsegpt(w, H, "2:4", quant="int3")
     with pytest.raises(ValueError, match="percdamp must be > 0"):
         P.sparsegpt(w, H, "2:4", percdamp=0)

@@ -5,6 +5,8 @@
 //   * Wanda metric           |w| * sqrt(s_j)                     (float32, sqrt(s) precomputed once per column)
 //   * SparseGPT N:M score    w^2 / d^2 with d = diag(Hinv1)       (float32, as `W1**2 / diag**2` in PyTorch)
 //   * min-max quantiser      scale * (clamp(round(w / scale) + zero, 0, maxq) - zero), round half to even
+//   * fp8 e4m3 quantiser     scale * e4m3(clamp(w / scale, -448, 448)), e4m3 = round to nearest even onto the
+//                            float8_e4m3fn values (torch's `.to(torch.float8_e4m3fn)`)
 // N:M selection itself is csrc/core/nm.h's select_keep_mask (keep the m - n largest; ties keep the lower index).
 #pragma once
 
@@ -58,6 +60,79 @@ SK_HOST_DEVICE T quantize_minmax(T x, T scale, T zero, T maxq) {
   T q = round_half_even(x / scale) + zero;
   q = q < T(0) ? T(0) : (q > maxq ? maxq : q);
   return mul_rn(scale, q - zero);
+}
+
+// Round a float to the nearest float8_e4m3fn value, ties to even, returned as a float: bit for bit what PyTorch's
+// `x.to(torch.float8_e4m3fn).float()` gives for a float32 x (c10's fp8e4m3fn_from_fp32_value). e4m3fn: 4 exponent
+// bits (bias 7), 3 mantissa bits, no infinities, largest finite 448, smallest normal 2^-6, subnormals k * 2^-9.
+//   |x| >= 2^-6: keep 3 mantissa bits of the float32, RNE by bit arithmetic (a carry into the exponent is the
+//                correct round-up to the next binade);
+//   |x| <  2^-6: the nearest multiple of 2^-9 (RNE): rint(|x| * 512) / 512, both scalings exact;
+//   saturation as c10: a finite value rounding above 448 (or |x| >= 480, or an infinity) gives +-448, NaN gives NaN.
+// The sign is carried through, so -0 and negative values that round to zero give -0, as the cast does.
+// Callers quantising onto the deployed grid clamp to [-448, 448] first (quantize_e4m3), where every rule agrees.
+SK_HOST_DEVICE float round_e4m3(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  const uint32_t sign = bits & 0x80000000u;
+  const uint32_t mag = bits ^ sign;
+  uint32_t out;
+  if (mag > 0x7F800000u) {
+    return x;  // NaN
+  } else if (mag >= 0x43F00000u) {  // >= 480.0f (torch's fp8_max), or inf: saturate
+    out = 0x43E00000u;              // 448.0f
+  } else if (mag < 0x3C800000u) {   // < 2^-6: e4m3 subnormal range, multiples of 2^-9
+    float a;
+    memcpy(&a, &mag, sizeof(a));
+    const float r = rintf(a * 512.0f) * (1.0f / 512.0f);
+    memcpy(&out, &r, sizeof(out));
+  } else {
+    out = mag + 0x7FFFFu + ((mag >> 20) & 1u);  // RNE at bit 20 (23 - 3 mantissa bits dropped)
+    out &= 0xFFF00000u;
+    if (out > 0x43E00000u) out = 0x43E00000u;  // rounded past 448 (c10 saturates the NaN pattern to 448)
+  }
+  out |= sign;
+  float r;
+  memcpy(&r, &out, sizeof(r));
+  return r;
+}
+
+// The same rounding of a double, directly (one rounding; torch's cast of a float64 tensor goes through float32
+// first, which can differ in rare double-rounding ties). Used by the float64 SparseGPT path only.
+SK_HOST_DEVICE double round_e4m3(double x) {
+  uint64_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  const uint64_t sign = bits & 0x8000000000000000ull;
+  const uint64_t mag = bits ^ sign;
+  uint64_t out;
+  if (mag > 0x7FF0000000000000ull) {
+    return x;  // NaN
+  } else if (mag >= 0x407E000000000000ull) {  // >= 480.0
+    out = 0x407C000000000000ull;                // 448.0
+  } else if (mag < 0x3F90000000000000ull) {   // < 2^-6
+    double a;
+    memcpy(&a, &mag, sizeof(a));
+    const double r = rint(a * 512.0) * (1.0 / 512.0);
+    memcpy(&out, &r, sizeof(out));
+  } else {
+    const uint64_t drop = 52 - 3;
+    out = mag + ((1ull << (drop - 1)) - 1) + ((mag >> drop) & 1ull);
+    out &= ~((1ull << drop) - 1);
+    if (out > 0x407C000000000000ull) out = 0x407C000000000000ull;
+  }
+  out |= sign;
+  double r;
+  memcpy(&r, &out, sizeof(r));
+  return r;
+}
+
+// Symmetric fp8 e4m3 quantise-dequantise of one value with a per-row scale (sparsekern.quant's fp8 weight grid):
+// scale * e4m3(clamp(x / scale, -448, 448)). The product goes through mul_rn, as in quantize_minmax.
+template <typename T>
+SK_HOST_DEVICE T quantize_e4m3(T x, T scale) {
+  T r = x / scale;
+  r = r < T(-448) ? T(-448) : (r > T(448) ? T(448) : r);
+  return mul_rn(scale, round_e4m3(r));
 }
 
 // select_keep_mask(s, n, 4) for NaN-free scores, branch-free: six comparisons instead of nm.h's twelve

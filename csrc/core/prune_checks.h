@@ -94,7 +94,8 @@ inline void check_sparsegpt_block_args(const at::Tensor& w1, const at::Tensor& h
                   t->sizes());
       TORCH_CHECK(t->device() == w1.device(), op, ": qscale / qzero must be on w1's device ", w1.device());
     }
-    TORCH_CHECK(maxq >= 1, op, ": maxq (2^bits - 1) must be >= 1 with quantisation, got ", maxq);
+    TORCH_CHECK(maxq >= 1 || maxq == -1, op,
+                ": maxq must be 2^bits - 1 >= 1 (min-max grid) or -1 (fp8 e4m3 grid) with quantisation, got ", maxq);
   }
 }
 

@@ -5,7 +5,8 @@
 // For a block W1 = W[:, i1:i2] (rows x bs, updated in place) and Hinv1 = U[i1:i2, i1:i2] (upper Cholesky factor
 // of H^-1), for i = 0 .. bs-1, per row (ALGORITHMS.md, "SparseGPT"):
 //   N:M: at i % m == 0, score W1[:, i:i+m] (current values) by w^2 / d^2 and prune the n smallest (core/nm.h)
-//   q = 0 if pruned else w; joint quantisation: q = quant(q) with the row's (scale, zero, maxq)
+//   q = 0 if pruned else w; joint quantisation: q = quant(q) with the row's (scale, zero, maxq), or with maxq = -1
+//   the symmetric fp8 e4m3 grid q = scale * e4m3(clamp(q / scale, -448, 448)) (core/prune.h)
 //   d = Hinv1[i, i]; err = (w - q) / d; W1[:, i:] -= err * Hinv1[i, i:]; Err1[:, i] = err;
 //   loss += (w - q)^2 / d^2;  W1[:, i] ends as q exactly (the reference's Q1).
 // Rows never interact, so each thread takes a range of rows; four rows are processed together so every
@@ -31,7 +32,7 @@ struct BlockArgs {
   const bool* prune_mask;  // [rows, bs] row stride bs, true = prune (unstructured); nullptr for N:M / none
   const void* qscale;      // [rows] or nullptr
   const void* qzero;       // [rows] or nullptr
-  double maxq;
+  double maxq;             // 2^bits - 1 (min-max grid), or -1: fp8 e4m3 grid
 };
 
 template <typename T>
@@ -43,6 +44,7 @@ void sparsegpt_block_kernel(T* w1, int64_t ldw, const T* hinv, int64_t ldh, cons
   const T* qscale = static_cast<const T*>(a.qscale);
   const T* qzero = static_cast<const T*>(a.qzero);
   const T maxq = static_cast<T>(a.maxq);
+  const bool fp8 = a.maxq < 0;  // maxq = -1: symmetric fp8 e4m3 grid, qzero ignored
   const int64_t tiles = (a.rows + kRowTile - 1) / kRowTile;
   const int64_t grain = std::max<int64_t>(1, 64 / kRowTile);
 
@@ -91,7 +93,10 @@ void sparsegpt_block_kernel(T* w1, int64_t ldw, const T* hinv, int64_t ldh, cons
           }
           const T w = wr[i];
           T q = pruned ? T(0) : w;
-          if (qscale != nullptr) q = core::quantize_minmax<T>(q, qscale[row], qzero[row], maxq);
+          if (qscale != nullptr) {
+            q = fp8 ? core::quantize_e4m3<T>(q, qscale[row])
+                    : core::quantize_minmax<T>(q, qscale[row], qzero[row], maxq);
+          }
           const T diff = w - q;
           e[r] = diff / d;
           row_loss[r] += (diff * diff) / (d * d);

@@ -241,7 +241,11 @@ __global__ void sparsegpt_block_kernel(T* __restrict__ w1, int64_t ldw, const T*
     }
     const T w = wt[i * kTileLd + lane];
     T q = pruned ? T(0) : w;
-    if (qscale != nullptr && active) q = core::quantize_minmax<T>(q, qscale[row], qzero[row], maxq);
+    if (qscale != nullptr && active) {
+      // maxq = -1: the symmetric fp8 e4m3 grid (qzero ignored); else the min-max grid.
+      q = maxq < T(0) ? core::quantize_e4m3<T>(q, qscale[row])
+                      : core::quantize_minmax<T>(q, qscale[row], qzero[row], maxq);
+    }
     const T diff = w - q;
     const T e = diff / d;
     row_loss += (diff * diff) / (d * d);

@@ -30,6 +30,8 @@ state_dict() holds values, codes, weight_scale (quantised), bias, shape (int64 [
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +42,15 @@ from . import policy as _policy
 from ._modules import is_conv1d
 from .ops import core as _core
 from .ops import cslt as _cslt
-from .quant import QuantUnsupportedError, check_quant_supported, dequantize_weight, quant_dtype
+from .quant import (
+    QuantUnsupportedError,
+    check_quant_supported,
+    dequantize_weight,
+    quant_dtype,
+    quantize_weight,
+    quantize_weight_on_grid,
+    weight_grid,
+)
 from .weight import (
     FLOAT_DTYPES as _FLOAT_DTYPES,
     FORMAT_VERSION,
@@ -54,6 +64,27 @@ from .weight import (
 )
 
 # ---------------------------------------------------------------------------------------------- weight helpers
+
+
+def _from_dense_on_grid(w: torch.Tensor, quant: str, scale: torch.Tensor, name: str,
+                        check: bool) -> Sparse24Weight:
+    """Sparse24Weight.from_dense(w, quant) but with the kept values quantised on a recorded grid scale (from_linear's
+    doc). Off the grid (or a scale that does not fit w): warn and fit a fresh scale, as from_dense does."""
+    plain = Sparse24Weight.from_dense(w, None, name=name, check=check)  # float values + codes, as from_dense
+    why = None
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (w.shape[0],):
+        shape = list(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+        why = f"the recorded scale has shape {shape}, not [out_features] = [{w.shape[0]}]"
+    else:
+        q, s, on_grid = quantize_weight_on_grid(plain.values, quant, scale)
+        if on_grid:
+            return Sparse24Weight(q.contiguous(), plain.codes, plain.shape, scale=s, validate=False)
+        why = ("the weight is no longer on it (changed after it was pruned / quantised: its values are not the "
+               "grid's codes times the scale)")
+    warnings.warn(f"{name}: ignoring the {quant} grid recorded by attach_weight_grid: {why}; fitting a fresh "
+                  f"per-row {quant} scale from the weight instead, which re-rounds it", stacklevel=3)
+    values, s = quantize_weight(plain.values, quant)
+    return Sparse24Weight(values.contiguous(), plain.codes, plain.shape, scale=s, validate=False)
 
 
 def is_convertible(module: nn.Module) -> bool:
@@ -246,6 +277,13 @@ class SparseLinear(nn.Module):
         linear: nn.Linear (weight [out, in]) or transformers Conv1D (weight [in, out], transposed here); float32,
                 float16 or bfloat16. The weight must be 2:4 along in_features (prune it first).
         quant:  None | "int8" | "fp8" (see sparsekern.quant; checked against the device).
+                When `linear` carries a grid of the same quant recorded by sparsekern.quant.attach_weight_grid (e.g.
+                from sparsegpt(..., quant=quant)), the weight is stored on that grid's scale, not on a scale fitted
+                from the final weight: the codes and the scale are the optimised ones and nothing is re-rounded.
+                That needs the weight to be still on the grid (quantize_weight_on_grid's rule: the dequantised
+                codes, rounded to the weight's dtype, equal the weight exactly); a weight changed since is stored
+                on a freshly fitted scale, with a warning. A recorded grid of another quant (or quant=None) is
+                ignored.
         check:  verify the 2:4 pattern first and name `name`, the row and the group in the error; with check=False
                 the compress op still refuses a non-2:4 weight, with a less specific message.
         dense_cache: keep a dense copy on the CPU too (see the class doc).
@@ -260,7 +298,11 @@ class SparseLinear(nn.Module):
                              "along in_features")
         _ext.require("SparseLinear")
         check_quant_supported(quant, w.device)
-        weight = Sparse24Weight.from_dense(w, quant, name=name, check=check)
+        grid = weight_grid(linear) if quant is not None else None
+        if grid is not None and grid[0] == quant:
+            weight = _from_dense_on_grid(w, quant, grid[1], name, check)
+        else:
+            weight = Sparse24Weight.from_dense(w, quant, name=name, check=check)
         bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
         layer = cls(k, n, bias is not None, dtype=w.dtype, quant=quant, device="meta", weight_layout=layout,
                     dense_cache=dense_cache)

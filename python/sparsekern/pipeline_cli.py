@@ -222,13 +222,15 @@ def _cmd_prune(args) -> int:
         # Evaluation on the end of the text, disjoint from the calibration windows (checked).
         _, eval_ids = data.split_calibration_eval(ids, args.nsamples, args.seqlen, args.eval_tokens)
     # Magnitude pruning is data-free: no calibration windows are cut (nor required).
-    calib = None if args.method == "magnitude" else data.calibration_windows(ids, args.nsamples, args.seqlen)
+    calib = (None if args.method == "magnitude" and args.refit is None
+             else data.calibration_windows(ids, args.nsamples, args.seqlen))
     t0 = time.perf_counter()
     report = prune_model(model, calib, method=args.method, pattern=args.pattern, true_sequential=args.true_sequential,
                          device=args.device, offload=args.offload, skip=skip, progress=not args.json,
                          batch_size=args.batch_size, quant=args.quant if args.method == "sparsegpt" else None,
                          calib_dtype=None if args.calib_dtype == "model" else getattr(torch, args.calib_dtype),
-                         single_pass=not args.multipass, rerun_kernel=args.rerun_kernel)
+                         single_pass=not args.multipass, rerun_kernel=args.rerun_kernel, refit=args.refit,
+                         refit_iters=args.refit_iters, refit_cg_iters=args.refit_cg_iters)
     times["prune"] = time.perf_counter() - t0
     _log(args, report.table(per_linear=args.verbose))
     result = {"command": "prune", "model": args.model, "text": args.text, "report": report.to_dict(),
@@ -247,7 +249,7 @@ def _cmd_prune(args) -> int:
         result["sensitivity"] = scan.to_dict()
     if out is not None:
         t0 = time.perf_counter()
-        meta = {"method": args.method, "pattern": args.pattern, "model": args.model,
+        meta = {"method": args.method, "pattern": args.pattern, "model": args.model, "refit": args.refit,
                 "calibration": None if calib is None else {
                     "text": args.text, "nsamples": args.nsamples, "seqlen": args.seqlen,
                     "windows": "first nsamples consecutive windows"},
@@ -441,7 +443,14 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("prune", help="prune a model's decoder-block linears (magnitude, Wanda, SparseGPT)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
-    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "admm"), default="sparsegpt",
+                   help="mask (and weight update) method; admm = ADMM with a gradually chosen mask (default sparsegpt)")
+    p.add_argument("--refit", choices=("admm",), default=None,
+                   help="after the method's mask: least-squares weights on that mask (ADMM + conjugate gradients)")
+    p.add_argument("--refit-iters", type=_nonneg, default=20, help="ADMM iterations of --refit / --method admm "
+                                                                   "(default 20)")
+    p.add_argument("--refit-cg-iters", type=_nonneg, default=10, help="conjugate-gradient iterations after ADMM "
+                                                                      "(default 10)")
     p.add_argument("--pattern", type=_pattern, default="2:4",
                    help="N:M (2:4, 4:8: N of every M weights pruned) or unstructured sparsity (0.5); default 2:4")
     p.add_argument("--nsamples", type=_positive, default=64, help="calibration windows (default 64)")

@@ -58,7 +58,11 @@ def sparsegpt_prune_block_(w1, hinv1, n, m, prune_mask=None, qscale=None, qzero=
     hinv1: [bs, bs] of w1's dtype, the block U[i1:i2, i1:i2] of the upper Cholesky factor of H^-1.
     n, m: N:M pattern chosen inside the loop (bs must be a multiple of m); n = m = 0 for mask / no pruning.
     prune_mask: optional bool [rows, bs], True = prune (unstructured: the caller's block-global threshold).
-    qscale, qzero: optional [rows] of w1's dtype, per-row min-max quantiser; maxq = 2^bits - 1.
+    qscale, qzero: optional [rows] of w1's dtype, the per-row quantiser, given together; maxq selects the grid:
+        maxq = 2^bits - 1 (>= 1): min-max q = qscale * (clamp(round(w / qscale) + qzero, 0, maxq) - qzero), round
+        half to even (qzero = 127, maxq = 254 is the symmetric int8 grid clamp(round(w / s), -127, 127) exactly);
+        maxq = -1: symmetric fp8 e4m3 q = qscale * e4m3(clamp(w / qscale, -448, 448)), e4m3 rounding to nearest
+        even onto float8_e4m3fn values as torch's cast (qzero must be given but is ignored).
     Returns (err [rows, bs], loss [rows] = sum_i (w - q)^2 / d_i^2 / 2 over the block, keep mask bool [rows, bs]).
     """
     return _op("sparsegpt_prune_block_")(w1, hinv1, n, m, prune_mask, qscale, qzero, maxq)

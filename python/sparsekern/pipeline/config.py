@@ -21,7 +21,8 @@ import torch
 
 from .errors import PipelineError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
+REFITS = (None, "admm")
 RERUN_KERNELS = ("auto", "dense", "sparse")
 CALIB_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,7 +55,14 @@ def _names(value: Iterable[str] | str | None) -> tuple[str, ...] | None:
 class PruneConfig:
     """How prune_model prunes (see prune_model for the calibration data and the model).
 
-    method:      "magnitude" | "wanda" | "sparsegpt".
+    method:      "magnitude" | "wanda" | "sparsegpt" | "admm" (ADMM with a gradually chosen mask, Boza 2024: the mask
+                 and the least-squares weights in one solve; prune.refit.admm_gradual).
+    refit:       None | "admm": after the method chose its mask, replace the kept weights by the least-squares
+                 solution on that mask (prune.refit: ADMM + conjugate gradients on the layer's Hessian). Any
+                 method; magnitude and Wanda then collect the Hessian too (their masks are unchanged).
+    refit_iters, refit_cg_iters, refit_percdamp: ADMM iterations, CG iterations, ridge damping (fraction of diag(H))
+                 of refit; method="admm" runs refit_gradual_iters ADMM iterations that choose the mask, then the
+                 same refit_iters + refit_cg_iters on the final mask.
     pattern:     "N:M" (N of every M consecutive weights along in_features pruned: "2:4", "4:8") or an
                  unstructured sparsity ("0.5"); stored in canonical form ("2:4", "0.5").
     nsamples, seqlen: take the first nsamples rows / seqlen tokens of a tensor calibration (default: all; for a
@@ -105,6 +113,11 @@ class PruneConfig:
     calib_dtype: torch.dtype | None = None
     single_pass: bool = True
     rerun_kernel: str = "dense"
+    refit: str | None = None
+    refit_iters: int = 20
+    refit_cg_iters: int = 10
+    refit_percdamp: float = 0.01
+    refit_gradual_iters: int = 30
 
     def __post_init__(self) -> None:
         def set_(name, value):  # frozen: the normalised values are set once, here
@@ -131,6 +144,21 @@ class PruneConfig:
         self._check_kernels()
 
     def _check_method_options(self) -> None:
+        if self.refit not in REFITS:
+            raise PipelineError(f"refit {self.refit!r}: expected None or 'admm'")
+        if self.method == "admm" and self.refit is not None:
+            raise PipelineError("method='admm' already solves the least-squares weights on its mask; refit must be "
+                                f"None, not {self.refit!r}")
+        for name in ("refit_iters", "refit_cg_iters", "refit_gradual_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise PipelineError(f"{name} ({v!r}) must be an int >= 0")
+        if self.uses_refit and self.refit_iters + self.refit_cg_iters < 1:
+            raise PipelineError("refit_iters + refit_cg_iters must be >= 1")
+        if self.method == "admm" and self.refit_gradual_iters < 1:
+            raise PipelineError(f"refit_gradual_iters ({self.refit_gradual_iters}) must be >= 1 for method='admm'")
+        if not (isinstance(self.refit_percdamp, (int, float)) and self.refit_percdamp > 0):
+            raise PipelineError(f"refit_percdamp ({self.refit_percdamp!r}) must be > 0")
         if self.quant is not None and self.method != "sparsegpt":
             raise PipelineError(f"quant={self.quant!r} (joint pruning + quantisation) needs method='sparsegpt', not "
                                 f"{self.method!r}")
@@ -156,6 +184,26 @@ class PruneConfig:
             raise PipelineError(f"rerun_kernel='sparse' runs the pruned linears in the weights' dtype; it cannot be "
                                 f"combined with calib_dtype={self.calib_dtype} (autocast does not reach sparsekern's "
                                 "GEMM)")
+
+    @property
+    def uses_refit(self) -> bool:
+        """The least-squares solve runs: refit="admm", or method="admm"."""
+        return self.refit is not None or self.method == "admm"
+
+    @property
+    def needs_data(self) -> bool:
+        """Calibration data is needed: every method but magnitude, and magnitude with a refit."""
+        return self.method != "magnitude" or self.uses_refit
+
+    @property
+    def stats_method(self) -> str:
+        """What make_stats collects per group: the method's statistics, plus the Hessian for a refit."""
+        return self.method if self.refit is None else f"{self.method}+hessian"
+
+    @property
+    def refit_options(self) -> dict:
+        return {"iters": self.refit_iters, "cg_iters": self.refit_cg_iters, "percdamp": self.refit_percdamp,
+                "gradual_iters": self.refit_gradual_iters}
 
     @property
     def calib_dtype_name(self) -> str:

@@ -20,20 +20,66 @@ def _engine():
     return engine
 
 
+class WithHessian:
+    """The statistics of a method plus the Hessian a refit needs, fed from the same inputs (stats_method
+    "<method>+hessian"). .value is the method's own statistic (None for magnitude), .hessian the Hessian."""
+
+    def __init__(self, own, hessian):
+        self.own, self.hessian_stats = own, hessian
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.own is not None:
+            self.own.add(x)
+        self.hessian_stats.add(x)
+
+    @property
+    def value(self):
+        return None if self.own is None else self.own.value
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.hessian_stats.value
+
+    @property
+    def nsamples(self) -> int:
+        return self.hessian_stats.nsamples
+
+
 def make_stats(method: str, in_features: int, device: torch.device):
-    """A fresh statistics object for `method` over inputs of `in_features` (None for magnitude: data-free)."""
+    """A fresh statistics object for `method` over inputs of `in_features` (None for magnitude: data-free).
+    "<method>+hessian" (PruneConfig.stats_method with a refit): the method's statistics and the Hessian."""
     engine = _engine()
-    if method == "sparsegpt":
+    if method.endswith("+hessian"):
+        own = method.removesuffix("+hessian")
+        if own in ("sparsegpt", "admm"):
+            return make_stats(own, in_features, device)
+        return WithHessian(make_stats(own, in_features, device), engine.HessianStats(in_features, device))
+    if method in ("sparsegpt", "admm"):
         return engine.HessianStats(in_features, device)
     if method == "wanda":
         return engine.ActScaleStats(in_features, device)
     return None
 
 
+def hessian_of(stat) -> torch.Tensor | None:
+    """The Hessian a statistics object holds (HessianStats or WithHessian), else None."""
+    if stat is None:
+        return None
+    if isinstance(stat, WithHessian):
+        return stat.hessian
+    return stat.value if getattr(stat, "value", None) is not None and stat.value.dim() == 2 else None
+
+
 def prune_weight(method: str, w: torch.Tensor, stat: torch.Tensor | None, pattern, options: Mapping[str, Any]):
     """Prune one weight [out, in] with the engine; `stat` is the statistics' value (None for magnitude),
     `pattern` the engine's form (engine_pattern). Returns the engine's result (.weight, and .loss for sparsegpt)."""
     engine = _engine()
+    if method == "admm":
+        from ..prune.refit import admm_gradual
+
+        gradual = options.get("gradual_iters", 30)
+        return admm_gradual(w, stat, pattern, iters=gradual + options.get("iters", 20), gradual_iters=gradual,
+                            cg_iters=options.get("cg_iters", 10), percdamp=options.get("percdamp", 0.01))
     if method == "magnitude":
         return engine.magnitude(w, pattern)
     if method == "wanda":
@@ -49,20 +95,51 @@ def sparsity_of(w: torch.Tensor) -> float:
 
 class GroupPruner:
     """Prunes the linears of one group in place from the group's shared statistics and appends a LinearReport per
-    linear (full name, shape, loss, sparsity, engine seconds) to `report`."""
+    linear (full name, shape, loss, sparsity, engine seconds) to `report`.
 
-    def __init__(self, method: str, pattern, options: Mapping[str, Any], report: PruneReport, layers_path: str):
+    refit ("admm" or None): after the method's pruning, the kept weights are replaced by the least-squares solution
+    on the method's mask (prune.refit), from the dense weight and the group's Hessian; the factorisation is shared
+    by the group's linears (one RefitSolver per group)."""
+
+    def __init__(self, method: str, pattern, options: Mapping[str, Any], report: PruneReport, layers_path: str,
+                 refit: str | None = None, refit_options: Mapping[str, Any] | None = None):
         self.method, self.pattern, self.options = method, pattern, options
         self.report, self.layers_path = report, layers_path
+        self.refit, self.refit_options = refit, dict(refit_options or {})
 
     def __call__(self, layer_index: int, mods: Mapping[str, nn.Module], group: Sequence[str], stat) -> None:
         value = None if stat is None else stat.value
+        solver = None
+        if self.refit is not None:
+            from ..prune.refit import RefitSolver
+
+            solver = RefitSolver(hessian_of(stat), self.refit_options.get("percdamp", 0.01))
+        elif self.method == "admm":
+            value = hessian_of(stat)
         for n in group:
             t0 = time.perf_counter()
             w = weight_matrix(mods[n])
             # The engine leaves its statistics untouched, so a group shares one object.
-            res = prune_weight(self.method, w, value, self.pattern, self.options)
+            opts = dict(self.options, **self.refit_options) if self.method == "admm" else self.options
+            quant = self.options.get("quant")
+            if solver is not None and quant is not None:
+                opts = dict(opts, quant=None)  # quantised after the refit, on the refit's weights
+            res = prune_weight(self.method, w, value, self.pattern, opts)
+            if solver is not None:
+                res = solver.refit(w, res.mask, self.pattern, iters=self.refit_options.get("iters", 20),
+                                   cg_iters=self.refit_options.get("cg_iters", 10))
+                if quant is not None:
+                    # GPTQ on the refit's mask: the OBS loop rounds onto the grid column by column and compensates
+                    # the rounding error on the columns not yet rounded; the mask does not change.
+                    res = _engine().sparsegpt(res.weight, hessian_of(stat), self.pattern,
+                                              blocksize=self.options.get("blocksize", 128),
+                                              percdamp=self.options.get("percdamp", 0.01), quant=quant, mask=res.mask)
             set_weight_matrix(mods[n], res.weight)
+            if getattr(res, "scale", None) is not None:
+                # The grid the weight was optimised on: sparsify(quant=...) stores exactly these codes and scales.
+                from ..quant import attach_weight_grid
+
+                attach_weight_grid(mods[n], res.quant, res.scale)
             loss = getattr(res, "loss", None)
             self.report.linears.append(LinearReport(
                 layer=layer_index, name=f"{self.layers_path}.{layer_index}.{n}", shape=tuple(w.shape),

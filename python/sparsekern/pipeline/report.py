@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class LinearReport:
-    """One pruned linear: full dotted name, weight shape [out, in], loss (SparseGPT's OBS loss; None when the
-    method has none), fraction of zeros after pruning, seconds spent in the pruning engine."""
+    """One pruned linear: full dotted name, weight shape [out, in], loss (SparseGPT's OBS loss; with a refit or
+    method "admm" the exact 1/2 (w_hat - w) H (w_hat - w)^T summed over rows; None when the method has none), fraction of zeros after pruning, seconds spent in the pruning engine."""
 
     layer: int
     name: str
@@ -46,6 +46,9 @@ class PruneReport:
     rerun_kernel: str = "dense"
     rerun_choices: dict = field(default_factory=dict)
     rerun_probes: dict = field(default_factory=dict)
+    # Least-squares refit after the method's mask (None | "admm") and the solver's options (also for method "admm").
+    refit: str | None = None
+    refit_options: dict = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -61,7 +64,8 @@ class PruneReport:
     def table(self, per_linear: bool = False) -> str:
         calib = (f"{self.nsamples} x {self.seqlen} calibration tokens" if self.nsamples
                  else "no calibration (data-free)")
-        lines = [f"prune_model: {self.method} {self.pattern}, {calib}, "
+        refit = f" + refit {self.refit}" if self.refit else ""
+        lines = [f"prune_model: {self.method}{refit} {self.pattern}, {calib}, "
                  f"true_sequential={self.true_sequential}, device={self.device}, calibration dtype "
                  f"{self.calib_dtype}"
                  + (" (offload)" if self.offload else ""),

@@ -45,11 +45,13 @@ def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torc
 
 
 def _calibration_ids(model: nn.Module, calibration: Any, cfg: PruneConfig) -> torch.Tensor | None:
-    """The calibration windows int64 [nsamples, seqlen], checked against the model; None for magnitude."""
-    if cfg.method == "magnitude":
+    """The calibration windows int64 [nsamples, seqlen], checked against the model; None for magnitude (without a
+    refit)."""
+    if not cfg.needs_data:
         return None
     if calibration is None:
-        raise PipelineError(f"method {cfg.method!r} needs calibration data (token ids [nsamples, seqlen] or a text)")
+        what = f"method {cfg.method!r}" + (f" with refit={cfg.refit!r}" if cfg.refit else "")
+        raise PipelineError(f"{what} needs calibration data (token ids [nsamples, seqlen] or a text)")
     calib = as_calibration(calibration, cfg.nsamples, cfg.seqlen, cfg.tokenizer)
     check_seqlen(model, calib.shape[1])
     return calib
@@ -68,12 +70,14 @@ class _PruneRun:
             method=cfg.method, pattern=cfg.pattern, nsamples=n, seqlen=t, true_sequential=cfg.true_sequential,
             device=str(self.device), offload=cfg.offload, layers_path=self.layers_path,
             calib_dtype=cfg.calib_dtype_name, single_pass=bool(cfg.true_sequential and cfg.single_pass),
-            rerun_kernel=cfg.rerun_kernel)
+            rerun_kernel=cfg.rerun_kernel, refit=cfg.refit,
+            refit_options=cfg.refit_options if cfg.uses_refit else {})
         self.selected, self.report.kept_dense = select_linears(self.layers_path, self.layers, cfg.include,
                                                                cfg.exclude, cfg.skip)
         self.autocast = functools.partial(calibration_autocast, cfg.calib_dtype, self.device)
         self.prune_group = GroupPruner(cfg.method, engine_pattern(cfg.pattern), cfg.engine_options, self.report,
-                                       self.layers_path)
+                                       self.layers_path, refit=cfg.refit,
+                                       refit_options=cfg.refit_options if cfg.uses_refit else None)
         self.kernels = RerunKernels(cfg.rerun_kernel, cfg.pattern, self.device, cfg.calib_dtype,
                                     cfg.batch_size * t, self.report)
         self.chunks: list = []
@@ -112,7 +116,7 @@ class _PruneRun:
         keep = self.needs_output(i)
         with contextlib.ExitStack() as sparse_stack:
             on_group = _PruneGroupMidPass(self, i, mods, groups, sparse_stack if keep else None)
-            out = run_block_staged(layer, groups, self.chunks, self.hidden, self.cfg.method, self.device, on_group,
+            out = run_block_staged(layer, groups, self.chunks, self.hidden, self.cfg.stats_method, self.device, on_group,
                                    keep=keep, context=self.autocast)
         if keep:
             self.hidden = out
@@ -122,7 +126,7 @@ class _PruneRun:
         for todo in ([[g] for g in groups] if self.cfg.true_sequential else [groups]):
             with self.autocast():
                 stats = {} if self.calib is None else collect_stats(layer, todo, self.chunks, self.hidden,
-                                                                    self.cfg.method, self.device)
+                                                                    self.cfg.stats_method, self.device)
             for g in todo:
                 self.prune_group(i, mods, g, stats.get(g[0]))
             del stats
@@ -160,7 +164,7 @@ def _block_bar(nblocks: int, cfg: PruneConfig):
         return range(nblocks)
     from tqdm.auto import tqdm
 
-    return tqdm(range(nblocks), desc=f"{cfg.method} {cfg.pattern}", unit="block")
+    return tqdm(range(nblocks), desc=f"{cfg.method}{'+refit' if cfg.refit else ''} {cfg.pattern}", unit="block")
 
 
 def _show_loss(bar, report: PruneReport) -> None:

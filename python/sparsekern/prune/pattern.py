@@ -34,11 +34,17 @@ class Pattern(NamedTuple):
 
 class PruneResult(NamedTuple):
     """weight: pruned weight, w's dtype/shape; mask: bool, w's shape, True = kept; loss: float32 [rows] (SparseGPT's
-    per-row OBS loss sum_i (w - q)^2 / d_i^2 / 2; float64 for float64 w) or None."""
+    per-row OBS loss sum_i (w - q)^2 / d_i^2 / 2; float64 for float64 w) or None.
+    scale, quant: the W8A8 grid the weight was jointly quantised on (sparsegpt with quant="int8" / "fp8"): scale
+    float32 [rows] on w's device, quant the name; the weight is scale[r] * code with codes int8 in [-127, 127] or
+    float8_e4m3fn values. None for every other result (no quantisation, or the dense-export min-max grids).
+    Hand them to sparsekern.quant.attach_weight_grid(module, result.quant, result.scale) so sparsify keeps them."""
 
     weight: torch.Tensor
     mask: torch.Tensor
     loss: torch.Tensor | None
+    scale: torch.Tensor | None = None
+    quant: str | None = None
 
 
 def parse_pattern(pattern) -> Pattern:

@@ -22,9 +22,18 @@ import warnings
 import torch
 
 from ..ops import prune as _ops
+from ..quant import fit_weight_scale
 from .pattern import PruneResult, check_divisible, check_finite, check_weight, parse_pattern
 
-_QUANT_BITS = {"int8": 8, "int4": 4}
+# Joint quantisation grids. "int8" / "fp8": the symmetric per-row grids of sparsekern.quant (what SparseLinear's
+# W8A8 kernels store); "int8-minmax" / "int4": the reference's asymmetric min-max grids (a dense export only).
+_DEPLOYED_QUANTS = ("int8", "fp8")
+_MINMAX_BITS = {"int8-minmax": 8, "int4": 4}
+QUANT_CHOICES = _DEPLOYED_QUANTS + tuple(_MINMAX_BITS)
+# The kernel's selectors: "int8" runs the min-max formula with zero = 127, maxq = 254, which is exactly
+# clamp(round(w / s), -127, 127) (every term is a small integer in float); "fp8" is maxq = -1 (zero ignored).
+_INT8_ZERO, _INT8_MAXQ = 127, 254
+_FP8_MAXQ = -1
 _MAX_DAMP_RETRIES = 3  # percdamp, x10, x100, x1000
 
 
@@ -130,7 +139,7 @@ def _upper_inverse_cholesky_(Hd: torch.Tensor, H: torch.Tensor, dead: torch.Tens
 
 
 def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 128, percdamp: float = 0.01,
-              quant: str | None = None) -> PruneResult:
+              quant: str | None = None, mask: torch.Tensor | None = None) -> PruneResult:
     """SparseGPT pruning of one Linear weight; w and hessian are not modified.
 
     w: floating [out_features, in_features] (computed in float32, float64 for float64 w; the result has w.dtype).
@@ -139,10 +148,22 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
       float s in (0, 1) (per block of columns, prune the scores w^2 / diag(U)^2 <= the block's k-th smallest).
     blocksize: columns per fused block (a multiple of m for n:m; the last block may be narrower).
     percdamp: damping as a fraction of mean(diag(H)); multiplied by 10 (with a warning) when Cholesky fails.
-    quant: None, "int8" or "int4": joint per-output-row asymmetric min-max quantisation inside the column loop
-      (the returned weight holds the dequantised values; the quantiser is fitted on the row before pruning).
+    quant: joint quantisation inside the column loop (the returned weight holds the dequantised values; the grid
+      is fitted on each row of w before pruning, as the reference fits its quantiser):
+      None      no quantisation;
+      "int8"    the int8 W8A8 grid of sparsekern.quant / SparseLinear: s[r] = absmax(w[r]) / 127 (float32; an
+                all-zero row: 1), q = s * clamp(round_half_even(w / s), -127, 127);
+      "fp8"     the fp8 (float8_e4m3fn) W8A8 grid: s[r] = absmax(w[r]) / 448 (all-zero row: 1),
+                q = s * e4m3(clamp(w / s, -448, 448)), e4m3 = torch's round-to-nearest-even cast;
+      "int8-minmax", "int4": the reference's asymmetric per-row min-max grid (zero point, 2^bits - 1 levels;
+                minmax_quantizer); not the SparseLinear grid, so for a dense export only.
+    mask: optional fixed keep mask (bool [out_features, in_features], True = kept; for an N:M pattern at most m - n
+      kept per group, checked): the OBS column loop then prunes exactly ~mask instead of choosing, i.e. GPTQ on a
+      given sparsity pattern (how a refitted weight is quantised jointly: refit, then sparsegpt(..., mask=,
+      quant=)).
     Returns PruneResult(weight (w's dtype), mask (bool, True = kept), loss ([out_features], float32; float64 for
-    float64 w)).
+    float64 w), scale, quant): for "int8" / "fp8" scale is the float32 [out_features] grid scale (on w's device)
+    and quant the name (pass both to sparsekern.quant.attach_weight_grid before sparsify), else None.
     """
     check_weight(w)
     rows, cols = w.shape
@@ -162,17 +183,30 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
         raise ValueError(f"blocksize ({blocksize}) must be a multiple of m = {p.m} for pattern {p.n}:{p.m}")
     if not percdamp > 0:
         raise ValueError(f"percdamp must be > 0, got {percdamp!r}")
-    if quant is not None and quant not in _QUANT_BITS:
-        raise ValueError(f"quant must be None, 'int8' or 'int4', got {quant!r}")
+    if quant is not None and quant not in QUANT_CHOICES:
+        choices = ", ".join(repr(q) for q in QUANT_CHOICES)
+        raise ValueError(f"quant must be None or one of {choices}, got {quant!r}")
+    if mask is not None:
+        from .refit import check_mask
+
+        check_mask(mask, w, pattern, who="sparsegpt")
 
     # float32 working copy as the references (W.float()); float64 weights are processed in float64 throughout.
     work = torch.float64 if w.dtype == torch.float64 else torch.float32
     W = torch.empty((rows, cols), dtype=work, device=w.device)
     W.copy_(w.detach())
-    qscale = qzero = None
+    qscale = qzero = grid_scale = None
     maxq = 0
-    if quant is not None:
-        qscale, qzero, maxq = minmax_quantizer(W, _QUANT_BITS[quant])  # before dead columns are zeroed, as the ref
+    # Grids are fitted before the dead columns are zeroed, as the reference fits its quantiser.
+    if quant in _MINMAX_BITS:
+        qscale, qzero, maxq = minmax_quantizer(W, _MINMAX_BITS[quant])
+    elif quant is not None:
+        grid_scale = fit_weight_scale(w.detach(), quant)  # float32, the one quantize_weight fits; no [rows, cols] temp
+        qscale = grid_scale.to(work)  # exact (float64 holds every float32)
+        if quant == "int8":
+            qzero, maxq = torch.full_like(qscale, _INT8_ZERO), _INT8_MAXQ
+        else:
+            qzero, maxq = torch.zeros_like(qscale), _FP8_MAXQ
 
     Hd = torch.empty((cols, cols), dtype=work, device=w.device)
     Hd.copy_(hessian.detach())
@@ -188,18 +222,20 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
         W1 = W[:, i1:i2]
         Hinv1 = U[i1:i2, i1:i2]
         prune_mask = None
-        if not p.structured:
+        if mask is not None:
+            prune_mask = ~mask[:, i1:i2]
+        elif not p.structured:
             score = W1.square() / torch.diagonal(Hinv1).square().reshape(1, -1)
             k = int(score.numel() * p.sparsity)
             thresh = torch.kthvalue(score.flatten(), k + 1).values  # sorted(score.flatten())[k]
             prune_mask = score <= thresh
             del score
-        err, block_loss, block_keep = _ops.sparsegpt_prune_block_(W1, Hinv1, p.n, p.m, prune_mask, qscale, qzero,
-                                                                  maxq)
+        n, m = (0, 0) if mask is not None else (p.n, p.m)
+        err, block_loss, block_keep = _ops.sparsegpt_prune_block_(W1, Hinv1, n, m, prune_mask, qscale, qzero, maxq)
         keep[:, i1:i2] = block_keep
         loss += block_loss
         if i2 < cols:
             W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
         del err, block_keep, prune_mask
     weight = W if w.dtype == work else W.to(w.dtype)
-    return PruneResult(weight, keep, loss)
+    return PruneResult(weight, keep, loss, grid_scale, quant if grid_scale is not None else None)
