@@ -139,3 +139,74 @@ def test_magnitude_refit_uses_calibration_and_keeps_magnitude_mask():
         assert torch.equal(mod.weight != 0, other != 0), n  # magnitude's mask
         assert torch.equal(engine.magnitude(_linears(base)[n].weight.detach(), "2:4").mask, other != 0), n
         assert not torch.equal(mod.weight, other), n  # new weights
+
+
+# ------------------------------------------------------------------------------------------- permute=...
+
+
+def _fold_recorded(model, report):
+    """Apply the permutations a prune_model report recorded to (a clone of) the dense model."""
+    from sparsekern.pipeline.permute import apply_permutation, fold_rules
+
+    layers = model.model.layers
+    for full, rec in report.permutations.items():
+        i, rel = full.split(".layers.", 1)[1].split(".", 1)
+        rule = fold_rules(layers[int(i)], model.config)[rel]
+        apply_permutation(layers[int(i)], rule, torch.tensor(rec["perm"]))
+
+
+def test_permute_folds_and_equals_pruning_the_permuted_dense_model():
+    torch.manual_seed(5)
+    base = _llama(layers=2)
+    ids = _calib(n=2, t=16)
+    a = _clone(base)
+    rep = prune_model(a, None, method="magnitude", permute=True, permute_seconds=0.3, progress=False)
+    assert sorted(k.split(".", 3)[3] for k in rep.permutations) == ["mlp.down_proj", "mlp.down_proj",
+                                                                      "self_attn.o_proj", "self_attn.o_proj"]
+    assert all(v["gain"] > 0 for v in rep.permutations.values())  # random weights: the search always finds some
+    b = _clone(base)
+    _fold_recorded(b, rep)
+    with torch.no_grad():  # the permutation alone leaves the dense model's outputs unchanged
+        torch.testing.assert_close(b(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    prune_model(b, None, method="magnitude", progress=False)
+    for n, mod in _linears(a).items():
+        assert torch.equal(mod.weight, _linears(b)[n].weight), n  # same weights, same masks
+
+
+@pytest.mark.parametrize("method,refit", [("wanda", None), ("sparsegpt", None), ("sparsegpt", "admm")])
+def test_permute_with_calibrated_methods(method, refit):
+    torch.manual_seed(6)
+    base = _llama(layers=2)
+    calib = _calib(n=8, t=32)
+    a = _clone(base)
+    rep = prune_model(a, calib, method=method, refit=refit, permute=["*.mlp.down_proj"], permute_seconds=0.3,
+                      progress=False)
+    assert sorted(rep.permutations) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    rec = rep.permutations["model.layers.0.mlp.down_proj"]
+    assert rec["producers"] == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    assert sorted(rec["perm"]) == list(range(128)) and rec["perm"] != list(range(128))
+    assert all(_is_nm(mod.weight) for mod in _linears(a).values())
+    # the same run on the dense model permuted beforehand gives the same model (statistics permuted consistently)
+    b = _clone(base)
+    _fold_recorded(b, rep)
+    prune_model(b, calib, method=method, refit=refit, progress=False)
+    for n, mod in _linears(a).items():
+        torch.testing.assert_close(mod.weight, _linears(b)[n].weight, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_permute_refusals_leave_the_model_unchanged():
+    m = _llama(layers=1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    calib = _calib(n=4, t=16)
+    with pytest.raises(PipelineError, match="q_proj.*reads the residual stream"):
+        prune_model(m, calib, method="wanda", permute=["*.q_proj"], progress=False)
+    with pytest.raises(PipelineError, match="permute needs an N:M pattern"):
+        prune_model(m, calib, method="wanda", pattern="0.5", permute=True, progress=False)
+    with pytest.raises(PipelineError, match="single_pass=False"):
+        prune_model(m, calib, method="wanda", permute=True, true_sequential=True, progress=False)
+    with pytest.raises(PipelineError, match="match no pruned linear"):
+        prune_model(m, calib, method="wanda", permute=["*.nothing"], progress=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    # true-sequential in separate passes works
+    prune_model(m, calib, method="wanda", permute=True, true_sequential=True, single_pass=False,
+                permute_seconds=0.1, progress=False)

@@ -230,7 +230,8 @@ def _cmd_prune(args) -> int:
                          batch_size=args.batch_size, quant=args.quant if args.method == "sparsegpt" else None,
                          calib_dtype=None if args.calib_dtype == "model" else getattr(torch, args.calib_dtype),
                          single_pass=not args.multipass, rerun_kernel=args.rerun_kernel, refit=args.refit,
-                         refit_iters=args.refit_iters, refit_cg_iters=args.refit_cg_iters)
+                         refit_iters=args.refit_iters, refit_cg_iters=args.refit_cg_iters,
+                         permute=args.permute, permute_seconds=args.permute_seconds)
     times["prune"] = time.perf_counter() - t0
     _log(args, report.table(per_linear=args.verbose))
     result = {"command": "prune", "model": args.model, "text": args.text, "report": report.to_dict(),
@@ -254,7 +255,9 @@ def _cmd_prune(args) -> int:
                     "text": args.text, "nsamples": args.nsamples, "seqlen": args.seqlen,
                     "windows": "first nsamples consecutive windows"},
                 "true_sequential": args.true_sequential, "kept_dense": report.kept_dense,
-                "sparsity": report.sparsity, "quant": args.quant}
+                "sparsity": report.sparsity, "quant": args.quant,
+                # channel permutations folded into the saved weights (consumer -> producers, gain, permutation)
+                "permutations": report.permutations}
         srep = save_pruned(model, tok, out, metadata=meta, dense=args.dense, quant=args.quant,
                            overwrite=args.overwrite)
         times["save"] = time.perf_counter() - t0
@@ -447,6 +450,10 @@ def add_commands(subparsers) -> None:
                    help="mask (and weight update) method; admm = ADMM with a gradually chosen mask (default sparsegpt)")
     p.add_argument("--refit", choices=("admm",), default=None,
                    help="after the method's mask: least-squares weights on that mask (ADMM + conjugate gradients)")
+    p.add_argument("--permute", action="store_true",
+                   help="2:4 input-channel permutation of the linears where it folds away (MLP down projection, "
+                        "attention output projection), searched before each is pruned")
+    p.add_argument("--permute-seconds", type=float, default=1.0, help="time budget of each permutation search")
     p.add_argument("--refit-iters", type=_nonneg, default=20, help="ADMM iterations of --refit / --method admm "
                                                                    "(default 20)")
     p.add_argument("--refit-cg-iters", type=_nonneg, default=10, help="conjugate-gradient iterations after ADMM "
@@ -468,8 +475,9 @@ def add_commands(subparsers) -> None:
                    help="the re-run's pruned 2:4 linears: dense forward (default), sparsekern's 2:4 GEMM, or auto "
                         "(the sparse GEMM where a probe finds it faster and equal within float32 rounding)")
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU, one block at a time on --device")
-    p.add_argument("--quant", choices=("int8",), default=None,
-                   help="SparseGPT joint int8 quantisation, and int8 SparseLinear layers in --out")
+    p.add_argument("--quant", choices=("int8", "fp8"), default=None,
+                   help="SparseGPT joint quantisation on the grid of the int8 / fp8 SparseLinear (symmetric per "
+                        "output channel), and such layers in --out")
     p.add_argument("--skip-sensitive", type=_nonneg, default=0, metavar="K",
                    help="keep the K linears whose pruning alone costs the most perplexity dense (a per-linear scan)")
     p.add_argument("--scan-nsamples", type=_positive, default=8, help="calibration windows for the scan (default 8)")

@@ -60,6 +60,15 @@ class PruneConfig:
     refit:       None | "admm": after the method chose its mask, replace the kept weights by the least-squares
                  solution on that mask (prune.refit: ADMM + conjugate gradients on the layer's Hessian). Any
                  method; magnitude and Wanda then collect the Hessian too (their masks are unchanged).
+    permute:     False; True (every linear of the blocks whose input channels can be permuted for free: the
+                 MLP's down projection, the attention's output projection; pipeline/permute.py); or name patterns
+                 (as include) of such linears. Before pruning such a linear, its input channels are reordered so
+                 that the important weights fall into different N:M groups (prune.permute.search_permutation on
+                 Wanda's |W| * sqrt(act_scale); |W| for magnitude), and the same permutation is applied to the rows
+                 of the linears producing its input (gate/up, v): the dense model computes the same function. N:M
+                 patterns only; with true_sequential it needs single_pass=False. A named linear that cannot fold
+                 a permutation is refused before the model is touched. The permutations are in the report.
+    permute_seconds: time budget of each permutation search (seconds).
     refit_iters, refit_cg_iters, refit_percdamp: ADMM iterations, CG iterations, ridge damping (fraction of diag(H))
                  of refit; method="admm" runs refit_gradual_iters ADMM iterations that choose the mask, then the
                  same refit_iters + refit_cg_iters on the final mask.
@@ -118,6 +127,8 @@ class PruneConfig:
     refit_cg_iters: int = 10
     refit_percdamp: float = 0.01
     refit_gradual_iters: int = 30
+    permute: bool | Iterable[str] = False
+    permute_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         def set_(name, value):  # frozen: the normalised values are set once, here
@@ -133,6 +144,19 @@ class PruneConfig:
         if self.batch_size < 1:
             raise PipelineError(f"batch_size ({self.batch_size}) must be >= 1")
         self._check_method_options()
+        if self.permute is not False and self.permute is not None:
+            if not ":" in self.pattern:
+                raise PipelineError(f"permute needs an N:M pattern (the permutation regroups input channels into "
+                                    f"groups of M); pattern {self.pattern} is unstructured")
+            if self.true_sequential and self.single_pass:
+                raise PipelineError("permute with true_sequential=True needs single_pass=False (the single paused "
+                                    "pass has computed the permuted linear's inputs in the old channel order)")
+            if not self.permute_seconds > 0:
+                raise PipelineError(f"permute_seconds ({self.permute_seconds!r}) must be > 0")
+            if self.permute is not True:
+                set_("permute", _names(self.permute))
+        else:
+            set_("permute", False)
         set_("include", _names(self.include))
         set_("exclude", _names(self.exclude))
         set_("skip", _names(self.skip))

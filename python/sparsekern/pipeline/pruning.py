@@ -93,6 +93,46 @@ def sparsity_of(w: torch.Tensor) -> float:
     return float((w == 0).sum()) / w.numel()
 
 
+class BlockPermuter:
+    """Searches and folds the N:M input-channel permutation of each permutable linear right before it is pruned
+    (PruneConfig.permute; pipeline/permute.py), and records it in the report.
+
+    rules[i]: {name relative to block i: FoldRule} of the linears to permute. __call__(i, name, act_scale) returns
+    the consumer's column permutation (CPU LongTensor) after folding it into block i, or None when `name` has no
+    rule. The caller permutes its statistics of that linear's input the same way."""
+
+    def __init__(self, layers, rules: list[dict], n: int, m: int, seconds: float, report: PruneReport,
+                 layers_path: str):
+        self.layers, self.rules, self.n, self.m, self.seconds = layers, rules, n, m, seconds
+        self.report, self.layers_path = report, layers_path
+
+    def __call__(self, i: int, name: str, act_scale: torch.Tensor | None) -> torch.Tensor | None:
+        rule = self.rules[i].get(name)
+        if rule is None:
+            return None
+        from .permute import permute_block
+
+        t0 = time.perf_counter()
+        perm, gain = permute_block(self.layers[i], rule, act_scale, self.n, self.m, time_budget=self.seconds)
+        self.report.permutations[f"{self.layers_path}.{i}.{name}"] = {
+            "producers": [f"{self.layers_path}.{i}.{p}" for p in rule.producers], "gain": gain,
+            "seconds": time.perf_counter() - t0, "perm": perm.tolist()}
+        return perm
+
+
+def _permuted_stats(method: str, value, hessian, perm: torch.Tensor):
+    """The statistics of a linear's input after its channels were permuted by `perm`."""
+    def ph(h):
+        p = perm.to(h.device)
+        return h.index_select(0, p).index_select(1, p)
+
+    if hessian is not None:
+        hessian = ph(hessian)
+    if value is not None:
+        value = ph(value) if value.dim() == 2 else value.index_select(0, perm.to(value.device))
+    return value, hessian
+
+
 class GroupPruner:
     """Prunes the linears of one group in place from the group's shared statistics and appends a LinearReport per
     linear (full name, shape, loss, sparsity, engine seconds) to `report`.
@@ -102,22 +142,39 @@ class GroupPruner:
     by the group's linears (one RefitSolver per group)."""
 
     def __init__(self, method: str, pattern, options: Mapping[str, Any], report: PruneReport, layers_path: str,
-                 refit: str | None = None, refit_options: Mapping[str, Any] | None = None):
+                 refit: str | None = None, refit_options: Mapping[str, Any] | None = None,
+                 permuter: BlockPermuter | None = None):
         self.method, self.pattern, self.options = method, pattern, options
         self.report, self.layers_path = report, layers_path
         self.refit, self.refit_options = refit, dict(refit_options or {})
+        self.permuter = permuter
 
     def __call__(self, layer_index: int, mods: Mapping[str, nn.Module], group: Sequence[str], stat) -> None:
-        value = None if stat is None else stat.value
-        solver = None
-        if self.refit is not None:
-            from ..prune.refit import RefitSolver
-
-            solver = RefitSolver(hessian_of(stat), self.refit_options.get("percdamp", 0.01))
-        elif self.method == "admm":
-            value = hessian_of(stat)
+        group_value = None if stat is None else stat.value
+        group_hessian = hessian_of(stat) if (self.refit is not None or self.method == "admm") else None
+        group_solver = None
         for n in group:
             t0 = time.perf_counter()
+            value, hessian, solver = group_value, group_hessian, group_solver
+            perm = None
+            if self.permuter is not None:
+                if self.method == "magnitude":
+                    act_scale = None
+                elif group_value is not None and group_value.dim() == 1:
+                    act_scale = group_value  # Wanda's activation scale
+                else:  # the Hessian's diagonal is 2 x the activation scale: the same ranking
+                    act_scale = torch.diagonal(hessian_of(stat))
+                perm = self.permuter(layer_index, n, act_scale)
+                if perm is not None:
+                    value, hessian = _permuted_stats(self.method, value, hessian, perm)
+            if self.refit is not None and (solver is None or perm is not None):
+                from ..prune.refit import RefitSolver
+
+                solver = RefitSolver(hessian, self.refit_options.get("percdamp", 0.01))
+                if perm is None:
+                    group_solver = solver  # shared by the group's linears (one factorisation)
+            if self.method == "admm":
+                value = hessian
             w = weight_matrix(mods[n])
             # The engine leaves its statistics untouched, so a group shares one object.
             opts = dict(self.options, **self.refit_options) if self.method == "admm" else self.options
@@ -131,7 +188,7 @@ class GroupPruner:
                 if quant is not None:
                     # GPTQ on the refit's mask: the OBS loop rounds onto the grid column by column and compensates
                     # the rounding error on the columns not yet rounded; the mask does not change.
-                    res = _engine().sparsegpt(res.weight, hessian_of(stat), self.pattern,
+                    res = _engine().sparsegpt(res.weight, hessian, self.pattern,
                                               blocksize=self.options.get("blocksize", 128),
                                               percdamp=self.options.get("percdamp", 0.01), quant=quant, mask=res.mask)
             set_weight_matrix(mods[n], res.weight)

@@ -29,7 +29,7 @@ from ..data import check_seqlen
 from .capture import as_calibration, capture_block_inputs, move_outside_layers
 from .config import PruneConfig, calibration_autocast, engine_pattern, make_config
 from .errors import PipelineError
-from .pruning import GroupPruner
+from .pruning import BlockPermuter, GroupPruner
 from .report import PruneReport
 from .rerun import RerunKernels, rerun_block, sparse_forwards
 from .staged import run_block_staged
@@ -75,14 +75,46 @@ class _PruneRun:
         self.selected, self.report.kept_dense = select_linears(self.layers_path, self.layers, cfg.include,
                                                                cfg.exclude, cfg.skip)
         self.autocast = functools.partial(calibration_autocast, cfg.calib_dtype, self.device)
+        permuter = None
+        if cfg.permute is not False:
+            n_, m_ = (int(v) for v in cfg.pattern.split(":"))
+            permuter = BlockPermuter(self.layers, self._permute_rules(model, cfg), n_, m_, cfg.permute_seconds,
+                                     self.report, self.layers_path)
         self.prune_group = GroupPruner(cfg.method, engine_pattern(cfg.pattern), cfg.engine_options, self.report,
                                        self.layers_path, refit=cfg.refit,
-                                       refit_options=cfg.refit_options if cfg.uses_refit else None)
+                                       refit_options=cfg.refit_options if cfg.uses_refit else None,
+                                       permuter=permuter)
         self.kernels = RerunKernels(cfg.rerun_kernel, cfg.pattern, self.device, cfg.calib_dtype,
                                     cfg.batch_size * t, self.report)
         self.chunks: list = []
         self.hidden: list[torch.Tensor] = []
         self._group_cache: dict[tuple, list[list[str]]] = {}
+
+    def _permute_rules(self, model: nn.Module, cfg: PruneConfig) -> list[dict]:
+        """Per block, the fold rules of the selected linears to permute; PipelineError (before anything is changed)
+        for a named linear that cannot fold, or when nothing can be permuted."""
+        from .._modules import matches
+        from .permute import check_permutable, fold_rules
+
+        config = getattr(model, "config", None)
+        rules: list[dict] = []
+        for i, layer in enumerate(self.layers):
+            names = self.selected[i]
+            if cfg.permute is True:
+                found = fold_rules(layer, config)
+                rules.append({n: r for n, r in found.items() if n in names})
+            else:
+                want = [n for n in names if matches(f"{self.layers_path}.{i}.{n}", cfg.permute)]
+                rules.append(check_permutable(layer, want, config) if want else {})
+        if not any(rules):
+            if cfg.permute is True:
+                raise PipelineError(f"permute=True: no pruned linear of {self.layers_path} "
+                                    f"({type(self.layers[0]).__name__} blocks) can have its input channels permuted "
+                                    "for free (supported: the Llama / Mistral / Qwen2 / Qwen3 / Gemma / Phi MLP and "
+                                    "attention, OPT, GPT-2, the GPT-NeoX MLP; pipeline/permute.py)")
+            raise PipelineError(f"permute={list(cfg.permute)}: the patterns match no pruned linear of "
+                                f"{self.layers_path}")
+        return rules
 
     def capture(self) -> None:
         if self.calib is None:
