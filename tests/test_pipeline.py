@@ -574,3 +574,23 @@ def test_prune_cli_joint_int8_saves_int8_layers(model_dir, tmp_path, capsys):
     meta = json.loads((out / "sparsekern_config.json").read_text())
     assert {spec["quant"] for spec in meta["layers"].values()} == {"int8"}
     assert json.loads((out / "prune_report.json").read_text())["quant"] == "int8"
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_prune_cli_refit_permute_joint_quant_saved_equals_optimised(model_dir, tmp_path, capsys, quant, recwarn):
+    """`prune --refit admm --permute --quant Q --out`: sparsify stores the optimised grid (no "ignoring the grid"
+    fallback: the producers' recorded scales moved with their permuted rows), the permutations and the refit are
+    in the checkpoint's metadata. (Bit equality of saved and optimised weights: test_pipeline_refit.py.)"""
+    from sparsekern.serialization import from_pretrained
+
+    d, text = model_dir
+    out = tmp_path / "pruned-q"
+    rc = _cli("prune", "--model", d, "--text", text, "--method", "sparsegpt", "--refit", "admm", "--permute",
+              "--permute-seconds", "0.2", "--quant", quant, "--nsamples", 4, "--seqlen", 32, "--out", out, "--json")
+    assert rc == 0
+    assert not [w for w in recwarn if "grid" in str(w.message)], [str(w.message) for w in recwarn]
+    result = json.loads(capsys.readouterr().out)
+    assert result["report"]["refit"] == "admm" and len(result["report"]["permutations"]) == 4
+    meta = json.loads((out / "prune_report.json").read_text())
+    assert meta["refit"] == "admm" and sorted(meta["permutations"]) == sorted(result["report"]["permutations"])
+    assert from_pretrained(out).sparsekern_metadata["permutations"] == meta["permutations"]

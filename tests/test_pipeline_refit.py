@@ -77,7 +77,8 @@ def test_refit_with_true_sequential_and_staged_equal():
         assert torch.equal(mod.weight, _linears(b)[n].weight), n
 
 
-def test_refit_joint_int8_on_the_deployed_grid_and_sparsify_bit_exact():
+@pytest.mark.parametrize("permute", [False, True])
+def test_refit_joint_int8_on_the_deployed_grid_and_sparsify_bit_exact(permute):
     from sparsekern.convert import sparsify
     from sparsekern.linear import SparseLinear
     from sparsekern.quant import dequantize_weight, weight_grid
@@ -86,7 +87,10 @@ def test_refit_joint_int8_on_the_deployed_grid_and_sparsify_bit_exact():
     base = _llama(layers=2)
     calib = _calib(n=8, t=32)
     m = _clone(base)
-    prune_model(m, calib, method="sparsegpt", refit="admm", quant="int8", progress=False)
+    # with permute, the producers (v, gate, up) are pruned and quantised before their rows are permuted: their
+    # recorded grid must move with the rows
+    prune_model(m, calib, method="sparsegpt", refit="admm", quant="int8", permute=permute, permute_seconds=0.2,
+                progress=False)
     grids = {}
     for n, mod in _linears(m).items():
         grid = weight_grid(mod)

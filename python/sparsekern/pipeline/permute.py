@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .._modules import is_conv1d
+from ..quant import attach_weight_grid, weight_grid
 from ..prune.permute import kept_importance, search_permutation
 from .errors import PipelineError
 from .structure import block_linears, is_prunable, weight_matrix
@@ -444,6 +445,7 @@ def apply_permutation(layer: nn.Module, rule: FoldRule, perm) -> None:
     cperm = consumer_permutation(rule, perm)
     pperm = producer_permutation(rule, perm)
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []
+    grids: list = []
     with torch.no_grad():
         w = consumer.weight
         in_dim = 0 if is_conv1d(consumer) else 1
@@ -458,6 +460,9 @@ def apply_permutation(layer: nn.Module, rule: FoldRule, perm) -> None:
             bias = getattr(mod, "bias", None)
             if isinstance(bias, torch.Tensor):
                 writes.append((bias, bias.index_select(0, full.to(bias.device))))
+            grid = weight_grid(mod)
+            if grid is not None:  # a per-row quantisation grid recorded by joint pruning moves with its rows
+                grids.append((mod, grid[0], grid[1].index_select(0, full.to(grid[1].device))))
         seen = set()
         for t, _ in writes:
             key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else id(t)
@@ -466,6 +471,8 @@ def apply_permutation(layer: nn.Module, rule: FoldRule, perm) -> None:
             seen.add(key)
         for t, new in writes:
             t.copy_(new)
+        for mod, quant, scale in grids:
+            attach_weight_grid(mod, quant, scale)
 
 
 def permutation_importance(rule: FoldRule, layer: nn.Module, act_scale: torch.Tensor | None = None) -> torch.Tensor:
