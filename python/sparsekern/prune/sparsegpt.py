@@ -138,6 +138,36 @@ def _upper_inverse_cholesky_(Hd: torch.Tensor, H: torch.Tensor, dead: torch.Tens
     )
 
 
+def _check_args(w, hessian, pattern, blocksize, percdamp, quant, mask):
+    """sparsegpt's argument checks (ValueError naming the argument and the rule); returns the parsed pattern."""
+    check_weight(w)
+    cols = w.shape[1]
+    if not isinstance(hessian, torch.Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(f"hessian must be a square 2-D tensor [in_features, in_features], got {shape}")
+    if hessian.shape[0] != cols:
+        raise ValueError(f"hessian is {tuple(hessian.shape)} but w has in_features = {cols}; H must be [{cols}, {cols}]")
+    if hessian.device != w.device:
+        raise ValueError(f"hessian is on {hessian.device} but w is on {w.device}")
+    check_finite(hessian, "hessian")
+    p = parse_pattern(pattern)
+    check_divisible(p, cols)
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if p.structured and blocksize % p.m != 0:
+        raise ValueError(f"blocksize ({blocksize}) must be a multiple of m = {p.m} for pattern {p.n}:{p.m}")
+    if not percdamp > 0:
+        raise ValueError(f"percdamp must be > 0, got {percdamp!r}")
+    if quant is not None and quant not in QUANT_CHOICES:
+        choices = ", ".join(repr(q) for q in QUANT_CHOICES)
+        raise ValueError(f"quant must be None or one of {choices}, got {quant!r}")
+    if mask is not None:
+        from .refit import check_mask
+
+        check_mask(mask, w, pattern, who="sparsegpt")
+    return p
+
+
 def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 128, percdamp: float = 0.01,
               quant: str | None = None, mask: torch.Tensor | None = None) -> PruneResult:
     """SparseGPT pruning of one Linear weight; w and hessian are not modified.
@@ -165,31 +195,8 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern, blocksize: int = 
     float64 w), scale, quant): for "int8" / "fp8" scale is the float32 [out_features] grid scale (on w's device)
     and quant the name (pass both to sparsekern.quant.attach_weight_grid before sparsify), else None.
     """
-    check_weight(w)
+    p = _check_args(w, hessian, pattern, blocksize, percdamp, quant, mask)
     rows, cols = w.shape
-    if not isinstance(hessian, torch.Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
-        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
-        raise ValueError(f"hessian must be a square 2-D tensor [in_features, in_features], got {shape}")
-    if hessian.shape[0] != cols:
-        raise ValueError(f"hessian is {tuple(hessian.shape)} but w has in_features = {cols}; H must be [{cols}, {cols}]")
-    if hessian.device != w.device:
-        raise ValueError(f"hessian is on {hessian.device} but w is on {w.device}")
-    check_finite(hessian, "hessian")
-    p = parse_pattern(pattern)
-    check_divisible(p, cols)
-    if not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if p.structured and blocksize % p.m != 0:
-        raise ValueError(f"blocksize ({blocksize}) must be a multiple of m = {p.m} for pattern {p.n}:{p.m}")
-    if not percdamp > 0:
-        raise ValueError(f"percdamp must be > 0, got {percdamp!r}")
-    if quant is not None and quant not in QUANT_CHOICES:
-        choices = ", ".join(repr(q) for q in QUANT_CHOICES)
-        raise ValueError(f"quant must be None or one of {choices}, got {quant!r}")
-    if mask is not None:
-        from .refit import check_mask
-
-        check_mask(mask, w, pattern, who="sparsegpt")
 
     # float32 working copy as the references (W.float()); float64 weights are processed in float64 throughout.
     work = torch.float64 if w.dtype == torch.float64 else torch.float32
