@@ -436,11 +436,14 @@ def test_prune_cli_save_and_reload_round_trip(model_dir, tmp_path, capsys):
 
     d, text = model_dir
     out = tmp_path / "pruned"
+    # --calib-dtype model: the in-process run below uses prune_model's default (the model's dtype), while the CLI's
+    # default "auto" picks bf16 autocast on CPUs with native bf16
     rc = _cli("prune", "--model", d, "--text", text, "--method", "sparsegpt", "--nsamples", 4, "--seqlen", 32,
-              "--out", out, "--json")
+              "--calib-dtype", "model", "--out", out, "--json")
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["report"]["sparsity"] == pytest.approx(0.5) and result["out"] == str(out)
+    assert result["report"]["calib_dtype"] == "model"
     meta = json.loads((out / "prune_report.json").read_text())
     assert meta["method"] == "sparsegpt" and meta["pattern"] == "2:4" and meta["calibration"]["nsamples"] == 4
     # Same pruning in process, on the same windows: the saved model must reproduce its outputs.
@@ -594,3 +597,20 @@ def test_prune_cli_refit_permute_joint_quant_saved_equals_optimised(model_dir, t
     meta = json.loads((out / "prune_report.json").read_text())
     assert meta["refit"] == "admm" and sorted(meta["permutations"]) == sorted(result["report"]["permutations"])
     assert from_pretrained(out).sparsekern_metadata["permutations"] == meta["permutations"]
+
+
+def test_prune_cli_calib_dtype_auto(model_dir, capsys, monkeypatch):
+    """The CLI's default --calib-dtype auto: bf16 autocast for a float32 model on a CPU with native bf16, the
+    model's dtype otherwise (and always on CUDA); the report says which."""
+    from sparsekern.pipeline import config as C
+
+    assert C.auto_calib_dtype("cuda", torch.float32) is None
+    assert C.auto_calib_dtype("cpu", torch.bfloat16) is None
+    d, text = model_dir
+    for native, want in ((True, "bfloat16"), (False, "model")):
+        monkeypatch.setattr(C, "native_bf16_cpu", lambda native=native: native)
+        assert C.auto_calib_dtype("cpu", torch.float32) == (torch.bfloat16 if native else None)
+        rc = _cli("prune", "--model", d, "--text", text, "--method", "wanda", "--nsamples", 4, "--seqlen", 32,
+                  "--json")
+        assert rc == 0
+        assert json.loads(capsys.readouterr().out)["report"]["calib_dtype"] == want

@@ -467,7 +467,7 @@ def add_commands(subparsers) -> None:
                    help="N:M (2:4, 4:8: N of every M weights pruned) or unstructured sparsity (0.5); default 2:4")
     p.add_argument("--nsamples", type=_positive, default=64, help="calibration windows (default 64)")
     p.add_argument("--batch-size", type=_positive, default=8, help="calibration windows per block forward")
-    p.add_argument("--calib-dtype", choices=("auto", "model", "bfloat16"), default="model",
+    p.add_argument("--calib-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="precision of the calibration forwards' matmuls: auto (default: bfloat16 autocast for a "
                         "float32 model on a CPU with AVX512-BF16/AMX, where it is ~2x faster; the model's dtype "
                         "elsewhere), model (as the references) or bfloat16; the statistics stay float32")
