@@ -228,7 +228,9 @@ def _cmd_prune(args) -> int:
     if args.calib_dtype == "auto":
         from .pipeline.config import auto_calib_dtype
 
-        calib_dtype = auto_calib_dtype(args.device, next(model.parameters()).dtype)
+        # the sparse re-run runs sparsekern's GEMM in the weights' dtype, which autocast does not reach
+        calib_dtype = (None if args.rerun_kernel == "sparse"
+                       else auto_calib_dtype(args.device, next(model.parameters()).dtype))
     t0 = time.perf_counter()
     report = prune_model(model, calib, method=args.method, pattern=args.pattern, true_sequential=args.true_sequential,
                          device=args.device, offload=args.offload, skip=skip, progress=not args.json,
@@ -470,7 +472,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--calib-dtype", choices=("auto", "model", "bfloat16"), default="auto",
                    help="precision of the calibration forwards' matmuls: auto (default: bfloat16 autocast for a "
                         "float32 model on a CPU with AVX512-BF16/AMX, where it is ~2x faster; the model's dtype "
-                        "elsewhere), model (as the references) or bfloat16; the statistics stay float32")
+                        "elsewhere, and with --rerun-kernel sparse), model (as the references) or bfloat16; the "
+                        "statistics stay float32")
     p.add_argument("--true-sequential", action="store_true",
                    help="prune q/k/v, then o, then gate/up, then down, each on partly pruned inputs (one "
                         "forward per chunk, paused at each group: about half the forward work of the default)")
