@@ -436,8 +436,6 @@ def test_prune_cli_save_and_reload_round_trip(model_dir, tmp_path, capsys):
 
     d, text = model_dir
     out = tmp_path / "pruned"
-    # --calib-dtype model: the in-process run below uses prune_model's default (the model's dtype), while the CLI's
-    # default "auto" picks bf16 autocast on CPUs with native bf16
     rc = _cli("prune", "--model", d, "--text", text, "--method", "sparsegpt", "--nsamples", 4, "--seqlen", 32,
               "--calib-dtype", "model", "--out", out, "--json")
     assert rc == 0
@@ -600,7 +598,7 @@ def test_prune_cli_refit_permute_joint_quant_saved_equals_optimised(model_dir, t
 
 
 def test_prune_cli_calib_dtype_auto(model_dir, capsys, monkeypatch):
-    """The CLI's default --calib-dtype auto: bf16 autocast for a float32 model on a CPU with native bf16, the
+    """--calib-dtype auto: bf16 autocast for a float32 model on a CPU with native bf16, the
     model's dtype otherwise (and always on CUDA); the report says which."""
     from sparsekern.pipeline import config as C
 
@@ -611,6 +609,8 @@ def test_prune_cli_calib_dtype_auto(model_dir, capsys, monkeypatch):
         monkeypatch.setattr(C, "native_bf16_cpu", lambda native=native: native)
         assert C.auto_calib_dtype("cpu", torch.float32) == (torch.bfloat16 if native else None)
         rc = _cli("prune", "--model", d, "--text", text, "--method", "wanda", "--nsamples", 4, "--seqlen", 32,
-                  "--json")
+                  "--calib-dtype", "auto", "--json")
         assert rc == 0
         assert json.loads(capsys.readouterr().out)["report"]["calib_dtype"] == want
+    rc = _cli("prune", "--model", d, "--text", text, "--method", "wanda", "--nsamples", 4, "--seqlen", 32, "--json")
+    assert rc == 0 and json.loads(capsys.readouterr().out)["report"]["calib_dtype"] == "model"  # the default

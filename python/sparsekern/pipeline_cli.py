@@ -469,11 +469,11 @@ def add_commands(subparsers) -> None:
                    help="N:M (2:4, 4:8: N of every M weights pruned) or unstructured sparsity (0.5); default 2:4")
     p.add_argument("--nsamples", type=_positive, default=64, help="calibration windows (default 64)")
     p.add_argument("--batch-size", type=_positive, default=8, help="calibration windows per block forward")
-    p.add_argument("--calib-dtype", choices=("auto", "model", "bfloat16"), default="auto",
-                   help="precision of the calibration forwards' matmuls: auto (default: bfloat16 autocast for a "
-                        "float32 model on a CPU with AVX512-BF16/AMX, where it is ~2x faster; the model's dtype "
-                        "elsewhere, and with --rerun-kernel sparse), model (as the references) or bfloat16; the "
-                        "statistics stay float32")
+    p.add_argument("--calib-dtype", choices=("auto", "model", "bfloat16"), default="model",
+                   help="precision of the calibration forwards' matmuls: model (default, as the references), "
+                        "bfloat16 autocast (~2x faster on CPUs with AVX512-BF16/AMX; perplexity moves slightly: "
+                        "docs/pruning.md), or auto (bfloat16 for a float32 model on such a CPU, the model's dtype "
+                        "elsewhere and with --rerun-kernel sparse); the statistics stay float32")
     p.add_argument("--true-sequential", action="store_true",
                    help="prune q/k/v, then o, then gate/up, then down, each on partly pruned inputs (one "
                         "forward per chunk, paused at each group: about half the forward work of the default)")
