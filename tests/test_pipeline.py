@@ -614,3 +614,17 @@ def test_prune_cli_calib_dtype_auto(model_dir, capsys, monkeypatch):
         assert json.loads(capsys.readouterr().out)["report"]["calib_dtype"] == want
     rc = _cli("prune", "--model", d, "--text", text, "--method", "wanda", "--nsamples", 4, "--seqlen", 32, "--json")
     assert rc == 0 and json.loads(capsys.readouterr().out)["report"]["calib_dtype"] == "model"  # the default
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "admm", "--refit", "admm"], "method='admm' already solves"),
+    (["--permute", "--pattern", "0.5"], "permute needs an N:M pattern"),
+    (["--permute", "--true-sequential"], "single_pass=False"),
+    (["--permute", "--permute-seconds", "0"], "permute_seconds"),
+    (["--refit", "admm", "--refit-iters", "0", "--refit-cg-iters", "0"], "refit_iters \\+ refit_cg_iters"),
+])
+def test_prune_cli_refuses_bad_refit_permute_options_before_loading(extra, message, capsys):
+    rc = _cli("prune", "--model", "/nonexistent-model-dir", *extra)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "no such directory" not in err  # refused before the model is looked at

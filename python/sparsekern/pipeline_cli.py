@@ -139,6 +139,14 @@ def _check_plan(args) -> Path | None:
             raise UserError(f"--pattern {args.pattern} cannot be saved in the sparsekern format, which holds 2:4 "
                             "weights; add --dense to save the pruned dense weights as a Hugging Face checkpoint "
                             "(or prune with --pattern 2:4)")
+    # the option combinations prune_model would refuse (refit with method admm, permute with an unstructured
+    # pattern or the single paused pass, a non-positive --permute-seconds...): before the model is loaded
+    from .pipeline import PruneConfig
+
+    PruneConfig(method=args.method, pattern=args.pattern, refit=args.refit, refit_iters=args.refit_iters,
+                refit_cg_iters=args.refit_cg_iters, permute=args.permute, permute_seconds=args.permute_seconds,
+                true_sequential=args.true_sequential, single_pass=not args.multipass,
+                quant=args.quant if args.method == "sparsegpt" else None)
     _check_sources(args)
     return out
 
