@@ -214,3 +214,43 @@ def test_permute_refusals_leave_the_model_unchanged():
     # true-sequential in separate passes works
     prune_model(m, calib, method="wanda", permute=True, true_sequential=True, single_pass=False,
                 permute_seconds=0.1, progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method,refit", [("sparsegpt", "admm"), ("admm", None), ("wanda", "admm")])
+def test_refit_on_cuda_matches_cpu(method, refit):
+    """The refit / ADMM path on a GPU (offload: the model stays on the CPU, blocks run on cuda): N:M weights within
+    float32 rounding of the CPU run's (a near-tie may flip a mask, never many)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(7)
+    base = _llama(layers=2)
+    calib = _calib(n=8, t=32)
+    a, b = _clone(base), _clone(base)
+    prune_model(a, calib, method=method, refit=refit, progress=False)
+    rb = prune_model(b, calib, method=method, refit=refit, progress=False, offload=True, device="cuda")
+    assert rb.device.startswith("cuda") and all(p.device.type == "cpu" for p in b.parameters())
+    same = 0
+    for n, mod in _linears(a).items():
+        other = _linears(b)[n].weight
+        assert _is_nm(other), n
+        same += int(torch.equal(mod.weight != 0, other != 0))
+        assert float((mod.weight - other).norm() / mod.weight.norm()) < 0.05, n
+    assert same >= len(_linears(a)) - 3
+
+
+@pytest.mark.cuda
+def test_permute_on_cuda_folds_and_records():
+    """permute=True with the blocks on a GPU: every permutable linear permuted (the search and the fold on cuda
+    tensors), N:M weights, finite outputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(8)
+    m = _llama(layers=2)
+    calib = _calib(n=8, t=32)
+    rep = prune_model(m, calib, method="sparsegpt", refit="admm", permute=True, permute_seconds=0.5, progress=False,
+                      device="cuda")
+    assert len(rep.permutations) == 4 and all(v["gain"] >= 0 for v in rep.permutations.values())
+    assert all(_is_nm(mod.weight.cpu()) for mod in _linears(m).values())
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=calib[:2].cuda()).logits).all()
