@@ -205,3 +205,23 @@ def test_refit_cuda_matches_cpu():
     ref = exact_refit(w, H, mask, 0.01)
     assert float((gpu.weight.cpu().double() - ref).norm() / ref.norm()) < 2e-4
     assert torch.equal(gpu.mask.cpu(), cpu.mask)
+
+
+def test_sparsegpt_on_a_fixed_mask():
+    """sparsegpt(mask=): GPTQ on a given sparsity pattern (how a refitted weight is quantised jointly): exactly
+    that mask is kept, the weights land on the int8 grid, and a mask that is not N:M is refused."""
+    w, H = make_layer(16, 64, seed=12)
+    mask = P.wanda(w, torch.diagonal(H) / 2, "2:4").mask
+    r = P.sparsegpt(w, H, "2:4", mask=mask, quant="int8")
+    assert torch.equal(r.mask, mask) and not bool((r.weight[~mask] != 0).any())
+    q = (r.weight / r.scale[:, None]).round()
+    assert torch.equal(q * r.scale[:, None], r.weight) and float(q.abs().max()) <= 127
+    plain = P.sparsegpt(w, H, "2:4", mask=mask)
+    assert torch.equal(plain.mask, mask)
+    assert objective(plain.weight, w, H) < objective(w * mask, w, H)  # the OBS update compensates on the mask
+    bad = mask.clone()
+    bad[3, 4:8] = True
+    with pytest.raises(ValueError, match="sparsegpt: mask is not 2:4: row 3, columns 4..7 keep 4"):
+        P.sparsegpt(w, H, "2:4", mask=bad)
+    with pytest.raises(ValueError, match="sparsegpt: mask must be a bool tensor"):
+        P.sparsegpt(w, H, "2:4", mask=mask.int())

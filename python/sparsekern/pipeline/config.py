@@ -145,7 +145,7 @@ class PruneConfig:
             raise PipelineError(f"batch_size ({self.batch_size}) must be >= 1")
         self._check_method_options()
         if self.permute is not False and self.permute is not None:
-            if not ":" in self.pattern:
+            if ":" not in self.pattern:
                 raise PipelineError(f"permute needs an N:M pattern (the permutation regroups input channels into "
                                     f"groups of M); pattern {self.pattern} is unstructured")
             if self.true_sequential and self.single_pass:

@@ -120,7 +120,7 @@ class BlockPermuter:
         return perm
 
 
-def _permuted_stats(method: str, value, hessian, perm: torch.Tensor):
+def _permuted_stats(value, hessian, perm: torch.Tensor):
     """The statistics of a linear's input after its channels were permuted by `perm`."""
     def ph(h):
         p = perm.to(h.device)
@@ -166,7 +166,7 @@ class GroupPruner:
                     act_scale = torch.diagonal(hessian_of(stat))
                 perm = self.permuter(layer_index, n, act_scale)
                 if perm is not None:
-                    value, hessian = _permuted_stats(self.method, value, hessian, perm)
+                    value, hessian = _permuted_stats(value, hessian, perm)
             if self.refit is not None and (solver is None or perm is not None):
                 from ..prune.refit import RefitSolver
 

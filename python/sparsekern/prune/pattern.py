@@ -100,6 +100,22 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or Inf; pruning needs finite values")
 
 
+def check_hessian(hessian, w: torch.Tensor, who: str = "", finite: bool = True) -> None:
+    """hessian is a square 2-D tensor [in_features, in_features] of w's in_features, on w's device (and finite).
+    who: a prefix for the messages ("refit: ")."""
+    cols = w.shape[1]
+    if not isinstance(hessian, torch.Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(f"{who}hessian must be a square 2-D tensor [in_features, in_features], got {shape}")
+    if hessian.shape[0] != cols:
+        raise ValueError(f"{who}hessian is {tuple(hessian.shape)} but w has in_features = {cols}; H must be "
+                         f"[{cols}, {cols}]")
+    if hessian.device != w.device:
+        raise ValueError(f"{who}hessian is on {hessian.device} but w is on {w.device}")
+    if finite:
+        check_finite(hessian, "hessian")
+
+
 def check_divisible(p: Pattern, cols: int) -> None:
     if p.structured and cols % p.m != 0:
         raise ValueError(

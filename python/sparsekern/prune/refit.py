@@ -37,23 +37,10 @@ import warnings
 
 import torch
 
-from .pattern import PruneResult, check_divisible, check_finite, check_weight, parse_pattern
+from .pattern import PruneResult, check_divisible, check_finite, check_hessian, check_weight, parse_pattern
 
 REFITS = ("admm", "admm-gradual")
 _MAX_DAMP_RETRIES = 3
-
-
-def _check_hessian(hessian, w: torch.Tensor, who: str) -> None:
-    cols = w.shape[1]
-    if not isinstance(hessian, torch.Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
-        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
-        raise ValueError(f"{who}: hessian must be a square 2-D tensor [in_features, in_features], got {shape}")
-    if hessian.shape[0] != cols:
-        raise ValueError(f"{who}: hessian is {tuple(hessian.shape)} but w has in_features = {cols}; H must be "
-                         f"[{cols}, {cols}]")
-    if hessian.device != w.device:
-        raise ValueError(f"{who}: hessian is on {hessian.device} but w is on {w.device}")
-    check_finite(hessian, "hessian")
 
 
 def check_mask(mask, w: torch.Tensor, pattern, who: str = "refit"):
@@ -289,7 +276,7 @@ def refit(w: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, pattern=No
     1/2 (w_hat - w) H (w_hat - w)^T per row).
     """
     check_weight(w)
-    _check_hessian(hessian, w, "refit")
+    check_hessian(hessian, w, "refit: ", finite=False)  # RefitSolver checks finiteness (one pass over H)
     return RefitSolver(hessian, percdamp, rho).refit(w, mask, pattern, iters=iters, cg_iters=cg_iters)
 
 
@@ -297,6 +284,6 @@ def admm_gradual(w: torch.Tensor, hessian: torch.Tensor, pattern, *, iters: int 
                  cg_iters: int = 10, percdamp: float = 0.01, rho: float = 1.0) -> PruneResult:
     """Prune w to `pattern` with ADMM and a gradually growing mask (Boza), then refit on the final mask."""
     check_weight(w)
-    _check_hessian(hessian, w, "admm_gradual")
+    check_hessian(hessian, w, "admm_gradual: ", finite=False)  # RefitSolver checks finiteness
     return RefitSolver(hessian, percdamp, rho).admm_gradual(w, pattern, iters=iters, gradual_iters=gradual_iters,
                                                             cg_iters=cg_iters)

@@ -23,7 +23,7 @@ import torch
 
 from ..ops import prune as _ops
 from ..quant import fit_weight_scale
-from .pattern import PruneResult, check_divisible, check_finite, check_weight, parse_pattern
+from .pattern import PruneResult, check_divisible, check_hessian, check_weight, parse_pattern
 
 # Joint quantisation grids. "int8" / "fp8": the symmetric per-row grids of sparsekern.quant (what SparseLinear's
 # W8A8 kernels store); "int8-minmax" / "int4": the reference's asymmetric min-max grids (a dense export only).
@@ -142,14 +142,7 @@ def _check_args(w, hessian, pattern, blocksize, percdamp, quant, mask):
     """sparsegpt's argument checks (ValueError naming the argument and the rule); returns the parsed pattern."""
     check_weight(w)
     cols = w.shape[1]
-    if not isinstance(hessian, torch.Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
-        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
-        raise ValueError(f"hessian must be a square 2-D tensor [in_features, in_features], got {shape}")
-    if hessian.shape[0] != cols:
-        raise ValueError(f"hessian is {tuple(hessian.shape)} but w has in_features = {cols}; H must be [{cols}, {cols}]")
-    if hessian.device != w.device:
-        raise ValueError(f"hessian is on {hessian.device} but w is on {w.device}")
-    check_finite(hessian, "hessian")
+    check_hessian(hessian, w)
     p = parse_pattern(pattern)
     check_divisible(p, cols)
     if not isinstance(blocksize, int) or blocksize < 1:
