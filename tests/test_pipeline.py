@@ -572,8 +572,8 @@ def test_prune_cli_joint_int8_saves_int8_layers(model_dir, tmp_path, capsys):
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["sparsify"]["converted"] == 14
-    meta = json.loads((out / "sparsekern_config.json").read_text())
-    assert {spec["quant"] for spec in meta["layers"].values()} == {"int8"}
+    meta = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert meta["quant_method"] == "sparsekern" and {spec["quant"] for spec in meta["layers"].values()} == {"int8"}
     assert json.loads((out / "prune_report.json").read_text())["quant"] == "int8"
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import sparsekern
 from sparsekern import serialization as ser
-from sparsekern.convert import sparsify
+from sparsekern.convert import densify, sparsify
 from sparsekern.linear import CheckpointError, SparseLinear
 
 
@@ -203,11 +203,13 @@ def test_save_pretrained_from_pretrained_llama_identical(tmp_path, quant):
     model = tiny_llama()
     sparsify(model, quant=quant)
     out = sparsekern.save_pretrained(model, tmp_path / "ckpt")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                     "sparsekern_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
-    meta = json.loads((out / "sparsekern_config.json").read_text())
-    assert meta["format"] == "sparsekern" and meta["format_version"] == 1 and len(meta["layers"]) == 14
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "sparsekern" and qc["format_version"] == 2 and len(qc["layers"]) == 14
+    assert qc["layers"]["model.layers.1.mlp.down_proj"] == {
+        "in_features": 128, "out_features": 64, "bias": False, "dtype": "float32", "quant": quant,
+        "weight_layout": "linear"}
     loaded = sparsekern.from_pretrained(out)
     assert type(loaded) is type(model) and not loaded.training
     assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14
@@ -215,6 +217,42 @@ def test_save_pretrained_from_pretrained_llama_identical(tmp_path, quant):
     ids = torch.tensor([[1, 5, 9, 33, 70]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def write_v1_folder(model, directory):
+    """The folder layout sparsekern wrote before format version 2 (sparsekern_config.json beside config.json and
+    one model.safetensors), still read by sparsekern.from_pretrained."""
+    directory.mkdir()
+    model.config.architectures = [type(model).__name__]
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    tied = ser.save_safetensors(model, directory / "model.safetensors")
+    layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                     "dtype": "float32", "quant": m.quant, "weight_layout": m.weight_layout}
+              for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    meta = {"format": "sparsekern", "format_version": 1, "sparsekern_version": "0.1.0", "portable_format_version": 1,
+            "dtype": "float32", "layers": layers, "tied": tied, "user": {"from": "v1"}}
+    (directory / "sparsekern_config.json").write_text(json.dumps(meta))
+    return directory
+
+
+def test_v1_folder_still_loads_and_resaves_as_v2(tmp_path):
+    model = tiny_llama()
+    sparsify(model)
+    v1 = write_v1_folder(model, tmp_path / "v1")
+    loaded = sparsekern.from_pretrained(v1)
+    assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14
+    assert loaded.sparsekern_metadata == {"from": "v1"}
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        loaded.save_pretrained(tmp_path / "v2")  # transformers' own save: the current format
+        from transformers import AutoModelForCausalLM
+
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "v2")
+        assert again.sparsekern_metadata == {"from": "v1"}
+        assert torch.equal(again(ids).logits, model(ids).logits)
 
 
 def test_from_pretrained_dtype_override(tmp_path):
@@ -225,9 +263,17 @@ def test_from_pretrained_dtype_override(tmp_path):
     q = loaded.model.layers[0].self_attn.q_proj
     assert q.values.dtype == torch.bfloat16 and loaded.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(q.to_linear().weight, model.model.layers[0].self_attn.q_proj.to_linear().weight.bfloat16())
+    # The reference: the dense pruned model loaded by transformers in bfloat16 (its rotary tables stay float32, unlike
+    # model.to(bfloat16)), then sparsified: the same values cast once, the same kernels.
+    from transformers import AutoModelForCausalLM
+
+    densify(model)
+    model.save_pretrained(tmp_path / "dense")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16)
+    sparsify(ref)
     ids = torch.tensor([[1, 5, 9, 33, 70]])
-    with torch.no_grad():  # the same as casting the saved model: values cast once, the same kernels run
-        assert torch.equal(loaded(ids).logits, model.to(torch.bfloat16)(ids).logits)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref(ids).logits)
 
 
 def test_save_pretrained_tied_gpt2_identical(tmp_path):
@@ -266,14 +312,18 @@ def test_save_pretrained_user_metadata_round_trip(tmp_path):
     sparsify(model)
     user = {"method": "wanda", "nsamples": 8, "ppl": 12.5, "kept_dense": ["lm_head"], "nested": {"a": None}}
     out = sparsekern.save_pretrained(model, tmp_path / "ckpt", metadata=user)
-    meta = json.loads((out / "sparsekern_config.json").read_text())
-    assert meta["user"] == user and meta["format"] == "sparsekern" and len(meta["layers"]) == 14
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["metadata"] == user and len(qc["layers"]) == 14
     loaded = sparsekern.from_pretrained(out)
     assert loaded.sparsekern_metadata == user
-    # Without metadata: no "user" key, and the accessor reads None.
+    # The metadata was for that save: the model's own (none) is unchanged, and a save without it records null.
+    assert model.sparsekern_metadata is None
     plain = sparsekern.save_pretrained(model, tmp_path / "plain")
-    assert "user" not in json.loads((plain / "sparsekern_config.json").read_text())
+    assert json.loads((plain / "config.json").read_text())["quantization_config"]["metadata"] is None
     assert sparsekern.from_pretrained(plain).sparsekern_metadata is None
+    # A loaded model keeps its metadata through a plain re-save.
+    again = sparsekern.save_pretrained(loaded, tmp_path / "again")
+    assert sparsekern.from_pretrained(again).sparsekern_metadata == user
 
 
 @pytest.mark.parametrize("bad, msg", [
@@ -311,18 +361,26 @@ def test_from_pretrained_unknown_version_and_truncated(tmp_path):
     model = tiny_llama()
     sparsify(model)
     out = sparsekern.save_pretrained(model, tmp_path / "ckpt")
-    meta_path = out / "sparsekern_config.json"
-    meta = json.loads(meta_path.read_text())
-    meta["format_version"] = 2
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"unknown format version 2; this sparsekern .* reads version 1"):
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["format_version"] = 3
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"unknown sparsekern format_version 3; this sparsekern .* reads "
+                                              r"version 2 \(upgrade sparsekern"):
         sparsekern.from_pretrained(out)
-    meta["format_version"] = 1
-    meta_path.write_text(json.dumps(meta))
+    cfg["quantization_config"]["format_version"] = 2
+    cfg_path.write_text(json.dumps(cfg))
     st = out / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         sparsekern.from_pretrained(out)
+    # the earlier layout's own version check
+    v1 = write_v1_folder(model, tmp_path / "v1")
+    meta = json.loads((v1 / "sparsekern_config.json").read_text())
+    meta["format_version"] = 7
+    (v1 / "sparsekern_config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"unknown format version 7; this sparsekern .* reads version 1"):
+        sparsekern.from_pretrained(v1)
 
 
 # ------------------------------------------------------------------------------------------------- compressed-tensors
@@ -383,7 +441,7 @@ def test_compressed_tensors_quantised_refused(tmp_path):
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
     cfg["quantization_config"]["config_groups"] = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8}}}
     (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="quantised compressed-tensors checkpoints are not supported"):
+    with pytest.raises(CheckpointError, match=r"config_groups\['group_0'\]\.weights\.strategy None is not supported"):
         sparsekern.from_pretrained(tmp_path / "ct")
 
 
@@ -396,8 +454,8 @@ def test_compressed_tensors_truncated_refused(tmp_path):
     t = load_file(str(st))
     t["model.layers.0.self_attn.q_proj.compressed"] = t["model.layers.0.self_attn.q_proj.compressed"][:, :-4].clone()
     save_file(t, str(st))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj: compressed \(64, 28\).*do not "
-                                              r"match shape \[64, 64\]"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj: compressed \[64, 28\].*do not "
+                                              r"match the model's \[64, 64\]"):
         sparsekern.from_pretrained(tmp_path / "ct")
 
 

@@ -12,6 +12,11 @@ from ._ext import ExtensionMissingError
 from ._version import __version__
 from . import ops
 from .diagnostics import doctor
+from . import hf as _hf
+
+# transformers integration (AutoModel*.from_pretrained / save_pretrained of 2:4 checkpoints): registered when
+# transformers' quantizer registry is imported, without importing transformers here (sparsekern.hf).
+_hf.install_hook()
 
 # public name -> module that defines it
 _LAZY = {
@@ -36,7 +41,7 @@ _LAZY = {
     "PruneConfig": "sparsekern.pipeline",
 }
 _SUBMODULES = {"prune", "eval", "linear", "convert", "serialization", "pipeline", "format", "policy", "quant", "data",
-               "bench", "sensitivity", "weight", "envs"}
+               "bench", "sensitivity", "weight", "envs", "hf"}
 
 __all__ = ["__version__", "ExtensionMissingError", "doctor", "ops", *_LAZY]
 

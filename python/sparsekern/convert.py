@@ -193,6 +193,12 @@ def sparsify(model: nn.Module, *, include: Selector = None, exclude: Selector = 
         new.train(mod.training)
         replace_module(model, name, new)
         report.converted.append(name)
+    if report.converted:
+        # A transformers model now saves (model.save_pretrained) and reloads (AutoModel*.from_pretrained) as a
+        # sparsekern checkpoint: quantization_config + hf_quantizer (sparsekern.hf).
+        from . import hf
+
+        hf.attach(model)
     return report
 
 
@@ -204,4 +210,8 @@ def densify(model: nn.Module, *, dtype: torch.dtype | None = None) -> list[str]:
     built = [(name, mod.to_linear(dtype)) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
     for name, new in built:
         replace_module(model, name, new)
+    if not any(isinstance(m, SparseLinear) for m in model.modules()):
+        from . import hf
+
+        hf.detach(model)  # a plain dense model again: save_pretrained writes a plain checkpoint
     return [name for name, _ in built]

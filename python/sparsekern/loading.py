@@ -10,10 +10,15 @@ import torch
 
 
 def is_sparsekern_dir(path: str) -> bool:
-    """Whether `path` holds a model written by sparsekern's save_pretrained."""
-    from .serialization import META_FILE
+    """Whether `path` holds a 2:4 checkpoint sparsekern loads into SparseLinear layers: written by sparsekern (config.json
+    quantization_config "sparsekern", or the earlier sparsekern_config.json) or compressed-tensors sparse-24-bitmask."""
+    from .hf import config_dict_is_sparsekern, read_config_json
+    from .serialization import META_FILE, _ct_sparsity_config
 
-    return os.path.isfile(os.path.join(path, META_FILE))
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        return True
+    cfg = read_config_json(path)
+    return cfg is not None and (config_dict_is_sparsekern(cfg) or _ct_sparsity_config(cfg) is not None)
 
 
 def load_model_and_tokenizer(model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -166,7 +166,8 @@ def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = Fa
     """Write a pruned model to `out` atomically.
 
     dense=False: sparsify (2:4 linears -> SparseLinear, compressed portable format) and sparsekern's
-    save_pretrained (reload with sparsekern.from_pretrained). dense=True: a plain Hugging Face checkpoint with the
+    save_pretrained (reload with AutoModelForCausalLM.from_pretrained once sparsekern is imported, or
+    sparsekern.from_pretrained). dense=True: a plain Hugging Face checkpoint with the
     pruned dense weights, for tools that do not know sparsekern. Both add the tokenizer and prune_report.json
     (`metadata`: method, pattern, calibration, sparsekern version, per-linear report); the sparsekern layout also
     stores that report as save_pretrained's metadata (from_pretrained(out).sparsekern_metadata). Returns the
@@ -189,7 +190,8 @@ def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = Fa
         else:
             from .serialization import save_pretrained
 
-            # The report also goes into sparsekern_config.json ("user"): from_pretrained's model.sparsekern_metadata.
+            # The report also goes into config.json's quantization_config ("metadata"): model.sparsekern_metadata after
+            # AutoModelForCausalLM.from_pretrained / sparsekern.from_pretrained.
             save_pretrained(model, tmp, metadata=meta)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

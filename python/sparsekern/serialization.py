@@ -269,51 +269,37 @@ def _check_user_metadata(metadata) -> dict | None:
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False,
-                    metadata: dict | None = None) -> Path:
-    """Save a (sparsified) Hugging Face model: config + safetensors of the compressed layers + sparsekern metadata.
+                    metadata=None, max_shard_size: int | str = "5GB") -> Path:
+    """Save a (sparsified) Hugging Face model as a Hugging Face folder that `AutoModel*.from_pretrained` loads once
+    sparsekern is imported (module doc; the same files as `model.save_pretrained(directory)`).
 
-    model:     a transformers PreTrainedModel (anything with .config.save_pretrained), SparseLinear layers or not.
-    directory: target folder; must not exist unless overwrite=True. Written to a temporary sibling folder first,
-               then renamed into place. Returns the path.
-    metadata:  optional JSON-serialisable dict of the caller's own, stored under "user" in sparsekern_config.json
-               and exposed by from_pretrained as `model.sparsekern_metadata`. Anything json cannot encode is refused
-               with a TypeError before anything is written.
+    model:     a transformers PreTrainedModel, SparseLinear layers or not.
+    directory: target folder; must not exist unless overwrite=True. The whole folder is written under a temporary
+               sibling name, then renamed into place. Returns the path.
+    metadata:  optional JSON-serialisable value of the caller's own, stored as quantization_config "metadata" and
+               exposed after loading as `model.sparsekern_metadata`; None keeps the model's own (what it was loaded
+               with). Anything json cannot encode is refused with a TypeError before anything is written.
+    max_shard_size: safetensors shards above this size are split (transformers' rule; an index file names them).
     """
+    from . import hf
+
     metadata = _check_user_metadata(metadata)
     directory = Path(directory)
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "save_pretrained"):
+    if not hf.is_transformers_model(model):
         raise TypeError("save_pretrained(model, dir) needs a Hugging Face model (with .config); for other models "
                         "use sparsekern.serialization.save_safetensors(model, path)")
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    hf.attach(model)
 
     def write(tmp: Path) -> None:
-        tmp.mkdir()
-        # As transformers' own save_pretrained does: record the class so from_pretrained can rebuild it.
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(str(tmp))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and hasattr(gen, "save_pretrained"):
-            gen.save_pretrained(str(tmp))
-        tied = save_safetensors(model, tmp / WEIGHTS_FILE)
-        meta = {
-            "format": FILE_FORMAT,
-            "format_version": FILE_FORMAT_VERSION,
-            "sparsekern_version": __version__,
-            "portable_format_version": FORMAT_VERSION,
-            "dtype": str(_model_dtype(model)).removeprefix("torch."),
-            "layers": {
-                name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                       "dtype": str(m.dense_dtype).removeprefix("torch."), "quant": m.quant,
-                       "weight_layout": m.weight_layout}
-                for name, m in _sparse_layers(model).items()
-            },
-            "tied": tied,
-        }
+        own = model.sparsekern_metadata
         if metadata is not None:
-            meta["user"] = metadata
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            model.sparsekern_metadata = metadata
+        try:
+            type(model).save_pretrained(model, str(tmp), max_shard_size=max_shard_size)
+        finally:
+            model.sparsekern_metadata = own
 
     return atomic_write(directory, write, overwrite=overwrite)
 
@@ -479,23 +465,50 @@ def _check_dense_against_header(model_class, config, meta: dict, heads: dict, wh
 def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, verify: bool = True) -> nn.Module:
     """Rebuild a model saved by save_pretrained (or a compressed-tensors sparse-24-bitmask checkpoint) with its
-    SparseLinear layers; returns it in eval mode on `device` (default CPU). The metadata dict passed to
-    save_pretrained(..., metadata=...) is set as `model.sparsekern_metadata` (as json.loads returns it; None when
-    none was given, and for compressed-tensors checkpoints).
+    SparseLinear layers; returns it in eval mode on `device` (default CPU). The same as
+    `model_class.from_pretrained(directory, dtype=dtype or "auto", device_map=device)` with sparsekern imported,
+    plus folders of the earlier layout (sparsekern_config.json, format version 1). The metadata passed to
+    save_pretrained(..., metadata=...) is `model.sparsekern_metadata` (None when none was given, and for
+    compressed-tensors checkpoints).
 
     model_class: transformers model class; default the config's `architectures[0]`.
-    dtype:       dtype of the model's dense parameters; default the dtype recorded at save time.
-    verify:      check the per-tensor CRC-32s save_pretrained recorded (a changed tensor is an error naming it).
-    Every size the metadata claims is checked against the safetensors header before anything is allocated.
+    dtype:       dtype of the model's float parameters; default the dtype recorded at save time.
+    verify:      check the per-tensor CRC-32s recorded at save time (a changed tensor is an error naming it).
+    Every size the config claims is checked against the safetensors headers before anything is allocated.
     """
+    from . import hf
+
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{directory} holds no config.json: not a saved model")
     raw_cfg = _read_json_object(cfg_path, "model config")
-    sparsity = _ct_sparsity_config(raw_cfg)
-    if sparsity is not None:
-        return _from_compressed_tensors(directory, raw_cfg, sparsity, model_class, dtype, device)
+    if not (hf.config_dict_is_sparsekern(raw_cfg) or _ct_sparsity_config(raw_cfg) is not None):
+        return _from_pretrained_v1(directory, model_class=model_class, dtype=dtype, device=device, verify=verify)
+    hf.register()
+    _, model_class, _ = _build_model(directory, model_class, dtype)
+    token = hf.verify_checksums.set(verify)
+    try:
+        model = model_class.from_pretrained(str(directory), dtype=dtype or "auto", local_files_only=True,
+                                            device_map=str(torch.device(device)) if device is not None else None)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (transformers raises many types for a malformed folder)
+        raise CheckpointError(f"{directory}: {model_class.__name__}.from_pretrained failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
+    finally:
+        hf.verify_checksums.reset(token)
+    if not hasattr(model, "sparsekern_metadata"):
+        model.sparsekern_metadata = None
+    return model.eval()
+
+
+def _from_pretrained_v1(directory: Path, *, model_class, dtype, device, verify) -> nn.Module:
+    """Folders written by sparsekern before version 2: sparsekern_config.json + one model.safetensors."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{directory} holds no config.json: not a saved model")
     meta_path = directory / META_FILE
     if not meta_path.exists():
         raise CheckpointError(f"{directory} has no {META_FILE}: not written by sparsekern.save_pretrained")
@@ -525,7 +538,9 @@ def from_pretrained(directory: str | os.PathLike, *, model_class=None, dtype: to
             quant=spec["quant"], weight_layout=spec["weight_layout"], device="meta"))
     _apply_tied(f"{directory / WEIGHTS_FILE}", tensors, meta.get("tied", {}))
     load_state_dict(model, tensors, strict=True)
-    model.sparsekern_metadata = meta.get("user")
+    from . import hf
+
+    hf.attach(model, metadata=meta.get("user"))  # saves as the current (version 2) format from now on
     model.eval()
     if device is not None:
         model.to(device)
@@ -541,79 +556,6 @@ def _ct_sparsity_config(raw_cfg: dict) -> dict | None:
         if isinstance(qc, dict) and isinstance(qc.get("sparsity_config"), dict):
             return qc["sparsity_config"]
     return None
-
-
-def _ct_weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _read_json_object(index, "safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..")
-                                                       for f in weight_map.values()):
-            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names in {directory}")
-        return [directory / f for f in sorted(set(weight_map.values()))]
-    if (directory / WEIGHTS_FILE).exists():
-        return [directory / WEIGHTS_FILE]
-    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-
-
-def _from_compressed_tensors(directory: Path, raw_cfg: dict, sparsity: dict, model_class, dtype, device):
-    fmt = sparsity.get("format")
-    if fmt != "sparse-24-bitmask":
-        raise CheckpointError(f"{directory}: compressed-tensors sparsity format {fmt!r} is not supported; sparsekern "
-                              "reads 'sparse-24-bitmask'")
-    qc = raw_cfg.get("quantization_config") or raw_cfg.get("compression_config") or {}
-    if qc.get("config_groups"):
-        raise CheckpointError(f"{directory}: quantised compressed-tensors checkpoints are not supported (only "
-                              "sparse-24-bitmask without quantisation)")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in _ct_weight_files(directory):
-        part, _ = _read_safetensors(f, verify=False)
-        tensors.update(part)
-    config, model_class, _ = _build_model(directory, model_class, dtype)
-    # The model no longer is in compressed-tensors form once loaded: drop that config so a later save is plain.
-    for key in ("quantization_config", "compression_config"):
-        if hasattr(config, key):
-            delattr(config, key)
-    layers = sorted(k[: -len(".compressed")] for k in tensors if k.endswith(".compressed"))
-    sd: dict[str, torch.Tensor] = {k: v for k, v in tensors.items()
-                                   if k.rpartition(".")[0] not in layers}
-    first_dtype = next((tensors[n + ".compressed"].dtype for n in layers), None)
-    dtype = dtype or _dtype_from_name(str(raw_cfg.get("torch_dtype") or raw_cfg.get("dtype") or first_dtype
-                                          or "float32").removeprefix("torch."))
-    model = _construct(model_class, config, str(directory)).to(dtype)
-    for name in layers:
-        missing = [s for s in ("bitmask", "shape") if f"{name}.{s}" not in tensors]
-        if missing:
-            raise CheckpointError(f"{directory}: layer {name} has .compressed but lacks {missing}")
-        shape = [int(v) for v in tensors[f"{name}.shape"].flatten().tolist()]
-        values, bitmask = tensors[f"{name}.compressed"], tensors[f"{name}.bitmask"]
-        if len(shape) != 2 or tuple(values.shape) != (shape[0], shape[1] // 2) \
-                or tuple(bitmask.shape) != (shape[0], (shape[1] + 7) // 8):
-            raise CheckpointError(f"{directory}: layer {name}: compressed {tuple(values.shape)} / bitmask "
-                                  f"{tuple(bitmask.shape)} do not match shape {shape} (truncated or mismatched)")
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(f"{directory}: checkpoint layer {name!r} is not in {model_class.__name__}") from exc
-        if not isinstance(old, nn.Linear):
-            raise CheckpointError(f"{directory}: checkpoint layer {name!r} is a {type(old).__name__}, not nn.Linear")
-        try:
-            c = Sparse24Weight.from_bitmask(values, bitmask.view(torch.uint8), tuple(shape))
-        except (RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{directory}: layer {name}: bitmask is not a valid 2:4 pattern ({exc})") from exc
-        layer_dtype = values.dtype if values.is_floating_point() else dtype
-        replace_module(model, name, SparseLinear(shape[1], shape[0], old.bias is not None, dtype=layer_dtype))
-        sd[f"{name}.values"] = c.values
-        sd[f"{name}.codes"] = c.codes
-        sd[f"{name}.shape"] = torch.tensor(shape, dtype=torch.int64)
-        sd[f"{name}.format_version"] = torch.tensor([c.format_version], dtype=torch.int64)
-    _fill_tied(model, sd)
-    load_state_dict(model, sd, strict=True)
-    model.sparsekern_metadata = None
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
 
 
 def save_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:

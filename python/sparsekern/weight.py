@@ -124,6 +124,14 @@ def check_twofour(w: torch.Tensor, name: str) -> None:
         )
 
 
+def _owned(t: torch.Tensor, given: torch.Tensor, copy: bool) -> torch.Tensor:
+    """`t` (possibly `given` itself, when .to() had nothing to do) as a tensor the weight may keep: a fresh copy
+    unless copy=False; always contiguous."""
+    if copy and t is given:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.contiguous()
+
+
 def _check_entry(t, key: str, where: str) -> None:
     """A state-dict entry the loader can use: a dense (strided) tensor with data (not on the meta device)."""
     if not isinstance(t, torch.Tensor):
@@ -396,13 +404,15 @@ class Sparse24Weight:
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], prefix: str = "", *,
                         expect_shape: tuple[int, int] | None = None, quant: str | None | type(...) = ...,
                         value_dtype: torch.dtype | None = None, device: torch.device | None = None,
-                        where: str | None = None) -> "Sparse24Weight":
+                        where: str | None = None, copy: bool = True) -> "Sparse24Weight":
         """Read and validate the portable entries under `prefix` (values, codes, shape, format_version, and
         weight_scale for quantised values); the result owns fresh copies (nothing shared with `sd`).
 
         expect_shape: the (rows, cols) the caller needs. quant: the quantisation the caller needs (None = float;
         the default ... accepts what is stored). value_dtype: cast float values to this dtype. device: where to put
-        the tensors (default: where they are). where: the name errors start with (default the prefix).
+        the tensors (default: where they are). where: the name errors start with (default the prefix). copy=False:
+        keep the given tensors when no cast or move is needed (a loader handing over tensors it owns, e.g.
+        memory-mapped from a checkpoint file, whose pages are then read only when the weight is first used).
         Raises CheckpointError naming the entry and the rule; a file this code cannot read says to upgrade."""
         where = where or prefix.rstrip(".") or "Sparse24Weight"
         missing = [key for key in ("values", "codes", "shape", "format_version") if prefix + key not in sd]
@@ -454,11 +464,12 @@ class Sparse24Weight:
             if tuple(scale.shape) != (n,) or scale.dtype != torch.float32:
                 raise CheckpointError(f"{where}: weight_scale must be float32 of shape ({n},); got {scale.dtype} "
                                       f"{tuple(scale.shape)}")
-            scale = scale.to(device or scale.device).clone()
+            scale = _owned(scale.to(device or scale.device), scale, copy)
         elif value_dtype is not None:
             values = values.to(value_dtype)
-        values = values.to(device or values.device).clone()
-        codes = codes.to(device or codes.device).clone()
+        given_values, given_codes = sd[prefix + "values"], sd[prefix + "codes"]
+        values = _owned(values.to(device or values.device), given_values, copy)
+        codes = _owned(codes.to(device or codes.device), given_codes, copy)
         return cls(values, codes, (n, k), int(version.reshape(-1)[0]), scale=scale, validate=False)
 
     # ------------------------------------------------------------------ python protocol

@@ -1,0 +1,218 @@
+"""Hugging Face transformers integration: `AutoModelForCausalLM.from_pretrained` builds SparseLinear layers from
+sparsekern and compressed-tensors "sparse-24-bitmask" checkpoints, and `model.save_pretrained` writes sparsekern's
+format, once `import sparsekern` has run.
+
+    import sparsekern, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(dir, dtype="auto", device_map="auto")
+    model.save_pretrained(out)              # config.json quantization_config {"quant_method": "sparsekern", ...}
+    transformers.pipeline("text-generation", model=dir)
+
+How it plugs in (transformers >= 5; docs/sparselinear.md "Hugging Face"):
+- SparsekernConfig (quant_method "sparsekern") and SparsekernHfQuantizer are registered with transformers'
+  register_quantization_config / register_quantizer. `import sparsekern` does not import transformers (it costs
+  ~1.3 s): register() runs at once if transformers' quantizer registry is already imported, otherwise an import hook
+  runs it right after `transformers.quantizers.auto` is imported (which every from_pretrained does).
+- Loading never holds a dense copy of a sparse layer: before any weight is read, the quantizer checks the
+  config's layer list against the checkpoint headers and the model skeleton (shapes, dtypes, every entry present),
+  then replaces those Linear / Conv1D modules of the meta-device skeleton by SparseLinear layers; transformers'
+  loader then streams each layer's `values / codes / weight_scale / shape / format_version` entries into one load op
+  (`_LoadSparse24`), which validates them (Sparse24Weight.from_state_dict: pattern codes, shapes, dtypes) and installs
+  them on the device the device_map gives. Every failure is collected and raised as one CheckpointError after the
+  loader has run (transformers' loader would otherwise only log it); the half-built model is never returned.
+- compressed-tensors: transformers' own "compressed-tensors" entries are wrapped (register_* refuses existing names,
+  so the mappings are updated directly): a config whose sparsity_config has format "sparse-24-bitmask" is served by
+  CompressedTensors24Quantizer (X.compressed / X.bitmask / X.shape per layer, optionally int8 / fp8 W8A8 with
+  per-channel weight scales and dynamic per-token activations: exactly SparseLinear's int8 / fp8 scheme); any other
+  compressed-tensors config goes to transformers' original classes unchanged.
+- A model with SparseLinear layers carries `hf_quantizer` and `config.quantization_config` (attach(), also called by
+  sparsekern.sparsify on a transformers model), so transformers' own `model.save_pretrained` writes the sparsekern
+  format (sharded above max_shard_size, safetensors with CRC-32s); attach() also makes that save atomic per file
+  (written into a hidden sibling folder, then each file renamed into place, config.json last).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import shutil
+import sys
+import threading
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._version import __version__
+
+QUANT_METHOD = "sparsekern"
+#: Version of the Hugging Face folder layout (config.json quantization_config + safetensors). Version 1 was the
+#: earlier sparsekern_config.json layout, still read by sparsekern.from_pretrained.
+HF_FORMAT_VERSION = 2
+CHECKSUMS_KEY = "sparsekern_checksums"
+
+#: sparsekern.from_pretrained(..., verify=False) turns the CRC-32 check off for one load.
+verify_checksums: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsekern_verify_checksums", default=True)
+
+_lock = threading.Lock()
+_registered = False
+
+
+# ---------------------------------------------------------------------------------------------- registration
+
+
+def register() -> bool:
+    """Register sparsekern's quantization config and quantizer with transformers (idempotent). Returns False when
+    transformers is not installed."""
+    global _registered
+    with _lock:
+        if _registered:
+            return True
+        try:
+            from transformers.quantizers import auto
+
+            from . import _hf_impl  # needs transformers >= 5 (its core_model_loading)
+        except ImportError:
+            return False
+
+        _hf_impl.install(auto)
+        _registered = True
+        return True
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs register() right after `transformers.quantizers.auto` has been imported (a post-import hook): the
+    registry exists only then, and importing it eagerly would double `import sparsekern`'s time."""
+
+    TARGET = "transformers.quantizers.auto"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            _remove_hook()
+            register()
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def _remove_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterImport)]
+
+
+def install_hook() -> None:
+    """Called by `import sparsekern`: register now if transformers' registry is loaded, else when it is."""
+    if _AfterImport.TARGET in sys.modules:
+        register()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
+# ---------------------------------------------------------------------------------------------- attach / save
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "save_pretrained") and hasattr(type(model), "save_pretrained")
+
+
+def attach(model: nn.Module, metadata=None) -> None:
+    """Mark a transformers model holding SparseLinear layers as a sparsekern model: `config.quantization_config`,
+    `hf_quantizer`, `is_quantized`, an atomic `save_pretrained`. The layer list is recomputed at every save, so
+    layers sparsified or densified later are described as they are then. A no-op for other modules."""
+    if not is_transformers_model(model):
+        return
+    register()
+    from ._hf_impl import SparsekernConfig, SparsekernHfQuantizer
+
+    qc = getattr(model.config, "quantization_config", None)
+    if not isinstance(qc, SparsekernConfig):
+        qc = SparsekernConfig()
+    model.config.quantization_config = qc
+    model.hf_quantizer = SparsekernHfQuantizer(qc, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    # model.sparsekern_metadata is the metadata's one home on a live model; each save copies it into the config.
+    if metadata is not None or not hasattr(model, "sparsekern_metadata"):
+        model.sparsekern_metadata = metadata if metadata is not None else qc.metadata
+    if not isinstance(getattr(model, "__dict__", {}).get("save_pretrained"), types.MethodType):
+        model.save_pretrained = types.MethodType(_atomic_save_pretrained, model)
+
+
+def detach(model: nn.Module) -> None:
+    """Undo attach() (the model holds no SparseLinear layer any more: it saves as a plain model again)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(getattr(config, "quantization_config", None), "quant_method", None) \
+            == QUANT_METHOD:
+        del config.quantization_config
+    for name in ("hf_quantizer", "quantization_method"):
+        model.__dict__.pop(name, None)
+    if "is_quantized" in model.__dict__:
+        model.is_quantized = False
+    model.__dict__.pop("save_pretrained", None)
+
+
+_WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.startswith(_WEIGHT_FILE_PREFIXES) and (name.endswith(".safetensors") or name.endswith(".bin")
+                                                       or name.endswith(".index.json"))
+
+
+def _atomic_save_pretrained(self, save_directory, *args, **kwargs):
+    """transformers' save_pretrained, made atomic per file: everything is written into a hidden sibling folder
+    first, then renamed into `save_directory` one file at a time (weights, then the index, config.json last), and
+    weight files of an earlier save that the new one does not have are removed. An interrupted save therefore leaves
+    no partly written file, and never a config.json describing weights that are not there. Other files in the folder
+    (a tokenizer saved there) are kept. Distributed and push_to_hub saves go to transformers unchanged."""
+    cls_save = type(self).save_pretrained
+    if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True) or kwargs.get("distributed_checkpoint"):
+        return cls_save(self, save_directory, *args, **kwargs)
+    target = Path(save_directory)
+    if target.is_file():
+        raise NotADirectoryError(f"save_pretrained: {target} is a file, not a folder")
+    from ._fsutil import _tmp_sibling
+
+    tmp = _tmp_sibling(target, "tmp")
+    try:
+        result = cls_save(self, str(tmp), *args, **kwargs)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+            return result
+        new = sorted(p.name for p in tmp.iterdir())
+        order = sorted(new, key=lambda n: (n == "config.json", n.endswith(".index.json"), n))
+        for name in order:
+            os.replace(tmp / name, target / name)
+        for old in target.iterdir():
+            if old.is_file() and _is_weight_file(old.name) and old.name not in new:
+                old.unlink()
+        return result
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def config_dict_is_sparsekern(cfg: dict) -> bool:
+    qc = cfg.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def read_config_json(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / "config.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
