@@ -5,7 +5,7 @@ checkpoint: each load runs in a fresh process (peak RSS is per process), with `i
     python bench/hf_load_memory.py --prepare OUT   # writes OUT/dense and OUT/sparse24 from the bundled model
                                                    # (magnitude 2:4), then measures both
 
-Per load: RSS after the imports (base), the peak RSS during from_pretrained (ru_maxrss), RSS after it, RSS after
+Per load: RSS after the imports (base), the peak RSS during from_pretrained (VmHWM), RSS after it, RSS after
 one forward pass of 64 tokens (every weight page touched), the load time, the number of SparseLinear layers. The
 increase over base is what the load cost; file-backed pages of the memory-mapped checkpoint count in RSS while they
 are mapped.
@@ -27,14 +27,12 @@ def _status() -> dict[str, int]:
     with open("/proc/self/status") as f:
         for line in f:
             key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon", "RssFile"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(line.split()[1]) // 1024
     return out
 
 
 def measure(path: str) -> dict:
-    import resource
-
     import torch
     import transformers
 
@@ -44,7 +42,7 @@ def measure(path: str) -> dict:
     t = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     load_s = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    peak = _status()["VmHWM"]  # this process's own high-water mark (ru_maxrss would include a parent's, after fork)
     after = _status()
     ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -322,3 +322,27 @@ def test_bundled_model_round_trip_and_load_memory(tmp_path):
     mem = json.loads(r.stdout.strip().splitlines()[-1])["sparse"]
     assert mem["sparse_layers"] == 210
     assert mem["peak_increase_mb"] * 2**20 < dense_bytes, (mem, dense_bytes)
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device_map", ["cuda", "auto", {"": 0}])
+def test_device_map_on_gpu_matches_cpu(tmp_path, device_map):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_llama()
+    sparsify(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    gpu = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float16, device_map=device_map)
+    layers = [m for m in gpu.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == 14 and {m.values.device.type for m in layers} == {"cuda"}
+    assert {m.values.dtype for m in layers} == {torch.float16}
+    ids = _ids()
+    cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    with torch.no_grad():
+        got = gpu(ids.cuda()).logits.float().cpu()
+        want = cpu(ids).logits
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # fp16 weights/activations vs fp32
+    assert torch.equal(_greedy(gpu, ids[:1].cuda()).cpu()[:, :ids.shape[1]], ids[:1])

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from sparsekern import pipeline as P  # noqa: E402
 from sparsekern import prune as engine  # noqa: E402
+from sparsekern.linear import SparseLinear  # noqa: E402
 from sparsekern.data import DataError  # noqa: E402
 from sparsekern.pipeline import PipelineError, prune_model  # noqa: E402
 from sparsekern.pipeline import pruning as P_pruning  # noqa: E402
@@ -461,6 +462,20 @@ def test_prune_cli_save_and_reload_round_trip(model_dir, tmp_path, capsys):
     assert _cli("eval", "--model", out, "--text", text, "--seqlen", 32, "--eval-tokens", 128, "--json") == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["eval_tokens"] == 128 and ev["perplexity"] > 1
+    # transformers alone (sparsekern imported) loads the folder: AutoModelForCausalLM + AutoTokenizer + pipeline.
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    auto = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, SparseLinear) for m in auto.modules()) == 14 and auto.sparsekern_metadata == meta
+    with torch.no_grad():
+        assert torch.equal(auto(input_ids=x).logits, loaded(input_ids=x).logits)
+    tok = AutoTokenizer.from_pretrained(out)
+    gen = pipeline("text-generation", model=str(out))
+    prompt = " ".join(text.read_text().split()[:4])
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = auto.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"] == \
+        prompt + tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_prune_cli_existing_out_needs_overwrite(model_dir, tmp_path, capsys):
