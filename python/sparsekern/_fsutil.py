@@ -62,6 +62,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     return path
 
 
+def atomic_update_folder(path: str | os.PathLike, write: Callable[[Path], None], *,
+                         last: Callable[[str], bool] = lambda name: False,
+                         stale: Callable[[str], bool] = lambda name: False) -> Path:
+    """Call ``write(tmp)`` to fill a fresh hidden sibling folder ``tmp``, then move its files into the folder ``path``
+    one rename at a time (files for which ``last(name)`` holds after the others), and delete the files of ``path``
+    for which ``stale(name)`` holds that the new set lacks. Other files of ``path`` are kept. Each file is therefore
+    either its old or its new version, never partly written; a failure in ``write`` leaves ``path`` untouched. A
+    missing ``path`` is created by one rename of the whole folder. Returns ``path``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path, "tmp")
+    try:
+        write(tmp)
+        if not path.exists():
+            os.replace(tmp, path)
+            return path
+        new = sorted(p.name for p in tmp.iterdir())
+        for name in sorted(new, key=lambda n: (last(n), n)):
+            os.replace(tmp / name, path / name)
+        for old in path.iterdir():
+            if old.is_file() and stale(old.name) and old.name not in new:
+                old.unlink()
+        return path
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
     """Write ``text`` to the file ``path`` atomically (see atomic_write)."""
     def write(tmp: Path) -> None:

@@ -13,7 +13,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import hf
+from . import _hfbase as hf
 from ._modules import replace_module
 from ._version import __version__
 from .linear import SparseLinear, dense_weight_of, is_convertible
@@ -58,7 +58,7 @@ class SparsekernConfig(QuantizationConfigMixin):
 
     def validate(self, where: str = "config.json quantization_config") -> None:
         """CheckpointError naming the field and the rule (module doc's schema)."""
-        from .serialization import _LAYER_RULES
+        from ._ckptio import _LAYER_RULES
 
         if self.format_version != hf.HF_FORMAT_VERSION:
             raise CheckpointError(f"{where}: unknown sparsekern format_version {self.format_version!r}; this "
@@ -103,7 +103,7 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
 def read_headers(files) -> tuple[dict[str, tuple[list[int], str]], dict[str, str], list[Path]]:
     """({key: (shape, dtype)}, {key: CRC-32 recorded}, files) from the safetensors headers alone (no tensor is read);
     a truncated or corrupt file is a CheckpointError naming it."""
-    from .serialization import _safetensors_header
+    from ._ckptio import _safetensors_header
 
     heads: dict[str, tuple[list[int], str]] = {}
     sums: dict[str, str] = {}
@@ -368,7 +368,7 @@ class _Base(HfQuantizer):
         if conversions:
             model._weight_conversions = [c for c in conversions
                                          if not any(isinstance(op, _LoadOp) for op in getattr(c, "operations", ()))]
-        hf.attach(model, metadata=self._metadata())
+        attach(model, metadata=self._metadata())
         return model
 
     def _metadata(self):
@@ -377,7 +377,7 @@ class _Base(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """Called by transformers' save_pretrained before anything is written: describe the model as it is now (the
         layer list in config.json) and record a CRC-32 per tensor in every shard's metadata."""
-        from .serialization import tensor_checksum
+        from ._ckptio import tensor_checksum
 
         config = model.config.quantization_config
         if not isinstance(config, SparsekernConfig):
@@ -391,9 +391,10 @@ class _Base(HfQuantizer):
         return state_dict, {hf.CHECKSUMS_KEY: json.dumps(sums)}
 
     def _dequantize(self, model, dtype=None):
-        from .convert import densify
-
-        densify(model)
+        """transformers' model.dequantize(): every SparseLinear back to its dense layer (SparseLinear.to_linear)."""
+        for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]:
+            replace_module(model, name, mod.to_linear(dtype if dtype in (torch.float32, torch.float16,
+                                                                         torch.bfloat16) else None))
         return model
 
 
@@ -574,6 +575,24 @@ class CompressedTensors24Quantizer(_Base):
                                   "quantised weights only on 2:4 layers")
         self._check_dense_shapes(model, heads, set(plan), where)
         self._replace(model, plan)
+
+
+def attach(model: nn.Module, metadata=None) -> None:
+    """sparsekern.hf.attach (its doc)."""
+    import types
+
+    qc = getattr(model.config, "quantization_config", None)
+    if not isinstance(qc, SparsekernConfig):
+        qc = SparsekernConfig()
+    model.config.quantization_config = qc
+    model.hf_quantizer = SparsekernHfQuantizer(qc, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = hf.QUANT_METHOD
+    # model.sparsekern_metadata is the metadata's one home on a live model; each save copies it into the config.
+    if metadata is not None or not hasattr(model, "sparsekern_metadata"):
+        model.sparsekern_metadata = metadata if metadata is not None else qc.metadata
+    if not isinstance(model.__dict__.get("save_pretrained"), types.MethodType):
+        model.save_pretrained = types.MethodType(hf.atomic_save_pretrained, model)
 
 
 # ---------------------------------------------------------------------------------------------- registration

@@ -32,30 +32,23 @@ How it plugs in (transformers >= 5; docs/sparselinear.md "Hugging Face"):
 
 from __future__ import annotations
 
-import contextvars
 import importlib.abc
 import importlib.machinery
 import json
 import os
-import shutil
 import sys
 import threading
-import types
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from ._version import __version__
-
-QUANT_METHOD = "sparsekern"
-#: Version of the Hugging Face folder layout (config.json quantization_config + safetensors). Version 1 was the
-#: earlier sparsekern_config.json layout, still read by sparsekern.from_pretrained.
-HF_FORMAT_VERSION = 2
-CHECKSUMS_KEY = "sparsekern_checksums"
-
-#: sparsekern.from_pretrained(..., verify=False) turns the CRC-32 check off for one load.
-verify_checksums: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsekern_verify_checksums", default=True)
+from ._hfbase import (  # noqa: F401  (re-exported: sparsekern.hf is the public home)
+    CHECKSUMS_KEY,
+    HF_FORMAT_VERSION,
+    QUANT_METHOD,
+    is_transformers_model,
+    verify_checksums,
+)
 
 _lock = threading.Lock()
 _registered = False
@@ -121,32 +114,15 @@ def install_hook() -> None:
 # ---------------------------------------------------------------------------------------------- attach / save
 
 
-def is_transformers_model(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return config is not None and hasattr(config, "save_pretrained") and hasattr(type(model), "save_pretrained")
-
-
 def attach(model: nn.Module, metadata=None) -> None:
     """Mark a transformers model holding SparseLinear layers as a sparsekern model: `config.quantization_config`,
     `hf_quantizer`, `is_quantized`, an atomic `save_pretrained`. The layer list is recomputed at every save, so
     layers sparsified or densified later are described as they are then. A no-op for other modules."""
-    if not is_transformers_model(model):
+    if not is_transformers_model(model) or not register():
         return
-    register()
-    from ._hf_impl import SparsekernConfig, SparsekernHfQuantizer
+    from ._hf_impl import attach as attach_impl
 
-    qc = getattr(model.config, "quantization_config", None)
-    if not isinstance(qc, SparsekernConfig):
-        qc = SparsekernConfig()
-    model.config.quantization_config = qc
-    model.hf_quantizer = SparsekernHfQuantizer(qc, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
-    # model.sparsekern_metadata is the metadata's one home on a live model; each save copies it into the config.
-    if metadata is not None or not hasattr(model, "sparsekern_metadata"):
-        model.sparsekern_metadata = metadata if metadata is not None else qc.metadata
-    if not isinstance(getattr(model, "__dict__", {}).get("save_pretrained"), types.MethodType):
-        model.save_pretrained = types.MethodType(_atomic_save_pretrained, model)
+    attach_impl(model, metadata)
 
 
 def detach(model: nn.Module) -> None:
@@ -160,48 +136,6 @@ def detach(model: nn.Module) -> None:
     if "is_quantized" in model.__dict__:
         model.is_quantized = False
     model.__dict__.pop("save_pretrained", None)
-
-
-_WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.startswith(_WEIGHT_FILE_PREFIXES) and (name.endswith(".safetensors") or name.endswith(".bin")
-                                                       or name.endswith(".index.json"))
-
-
-def _atomic_save_pretrained(self, save_directory, *args, **kwargs):
-    """transformers' save_pretrained, made atomic per file: everything is written into a hidden sibling folder
-    first, then renamed into `save_directory` one file at a time (weights, then the index, config.json last), and
-    weight files of an earlier save that the new one does not have are removed. An interrupted save therefore leaves
-    no partly written file, and never a config.json describing weights that are not there. Other files in the folder
-    (a tokenizer saved there) are kept. Distributed and push_to_hub saves go to transformers unchanged."""
-    cls_save = type(self).save_pretrained
-    if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True) or kwargs.get("distributed_checkpoint"):
-        return cls_save(self, save_directory, *args, **kwargs)
-    target = Path(save_directory)
-    if target.is_file():
-        raise NotADirectoryError(f"save_pretrained: {target} is a file, not a folder")
-    from ._fsutil import _tmp_sibling
-
-    tmp = _tmp_sibling(target, "tmp")
-    try:
-        result = cls_save(self, str(tmp), *args, **kwargs)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
-            return result
-        new = sorted(p.name for p in tmp.iterdir())
-        order = sorted(new, key=lambda n: (n == "config.json", n.endswith(".index.json"), n))
-        for name in order:
-            os.replace(tmp / name, target / name)
-        for old in target.iterdir():
-            if old.is_file() and _is_weight_file(old.name) and old.name not in new:
-                old.unlink()
-        return result
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def config_dict_is_sparsekern(cfg: dict) -> bool:

@@ -35,18 +35,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import zlib
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from ._fsutil import FileRefused, atomic_write, check_regular_file, read_json
+from ._fsutil import FileRefused, atomic_write, read_json
 from ._modules import replace_module
 from ._version import __version__
 from .linear import SparseLinear, dense_weight_of, is_convertible
-from .weight import FORMAT_VERSION, CheckpointError, NotTwoFourError, Sparse24Weight
+from ._ckptio import _FLOAT_NAMES, _LAYER_RULES, _open_safetensors, _safetensors_header, tensor_checksum  # noqa: F401
+from .weight import FORMAT_VERSION, CheckpointError, NotTwoFourError
 
 FILE_FORMAT = "sparsekern"
 FILE_FORMAT_VERSION = 1
@@ -126,17 +126,6 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return unique, tied
 
 
-def tensor_checksum(t: torch.Tensor) -> str:
-    """CRC-32 of a tensor's dtype, shape and bytes (contiguous, row-major) as "crc32:xxxxxxxx": what save_safetensors
-    records per tensor and the loaders verify, so a flipped bit in a checkpoint, or a header edited to call the same
-    bytes another dtype or shape, is an error naming the tensor, not a changed output. zlib's CRC-32 runs at a few
-    GB/s: a fraction of the time reading the file takes."""
-    t = t.detach().to("cpu").contiguous()
-    head = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode()
-    data = t.reshape(-1).view(torch.uint8).numpy()
-    return f"crc32:{zlib.crc32(memoryview(data), zlib.crc32(head)) & 0xFFFFFFFF:08x}"
-
-
 def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> dict:
     """Write model.state_dict() to a safetensors file (atomically: temp file + rename), with a CRC-32 of every
     tensor in the file's metadata ("sparsekern_checksums"). Returns the tied-key map."""
@@ -148,35 +137,6 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, *, metadata: dic
     meta.update(metadata or {})
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return tied
-
-
-@contextlib.contextmanager
-def _open_safetensors(path: Path):
-    """safe_open on a regular file; CheckpointError naming the file for anything else (not a file, truncated,
-    corrupt: safetensors raises its own error types)."""
-    from safetensors import safe_open
-
-    try:
-        path = check_regular_file(path, "checkpoint file")
-    except (FileRefused, FileNotFoundError) as exc:
-        raise CheckpointError(str(exc)) from None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the file "
-                              "is truncated or corrupt") from exc
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
-    """({key: (shape, dtype name)}, metadata) from the file's header alone: nothing is allocated for the tensors, so
-    sizes claimed elsewhere (configs) can be checked against what the file really holds first."""
-    with _open_safetensors(path) as f:
-        meta = f.metadata() or {}
-        heads = {k: (list(f.get_slice(k).get_shape()), str(f.get_slice(k).get_dtype())) for k in f.keys()}
-    return heads, meta
 
 
 def _read_safetensors(path: Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -354,18 +314,6 @@ def _read_json_object(path: Path, what: str) -> dict:
     if not isinstance(doc, dict):
         raise CheckpointError(f"{what} {path} must hold a JSON object, not a {type(doc).__name__}")
     return doc
-
-
-_FLOAT_NAMES = ("float32", "float16", "bfloat16")
-# sparsekern_config.json "layers" entries: field -> (check, what the rule says)
-_LAYER_RULES = {
-    "in_features": (lambda v: type(v) is int and v > 0 and v % 4 == 0, "a positive multiple of 4"),
-    "out_features": (lambda v: type(v) is int and v > 0, "a positive integer"),
-    "bias": (lambda v: type(v) is bool, "true or false"),
-    "dtype": (lambda v: v in _FLOAT_NAMES, f"one of {list(_FLOAT_NAMES)}"),
-    "quant": (lambda v: v in (None, "int8", "fp8"), 'null, "int8" or "fp8"'),
-    "weight_layout": (lambda v: v in ("linear", "conv1d"), '"linear" or "conv1d"'),
-}
 
 
 def _check_meta(meta: dict, meta_path: Path) -> None:
