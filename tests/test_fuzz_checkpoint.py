@@ -1,13 +1,16 @@
 """Property-based tests of the entry points users hand files and command lines to: the checkpoint loader
 (sparsekern.from_pretrained on mutated folders) and the command-line parser (sparsekern.cli).
 
-Loader property: a folder written by save_pretrained, then mutated (bytes of model.safetensors flipped, its header
-edited, the file truncated or extended, fields of sparsekern_config.json / config.json / generation_config.json set to
-wrong types, huge / negative numbers, strings, removed; files replaced by garbage, folders or deleted), either fails
-with CheckpointError (or FileExistsError / TypeError with a message), or loads a model that computes exactly what the
-original computed (the mutation changed nothing that matters). Never another exception type, never a silently
-different model. Edits of config.json that load are held to the weaker rule "every tensor loaded equals the
-original's": the model's own hyper-parameters (rms_norm_eps, hidden_act, ...) legitimately change its outputs.
+Loader property: a folder written by save_pretrained (format version 2: config.json with the sparsekern
+quantization_config, generation_config.json, model.safetensors recording a CRC-32 per tensor), then mutated (bytes of
+model.safetensors flipped, its header edited, the file truncated or extended, fields of config.json's
+quantization_config / the rest of config.json / generation_config.json set to wrong types, huge / negative numbers,
+strings, removed; files replaced by garbage, folders or deleted), either fails with CheckpointError (or another
+ValueError, or FileNotFoundError, with a message), or loads a model that computes exactly what the original computed
+(the mutation changed nothing that matters). Never another exception type, never a silently different model. Edits
+of config.json outside quantization_config that load are held to the weaker rule "every tensor loaded equals the
+original's" (cast to the model's dtype: config.json's "dtype" is the load dtype): the model's own hyper-parameters
+(rms_norm_eps, hidden_act, ...) legitimately change its outputs. Edits of quantization_config get no such leeway.
 
 CLI property: an argument list with an obviously invalid value is refused with exit status 2 (argparse's
 SystemExit(2) or main() returning 2), quickly, before any work (loading a model, pruning, benchmarking: those entry
@@ -45,12 +48,34 @@ pytest.importorskip("safetensors")
 import sparsekern  # noqa: E402
 from sparsekern.weight import CheckpointError  # noqa: E402
 
-META, CONFIG, GEN, WEIGHTS = "sparsekern_config.json", "config.json", "generation_config.json", "model.safetensors"
-FILES = [META, CONFIG, GEN, WEIGHTS]
-ALLOWED = (CheckpointError, FileExistsError, TypeError)
+CONFIG, GEN, WEIGHTS = "config.json", "generation_config.json", "model.safetensors"
+INDEX = "model.safetensors.index.json"
+QC = "quantization_config"  # the sparsekern part of config.json: the "json" mutations address it on its own
+FILES = [CONFIG, GEN, WEIGHTS]
+ALLOWED = (CheckpointError, ValueError, FileNotFoundError)  # CheckpointError is a ValueError
+
+# Known library bug (tests/test_checkpoint_integrity.py::test_a_missing_dense_tensor_is_an_error_not_a_random_init and
+# the reproducers at the end of the loader section): a dense tensor the model needs but that no checkpoint file holds
+# (a header key renamed, config.json's num_hidden_layers raised, tie_word_embeddings turned off) is initialised at
+# random by transformers, with only a logged load report. While it stands, a mutated folder that loads with such
+# tensors is accepted as that bug (an event) provided every tensor the checkpoint does hold is the original's; set this
+# to False once the loader refuses it (the strict xfail reproducers then pass and say so).
+KNOWN_BUG_MISSING_DENSE_KEYS = False
+# Known library bug (tests/test_checkpoint_integrity.py::test_a_damaged_checksum_record_does_not_let_a_changed_tensor_
+# through): the CRC-32 check is skipped for every tensor of a file whose metadata holds no "sparsekern_checksums" entry
+# for it, so one flipped bit in that metadata key's name (or the entry replaced by "{}") lets changed tensor bytes
+# load. While it stands, a load whose only changed tensors are ones without a recorded CRC-32 in the mutated file is
+# accepted as that bug (an event); a tensor whose CRC-32 is recorded must still never load changed.
+KNOWN_BUG_CHECKSUMS_DROPPABLE = False
 
 # ------------------------------------------------------------------------------------------------------ the model
 IDS = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 0, 12, 41]])
+
+
+def _header(path: Path) -> dict:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n])
 
 
 class Saved:
@@ -73,14 +98,22 @@ class Saved:
         self.state = {k: v.clone() for k, v in model.state_dict().items()}
         self.work = root / "work"
         self.work.mkdir()
-        self.meta = json.loads((self.dir / META).read_text())
         self.config = json.loads((self.dir / CONFIG).read_text())
+        assert self.config[QC]["quant_method"] == "sparsekern" and self.config[QC]["layers"]
         self.gen = json.loads((self.dir / GEN).read_text())
         raw = (self.dir / WEIGHTS).read_bytes()
         n = int.from_bytes(raw[:8], "little")
         self.header = json.loads(raw[8:8 + n])
         self.size = len(raw)
         self.header_end = 8 + n
+        # the folder holds every tensor of the model but the tied lm_head.weight (re-tied by transformers on load)
+        assert set(self.state) - set(self.header) == {"lm_head.weight"}
+        # the same model in shards (model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+        self.sharded = root / "sharded"
+        sparsekern.save_pretrained(model, self.sharded, max_shard_size="8KB")
+        self.index = json.loads((self.sharded / INDEX).read_text())
+        self.shards = sorted(set(self.index["weight_map"].values()))
+        assert len(self.shards) > 2 and not (self.sharded / WEIGHTS).exists()
 
 
 def _logits(model) -> torch.Tensor:
@@ -114,19 +147,18 @@ JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.sampled_from(HUGE), st.int
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                                  st.dictionaries(st.text(max_size=6), inner,
                                                                                  max_size=3)), max_leaves=6)
-# config.json: sizes of the layers that become SparseLinear (intermediate_size, head_dim, the head counts) and the
-# layer count are not checked before transformers builds the dense model (finding "config_sparse_sizes_unchecked"
-# below): a huge value there allocates gigabytes or takes minutes before anything fails. The fuzz keeps integers
-# in config.json small so that the default run stays bounded; the xfail reproducer below covers the huge values.
-# vocab_size and hidden_size (dense tensors, checked on the meta device first) also get the huge ones.
+# config.json outside quantization_config: every size is now checked on the meta-device skeleton before anything is
+# allocated (the 2:4 layers against quantization_config's layer list, the dense tensors against the headers), so
+# every integer field also gets the huge values, except the layer count: a skeleton of 2**40 decoder layers takes
+# forever to build even on the meta device (no header can be compared before it exists), so num_hidden_layers stays
+# small. Integers otherwise stay small most of the time so that most edits reach the loader.
 SMALL_INTS = st.integers(-8, 4096)
 CONFIG_SCALARS = st.one_of(st.none(), st.booleans(), SMALL_INTS, st.floats(allow_nan=True, allow_infinity=True),
-                           st.text(max_size=12), st.sampled_from(["float32", "float16", "llama", "", "silu", "1",
-                                                                  "LlamaForCausalLM", "default"]))
+                           st.text(max_size=12), st.sampled_from(["float32", "float16", "bfloat16", "llama", "", "silu",
+                                                                  "1", "LlamaForCausalLM", "default", "auto"]))
 CONFIG_VALUES = st.recursive(CONFIG_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                                      st.dictionaries(st.text(max_size=6), inner,
                                                                                      max_size=3)), max_leaves=6)
-CHECKED_SIZES = ("vocab_size", "hidden_size")
 GARBAGE = st.one_of(st.sampled_from([b"", b"{", b"[]", b"null", b"1", b'{"a":', b"\xff\xfe\x00", b"[" * 5000,
                                      b'{"format": 1e999999}', b"\x00" * 64, b'"just a string"']),
                     st.binary(max_size=64))
@@ -164,16 +196,19 @@ def mutation(draw, saved: Saved):
     if kind == "append":
         return ("append", draw(st.binary(min_size=1, max_size=32)))
     if kind == "json":
-        file = draw(st.sampled_from([META, META, CONFIG, GEN]))
-        doc = {META: saved.meta, CONFIG: saved.config, GEN: saved.gen}[file]
-        path = draw(st.sampled_from(_paths(doc)))
+        # quantization_config (sparsekern's own fields) as often as sparsekern_config.json was before version 2
+        part = draw(st.sampled_from([QC, QC, CONFIG, GEN]))
+        if part == GEN:
+            path, values = draw(st.sampled_from(_paths(saved.gen))), JSON_VALUES
+        elif part == QC:
+            path, values = draw(st.sampled_from(_paths(saved.config[QC], (QC,)))), JSON_VALUES
+        else:
+            path = draw(st.sampled_from([p for p in _paths(saved.config) if p[0] != QC]))
+            values = st.one_of(CONFIG_VALUES, st.sampled_from(HUGE))
+            if path[-1] == "num_hidden_layers":
+                values = st.one_of(st.integers(-2, 16), CONFIG_SCALARS.filter(lambda v: not isinstance(v, int)))
         op = draw(st.sampled_from(["set", "set", "set", "delete", "add"]))
-        values = JSON_VALUES
-        if file == CONFIG:
-            values = st.one_of(CONFIG_VALUES, st.sampled_from(HUGE)) if path[-1] in CHECKED_SIZES else CONFIG_VALUES
-        if file == CONFIG and path[-1] == "num_hidden_layers":
-            values = st.one_of(st.integers(-2, 16), CONFIG_SCALARS.filter(lambda v: not isinstance(v, int)))
-        return ("json", file, path, op, draw(values) if op != "delete" else None,
+        return ("json", GEN if part == GEN else CONFIG, path, op, draw(values) if op != "delete" else None,
                 draw(st.text(max_size=8)) if op == "add" else None)
     if kind == "garbage":
         return ("garbage", draw(st.sampled_from(FILES)), draw(GARBAGE))
@@ -272,16 +307,123 @@ def _apply(folder: Path, mut) -> None:
         p.mkdir(exist_ok=True)
 
 
-# The campaign's findings (a forged header dtype, sparsekern_config.json dtypes, config.json sizes of the sparse
-# layers, an unvalidated config.json) are fixed in the loader (issue 16); their reproducers are the tests below this
-# target, and the target itself now allows no exception but ALLOWED and no silently different model.
+def _label(m) -> str:
+    if m[0] == "json":
+        return f"json:{m[1]}" + (":" + QC if m[1] == CONFIG and m[2][0] == QC else "")
+    return m[0] + (":" + m[1] if m[0] in ("garbage", "delete", "folder") else "")
 
 
-def _state_equal(model, saved: Saved) -> bool:
+# The campaign's findings on version 1 folders (a forged header dtype, sparsekern_config.json dtypes, config.json sizes
+# of the sparse layers, an unvalidated config.json) were fixed in the loader (issue 16); their reproducers, ported to
+# version 2, are the tests below this target, and the target itself allows no exception but ALLOWED and no silently
+# different model (but KNOWN_BUG_MISSING_DENSE_KEYS above).
+
+
+def _tensor_equal(t: torch.Tensor, original: torch.Tensor, cast: bool) -> bool:
+    """t is the original tensor; cast: or the original cast to t's float dtype (config.json's "dtype" edited)."""
+    if t.dtype == original.dtype:
+        return torch.equal(t, original)
+    return cast and t.is_floating_point() and original.is_floating_point() and torch.equal(t, original.to(t.dtype))
+
+
+def _state_equal(model, saved: Saved, cast: bool = False) -> bool:
     state = model.state_dict()
     if set(state) != set(saved.state):
         return False
-    return all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in saved.state.items())
+    return all(_tensor_equal(state[k], v, cast) for k, v in saved.state.items())
+
+
+def _loaded_files(folder: Path) -> list[Path]:
+    """The weights files transformers reads: those the index's weight_map names, or model.safetensors."""
+    try:
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        return [folder / name for name in set(weight_map.values())
+                if isinstance(name, str) and (folder / name).is_file()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return [folder / WEIGHTS]
+
+
+def _missing_from_checkpoint(model, folder: Path) -> set[str]:
+    """Keys of the loaded model that no tensor of the weights files transformers reads holds (lm_head.weight excepted
+    while it is really tied to an embedding they hold): transformers initialised them."""
+    held = set()
+    for path in _loaded_files(folder):
+        try:
+            held |= set(_header(path))
+        except (OSError, ValueError):
+            pass
+    missing = set(model.state_dict()) - held
+    if _is_tied(model) and "model.embed_tokens.weight" not in missing:
+        missing.discard("lm_head.weight")  # tied to an embedding the checkpoint holds
+    return missing
+
+
+def _is_tied(model) -> bool:
+    lm_head, embed = getattr(model, "lm_head", None), model.get_input_embeddings()
+    return lm_head is not None and embed is not None and lm_head.weight is embed.weight
+
+
+def _check_load(folder: Path, saved: Saved, config_touched: bool) -> None:
+    """The property: sparsekern.from_pretrained(folder) raises one of ALLOWED with a message, or loads a model equal to
+    the saved one (config_touched: config.json's hyper-parameters were edited, see the module doc)."""
+    try:
+        model = sparsekern.from_pretrained(folder)
+    except ALLOWED as exc:
+        assert str(exc).strip(), f"{type(exc).__name__} without a message"
+        if not isinstance(exc, CheckpointError):
+            event(f"{type(exc).__name__}: {str(exc)[:60]}")
+        return
+    except Exception as exc:  # noqa: BLE001  (the property: no other exception type)
+        raise AssertionError(f"from_pretrained raised {type(exc).__name__}: {exc}") from exc
+    missing = _missing_from_checkpoint(model, folder)
+    if missing:
+        note(f"loaded with tensors that no checkpoint file holds: {sorted(missing)[:6]}")
+        state = model.state_dict()
+        assert KNOWN_BUG_MISSING_DENSE_KEYS, f"loaded with tensors initialised at random: {sorted(missing)[:6]}"
+        held = {k: v for k, v in saved.state.items() if k in state and k not in missing}
+        assert all(_tensor_equal(state[k], v, config_touched) for k, v in held.items()), \
+            "a mutated checkpoint loaded silently with other values for the tensors it holds"
+        event("KNOWN BUG: tensors missing from the checkpoint initialised at random")
+        return
+    note_exc = None
+    try:
+        same_out = torch.equal(_logits(model), saved.logits)
+    except Exception as exc:  # noqa: BLE001
+        same_out, note_exc = False, exc
+        note(f"forward failed: {type(exc).__name__}: {exc}")
+    if same_out and _state_equal(model, saved):
+        event("loaded unchanged")
+        return
+    if config_touched and _state_equal(model, saved, cast=True):
+        # A hyper-parameter edit that every shape check accepts (e.g. rope_theta, or "dtype", the load dtype) gives
+        # another model on the same weights: legitimate. A model that then cannot run means a size was not checked.
+        assert note_exc is None, f"a config.json edit loaded a model whose forward fails: {note_exc}"
+        event("config.json edit changed the model's hyper-parameters, weights intact")
+        return
+    state = model.state_dict()
+    changed = {k for k, v in saved.state.items() if k in state and not _tensor_equal(state[k], v, config_touched)}
+    if _is_tied(model):
+        changed = {"model.embed_tokens.weight" if k == "lm_head.weight" else k for k in changed}  # stored once
+    if KNOWN_BUG_CHECKSUMS_DROPPABLE and set(state) == set(saved.state) and changed \
+            and changed <= _unverified_keys(folder):
+        note(f"changed tensors without a recorded CRC-32 loaded: {sorted(changed)[:6]}")
+        event("KNOWN BUG: checksum record damaged, changed tensors loaded")
+        return
+    raise AssertionError("a mutated checkpoint loaded silently as a different model")
+
+
+def _unverified_keys(folder: Path) -> set[str]:
+    """Tensors of the folder's weights files for which the file records no CRC-32 (readable headers only)."""
+    keys = set()
+    for path in _loaded_files(folder):
+        try:
+            header = _header(path)
+            sums = json.loads((header.get("__metadata__") or {}).get("sparsekern_checksums", "{}"))
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+            continue
+        if isinstance(sums, dict):
+            keys |= {k for k in header if k != "__metadata__" and k not in sums}
+    return keys
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")  # config.json sizes of 0
@@ -294,33 +436,71 @@ def test_mutated_checkpoints_fail_cleanly_or_load_unchanged(saved, data):
         shutil.copytree(saved.dir, folder)
         for mut in muts:
             apply_mutation(folder, mut)
-        event(" + ".join(sorted({m[0] + (":" + m[1] if m[0] in ("json", "garbage", "delete", "folder") else "")
-                                 for m in muts})))
-        try:
-            model = sparsekern.from_pretrained(folder)
-        except ALLOWED as exc:
-            assert str(exc).strip(), f"{type(exc).__name__} without a message"
-            if isinstance(exc, TypeError):
-                event(f"TypeError: {str(exc)[:60]}")
-            return
-        except Exception as exc:  # noqa: BLE001  (the property: no other exception type)
-            raise AssertionError(f"from_pretrained raised {type(exc).__name__}: {exc}") from exc
-        config_touched = any(m[0] == "json" and m[1] == CONFIG for m in muts)
-        note_exc = None
-        try:
-            same_out = torch.equal(_logits(model), saved.logits)
-        except Exception as exc:  # noqa: BLE001
-            same_out, note_exc = False, exc
-            note(f"forward failed: {type(exc).__name__}: {exc}")
-        if same_out and _state_equal(model, saved):
-            return
-        if config_touched and _state_equal(model, saved):
-            # A hyper-parameter edit that every shape check accepts (e.g. rope_theta) gives another model on the same
-            # weights: legitimate. A model that then cannot run means a size was not checked.
-            assert note_exc is None, f"a config.json edit loaded a model whose forward fails: {note_exc}"
-            event("config.json edit changed the model's hyper-parameters, weights intact")
-            return
-        raise AssertionError("a mutated checkpoint loaded silently as a different model")
+        event(" + ".join(sorted({_label(m) for m in muts})))
+        _check_load(folder, saved, any(m[0] == "json" and m[1] == CONFIG and m[2][0] != QC for m in muts))
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+@st.composite
+def sharded_mutation(draw, saved: Saved):
+    """A change to a sharded folder: the index (its weight_map edited, garbage, deleted, a folder) or a shard (bytes
+    flipped, truncated, deleted, replaced by garbage or by another shard)."""
+    kind = draw(st.sampled_from(["index", "index", "index", "flip", "truncate", "garbage", "delete", "folder",
+                                 "swap"]))
+    if kind == "index":
+        path = draw(st.sampled_from(_paths(saved.index)))
+        op = draw(st.sampled_from(["set", "set", "delete", "add"]))
+        values = st.one_of(st.sampled_from(saved.shards + ["model.safetensors", "../saved/model.safetensors",
+                                                           "/dev/zero", "", "."]), JSON_VALUES)
+        return ("json", INDEX, path, op, draw(values) if op != "delete" else None,
+                draw(st.sampled_from(sorted(saved.index["weight_map"]) + ["x"])) if op == "add" else None)
+    target = draw(st.sampled_from(saved.shards + ([INDEX] if kind in ("garbage", "delete", "folder") else [])))
+    if kind == "flip":
+        size = (saved.sharded / target).stat().st_size
+        return ("flip_file", target, draw(st.integers(0, size - 1)), draw(st.integers(1, 255)))
+    if kind == "truncate":
+        return ("truncate_file", target, draw(st.integers(0, (saved.sharded / target).stat().st_size - 1)))
+    if kind == "garbage":
+        return ("garbage", target, draw(GARBAGE))
+    if kind == "swap":
+        return ("swap", target, draw(st.sampled_from(saved.shards)))
+    return (kind, target)
+
+
+def apply_sharded_mutation(folder: Path, mut) -> None:
+    kind = mut[0]
+    try:
+        if kind == "flip_file":
+            raw = bytearray((folder / mut[1]).read_bytes())
+            if mut[2] < len(raw):
+                raw[mut[2]] ^= mut[3]
+            (folder / mut[1]).write_bytes(bytes(raw))
+        elif kind == "truncate_file":
+            with open(folder / mut[1], "r+b") as f:
+                f.truncate(mut[2])
+        elif kind == "swap":
+            a, b = folder / mut[1], folder / mut[2]
+            data = a.read_bytes()
+            a.write_bytes(b.read_bytes())
+            b.write_bytes(data)
+        else:
+            apply_mutation(folder, mut)
+    except OSError:
+        pass  # an earlier mutation removed the file or made it a folder: nothing to change
+
+
+@fuzz(300)
+@given(data=st.data())
+def test_mutated_sharded_checkpoints_fail_cleanly_or_load_unchanged(saved, data):
+    muts = data.draw(st.lists(sharded_mutation(saved), min_size=1, max_size=3), label="mutations")
+    folder = Path(tempfile.mkdtemp(dir=saved.work)) / "m"
+    try:
+        shutil.copytree(saved.sharded, folder)
+        for mut in muts:
+            apply_sharded_mutation(folder, mut)
+        event(" + ".join(sorted({m[0] for m in muts})))
+        _check_load(folder, saved, config_touched=False)
     finally:
         shutil.rmtree(folder.parent, ignore_errors=True)
 
@@ -338,41 +518,92 @@ def _edit(path: Path, fn) -> None:
     path.write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("field,value", [("hidden_size", "abc"), ("num_attention_heads", 0), ("vocab_size", -1),
-                                         ("hidden_act", "nope"), ("model_type", "xyz"), ("architectures", [1])])
-def test_forged_config_json_is_a_checkpoint_error(saved, tmp_path, field, value):
+# Errors raised while transformers builds the model from the config (after it was read) are wrapped as
+# "<folder>: LlamaForCausalLM.from_pretrained failed (<type>: <first line>)": they name the class and the cause, no
+# longer config.json itself (version 1 said "config.json: LlamaForCausalLM cannot be built from it (...)").
+@pytest.mark.parametrize("field,value,msg", [
+    ("hidden_size", "abc", r"config\.json: transformers cannot read it \(StrictDataclassFieldValidationError"),
+    ("num_attention_heads", 0, r"config\.json: transformers cannot read it \(ZeroDivisionError"),
+    ("vocab_size", -1, r"LlamaForCausalLM\.from_pretrained failed \(RuntimeError: Trying to create tensor with "
+                       r"negative dimension -1"),
+    ("hidden_act", "nope", r"LlamaForCausalLM\.from_pretrained failed \(KeyError: 'nope'\)"),
+    ("model_type", "xyz", r"config\.json: transformers cannot read it \(ValueError: .*model type `xyz`"),
+    ("architectures", [1], r"config\.json: 'architectures' must be a list of class names, got \[1\]"),
+])
+def test_forged_config_json_is_a_checkpoint_error(saved, tmp_path, field, value, msg):
     folder = _copy(saved, tmp_path)
     _edit(folder / CONFIG, lambda d: d.__setitem__(field, value))
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=msg):
         sparsekern.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("where", ["top", "layer"])
-def test_forged_dtype_in_sparsekern_config_is_a_checkpoint_error(saved, tmp_path, where):
+def test_forged_layer_dtype_in_quantization_config_is_a_checkpoint_error(saved, tmp_path):
+    # version 1's sparsekern_config.json "dtype" claims: tests/test_checkpoint_integrity.py's test_v1_forged_dtype_...
     folder = _copy(saved, tmp_path)
-    layer = next(iter(saved.meta["layers"]))
-    if where == "top":
-        _edit(folder / META, lambda d: d.__setitem__("dtype", "float16"))
-    else:
-        _edit(folder / META, lambda d: d["layers"][layer].__setitem__("dtype", "bfloat16"))
-    with pytest.raises(CheckpointError):
+    layer = next(iter(saved.config[QC]["layers"]))
+    _edit(folder / CONFIG, lambda d: d[QC]["layers"][layer].__setitem__("dtype", "bfloat16"))
+    with pytest.raises(CheckpointError, match=rf"'{layer}.values' is F32 \[\d+, \d+\] in the checkpoint; the layer "
+                                              r"needs BF16"):
         sparsekern.from_pretrained(folder)
+
+
+def test_config_json_dtype_is_the_load_dtype(saved, tmp_path):
+    # Version 2 has no dtype claim of its own: config.json's "dtype" is transformers' load dtype (dtype="auto"), so an
+    # edited one loads the model cast to it, exactly as from_pretrained(dtype=...) on the original folder does.
+    folder = _copy(saved, tmp_path)
+    _edit(folder / CONFIG, lambda d: d.__setitem__("dtype", "bfloat16"))
+    edited = sparsekern.from_pretrained(folder)
+    explicit = sparsekern.from_pretrained(saved.dir, dtype=torch.bfloat16)
+    assert edited.model.layers[0].self_attn.q_proj.values.dtype == torch.bfloat16
+    assert _state_equal(edited, saved, cast=True)
+    a, b = edited.state_dict(), explicit.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("field,value", [("intermediate_size", 2**40), ("num_attention_heads", 4), ("head_dim", 4096)])
 def test_config_sizes_of_sparse_layers_are_checked(saved, tmp_path, field, value):
     folder = _copy(saved, tmp_path)
     _edit(folder / CONFIG, lambda d: d.__setitem__(field, value))
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json quantization_config: layer '[\w.]+' is \[\d+, \d+\] but "
+                                              r"the model built from config\.json has it \[\d+, \d+\]"):
         sparsekern.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("verify", [True, False],
+                         ids=["verify", "no-verify"])
 @pytest.mark.parametrize("key", ["model.norm.weight", "model.embed_tokens.weight",
                                  "model.layers.0.self_attn.q_proj.bias"])
-def test_forged_dtype_in_safetensors_header_is_a_checkpoint_error(saved, tmp_path, key):
+def test_forged_dtype_in_safetensors_header_is_a_checkpoint_error(saved, tmp_path, key, verify):
     folder = _copy(saved, tmp_path)
-    apply_mutation(folder, ("header", key, "dtype", "I32"))  # same width: every byte and its CRC-32 unchanged
+    apply_mutation(folder, ("header", key, "dtype", "I32"))  # same width: every byte unchanged, the CRC-32 not
     with pytest.raises(CheckpointError, match=key):
+        sparsekern.from_pretrained(folder, verify=verify)
+
+
+@pytest.mark.parametrize("op", ["false", "delete"])
+def test_untying_the_embeddings_in_config_json_is_refused(saved, tmp_path, op):
+    folder = _copy(saved, tmp_path)
+    _edit(folder / CONFIG, lambda d: d.__setitem__("tie_word_embeddings", False) if op == "false"
+          else d.pop("tie_word_embeddings"))
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        sparsekern.from_pretrained(folder)
+
+
+def test_more_layers_in_config_json_than_in_the_checkpoint_is_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _edit(folder / CONFIG, lambda d: d.__setitem__("num_hidden_layers", 3))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\."):
+        sparsekern.from_pretrained(folder)
+
+
+def test_a_weight_map_without_a_dense_tensor_is_refused(saved, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(saved.sharded, folder)
+    weight_map = saved.index["weight_map"]
+    shard = weight_map["model.embed_tokens.weight"]
+    assert [k for k, f in weight_map.items() if f == shard] == ["model.embed_tokens.weight"]  # alone in its shard
+    _edit(folder / INDEX, lambda d: d["weight_map"].pop("model.embed_tokens.weight"))
+    with pytest.raises(CheckpointError, match="model.embed_tokens.weight"):
         sparsekern.from_pretrained(folder)
 
 

@@ -216,6 +216,15 @@ def test_unknown_format_version_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(ckpt)
 
 
+def test_layer_spec_must_fit_the_module_kind(tmp_path):
+    _, ckpt = _saved(tmp_path)
+    _edit_config(ckpt, lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(
+        weight_layout="conv1d"))
+    with pytest.raises(CheckpointError, match=r"layer 'model\.layers\.0\.mlp\.up_proj' has weight_layout 'conv1d' "
+                                              r"but the model's layer is a Linear"):
+        AutoModelForCausalLM.from_pretrained(ckpt)
+
+
 def test_truncated_and_missing_shards_are_refused(tmp_path):
     model = tiny_llama()
     sparsify(model)
@@ -240,9 +249,11 @@ def test_layer_missing_from_checkpoint_is_refused(tmp_path):
     t = load_file(str(st))
     del t["model.layers.1.mlp.up_proj.codes"]
     save_file(t, str(st), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: the file's metadata has no 'sparsekern_checksums'"):
+        AutoModelForCausalLM.from_pretrained(ckpt)  # re-saved by another writer: refused as such first
     with pytest.raises(CheckpointError, match=r"lists layer 'model\.layers\.1\.mlp\.up_proj' but the checkpoint has "
                                               r"no 'model\.layers\.1\.mlp\.up_proj\.codes'"):
-        AutoModelForCausalLM.from_pretrained(ckpt)
+        sparsekern.from_pretrained(ckpt, verify=False)
 
 
 def test_invalid_pattern_codes_are_refused_naming_the_layer(tmp_path):
@@ -255,10 +266,14 @@ def test_invalid_pattern_codes_are_refused_naming_the_layer(tmp_path):
     codes[3, 0] = (codes[3, 0] & 0x0F) | 0xF0  # group 1 (byte 0's high nibble): code 15, not one of the six pairs
     t["model.layers.0.self_attn.k_proj.codes"] = codes
     save_file(t, str(st), metadata={"format": "pt"})  # no checksums: the pattern check itself must catch it
+    token = sparsekern.hf.verify_checksums.set(False)
     with pytest.raises(CheckpointError, match=r"1 sparse layer\(s\) could not be loaded: "
                                               r"model\.layers\.0\.self_attn\.k_proj: .*codes\[3\] group 1 holds the "
                                               r"invalid pattern code 15"):
-        AutoModelForCausalLM.from_pretrained(ckpt)
+        try:
+            AutoModelForCausalLM.from_pretrained(ckpt)
+        finally:
+            sparsekern.hf.verify_checksums.reset(token)
 
 
 def test_changed_tensor_fails_its_checksum(tmp_path):

@@ -14,7 +14,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import _hfbase as hf
-from ._modules import replace_module
+from ._modules import is_conv1d, replace_module
 from ._version import __version__
 from .linear import SparseLinear, dense_weight_of, is_convertible
 from .weight import FORMAT_VERSION, CheckpointError, Sparse24Weight, codes_shape
@@ -26,6 +26,17 @@ _LAYER_ENTRIES = ("values", "codes", "weight_scale", "shape", "format_version")
 
 def _float_dtype(dtype: torch.dtype, fallback: str) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else getattr(torch, fallback)
+
+
+def _check_header_dtype(key: str, want: torch.dtype, got: str, where: str) -> None:
+    """A dense tensor may be stored in any float dtype when the model's is a float dtype (transformers casts it);
+    anything else must be stored exactly as the model holds it (a header relabelling float bits as integers is
+    refused, not loaded as numbers)."""
+    floats = ("F64", "F32", "F16", "BF16")
+    ok = got in floats if want.is_floating_point else _ST_TORCH_NAMES.get(got) == str(want).removeprefix("torch.")
+    if not ok:
+        raise CheckpointError(f"{where}: '{key}' is stored as {got} but the model holds it as "
+                              f"{str(want).removeprefix('torch.')}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -53,7 +64,7 @@ class SparsekernConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.portable_format_version = portable_format_version
         self.sparsekern_version = sparsekern_version or __version__
-        self.layers = dict(layers or {})
+        self.layers = {} if layers is None else layers  # validate() checks it is an object
         self.metadata = metadata
 
     def validate(self, where: str = "config.json quantization_config") -> None:
@@ -82,7 +93,7 @@ class SparsekernConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict:
         return {"quant_method": self.quant_method, "format_version": self.format_version,
                 "portable_format_version": self.portable_format_version,
-                "sparsekern_version": self.sparsekern_version, "layers": dict(self.layers),
+                "sparsekern_version": self.sparsekern_version, "layers": self.layers,
                 "metadata": self.metadata}
 
     def to_diff_dict(self) -> dict:
@@ -100,9 +111,11 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------- checkpoint headers
 
 
-def read_headers(files) -> tuple[dict[str, tuple[list[int], str]], dict[str, str], list[Path]]:
+def read_headers(files, require_sums: bool = False) -> tuple[dict[str, tuple[list[int], str]], dict[str, str],
+                                                              list[Path]]:
     """({key: (shape, dtype)}, {key: CRC-32 recorded}, files) from the safetensors headers alone (no tensor is read);
-    a truncated or corrupt file is a CheckpointError naming it."""
+    a truncated or corrupt file is a CheckpointError naming it. require_sums: every file must record a CRC-32 for
+    each of its tensors (sparsekern's own checkpoints always do)."""
     from ._ckptio import _safetensors_header
 
     heads: dict[str, tuple[list[int], str]] = {}
@@ -114,6 +127,10 @@ def read_headers(files) -> tuple[dict[str, tuple[list[int], str]], dict[str, str
         h, meta = _safetensors_header(path)
         heads.update(h)
         raw = meta.get(hf.CHECKSUMS_KEY)
+        if raw is None and require_sums:
+            raise CheckpointError(f"{path}: the file's metadata has no {hf.CHECKSUMS_KEY!r}, which sparsekern "
+                                  "writes into every file of its checkpoints: the file was replaced or its header "
+                                  "damaged (sparsekern.from_pretrained(..., verify=False) loads it unchecked)")
         if raw is not None:
             try:
                 part = json.loads(raw)
@@ -122,6 +139,10 @@ def read_headers(files) -> tuple[dict[str, tuple[list[int], str]], dict[str, str
             except ValueError as exc:
                 raise CheckpointError(f"{path}: metadata {hf.CHECKSUMS_KEY!r} is not a JSON object ({exc}); the "
                                       "file is corrupt") from None
+            unsummed = sorted(set(h) - set(part)) if require_sums else []
+            if unsummed:
+                raise CheckpointError(f"{path}: tensors {unsummed[:5]} have no recorded CRC-32; sparsekern records one "
+                                      "for every tensor it writes: the file's metadata was damaged or replaced")
             sums.update(part)
     return heads, sums, paths
 
@@ -332,9 +353,12 @@ class _Base(HfQuantizer):
         would otherwise allocate the tensor it describes before the mismatch is reported."""
         for key, t in model.state_dict(keep_vars=True).items():
             head = heads.get(key)
-            if head is not None and key.rpartition(".")[0] not in sparse and list(t.shape) != head[0]:
+            if head is None or key.rpartition(".")[0] in sparse:
+                continue
+            if list(t.shape) != head[0]:
                 raise CheckpointError(f"{where}: config.json gives {key} the shape {list(t.shape)} but the "
                                       f"checkpoint holds {head[0]}; the config does not match the weights")
+            _check_header_dtype(key, t.dtype, head[1], where)
 
     def _module(self, model, name: str, where: str):
         try:
@@ -356,6 +380,16 @@ class _Base(HfQuantizer):
         if errors:
             raise CheckpointError(f"{len(errors)} sparse layer(s) could not be loaded: "
                                   + "; ".join(f"{k}: {v}" for k, v in sorted(errors.items())))
+        # transformers fills a tensor the checkpoint lacks with a fresh initialisation and only logs it; every tensor
+        # it did load carries _is_hf_initialized. A sparsekern model is a pre-built one: a missing tensor is an error.
+        planned = set(self.planned)
+        missing = [k for k, t in model.state_dict(keep_vars=True).items()
+                   if k.rpartition(".")[0] not in planned and t is not None and t.device.type != "meta"
+                   and not getattr(t, "_is_hf_initialized", False)]
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs: {missing[:8]} "
+                                  "(transformers would initialise them randomly; a missing shard, a renamed entry, or "
+                                  "a config.json describing another model)")
         if self.verify and self.sums:
             verify_files(self.paths, self.sums)
         for name in self.planned:
@@ -410,7 +444,7 @@ class SparsekernHfQuantizer(_Base):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         where = "config.json quantization_config"
-        heads, self.sums, self.paths = read_headers(checkpoint_files)
+        heads, self.sums, self.paths = read_headers(checkpoint_files, require_sums=self.verify)
         layers = self.quantization_config.layers
         plan = {}
         for name, spec in layers.items():
@@ -420,6 +454,9 @@ class SparsekernHfQuantizer(_Base):
             if shape != [n, k]:
                 raise CheckpointError(f"{where}: layer {name!r} is [{n}, {k}] but the model built from config.json "
                                       f"has it {shape}; the config does not match the weights")
+            if is_conv1d(mod) != (spec["weight_layout"] == "conv1d"):
+                raise CheckpointError(f"{where}: layer {name!r} has weight_layout {spec['weight_layout']!r} but the "
+                                      f"model's layer is a {type(mod).__name__}")
             if (getattr(mod, "bias", None) is not None) != spec["bias"]:
                 raise CheckpointError(f"{where}: layer {name!r} bias={spec['bias']} but the model's layer "
                                       f"{'has' if getattr(mod, 'bias', None) is not None else 'has no'} bias")
@@ -428,13 +465,17 @@ class SparsekernHfQuantizer(_Base):
             if spec["quant"]:
                 want["weight_scale"] = ([n], "F32")
             if spec["bias"]:
-                want["bias"] = ([n], None)
+                want["bias"] = ([n], "float")
             for entry, (eshape, edtype) in want.items():
                 head = heads.get(f"{name}.{entry}")
                 if head is None:
                     raise CheckpointError(f"{where} lists layer {name!r} but the checkpoint has no '{name}.{entry}' "
                                           "(missing or truncated shard)")
-                if head[0] != eshape or (edtype is not None and head[1] != edtype):
+                dtype_ok = edtype is None or head[1] == edtype or (edtype == "float" and head[1] in
+                                                                   ("F64", "F32", "F16", "BF16"))
+                if edtype is None and head[1] not in ("I64", "I32"):
+                    dtype_ok = False
+                if head[0] != eshape or not dtype_ok:
                     raise CheckpointError(f"'{name}.{entry}' is {head[1]} {head[0]} in the checkpoint; the layer "
                                           f"needs {edtype or 'an integer tensor'} {eshape}")
             if f"{name}.weight" in heads:

@@ -58,22 +58,24 @@ _registered = False
 
 
 def register() -> bool:
-    """Register sparsekern's quantization config and quantizer with transformers (idempotent). Returns False when
-    transformers is not installed."""
+    """Register sparsekern's quantization config and quantizer with transformers (idempotent, thread-safe). Returns
+    False when transformers (>= 5) is not installed."""
     global _registered
-    with _lock:
-        if _registered:
-            return True
-        try:
-            from transformers.quantizers import auto
-
-            from . import _hf_impl  # needs transformers >= 5 (its core_model_loading)
-        except ImportError:
-            return False
-
-        _hf_impl.install(auto)
-        _registered = True
+    if _registered:
         return True
+    try:
+        # Imported outside the lock: this import can run the post-import hook, which calls register() again
+        # (it then finds the registry imported and installs; this call sees _registered and returns).
+        from transformers.quantizers import auto
+
+        from . import _hf_impl  # needs transformers >= 5 (its core_model_loading)
+    except ImportError:
+        return False
+    with _lock:
+        if not _registered:
+            _hf_impl.install(auto)
+            _registered = True
+    return True
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -10,24 +10,15 @@ load_state_dict(model, sd) validates every entry (keys, shapes, dtypes, format v
 weights, pattern codes) before changing anything: on any problem it raises CheckpointError listing them all and the
 model keeps its old weights. (torch's own Module.load_state_dict copies module by module and can stop half-way.)
 
-Directory layout written by save_pretrained(model, dir) for a Hugging Face model:
-  config.json                 the model's transformers config (config.save_pretrained)
-  generation_config.json      when the model has one
-  model.safetensors           the state dict above; tensors shared by several keys (tied weights) stored once
-  sparsekern_config.json      {"format": "sparsekern", "format_version": 1, "sparsekern_version": ...,
-                               "portable_format_version": 1, "dtype": "float32",
-                               "layers": {name: {"in_features", "out_features", "bias", "dtype", "quant",
-                                                 "weight_layout"}},
-                               "tied": {alias key: stored key},
-                               "user": the caller's save_pretrained(..., metadata=...) dict (only when given)}
-The directory is written under a temporary name next to the target and renamed into place, so a crash never leaves
-a half-written checkpoint under the target name; an existing target is replaced only with overwrite=True.
-
-from_pretrained(dir) also reads compressed-tensors checkpoints whose config.json declares a sparsity_config of
-format "sparse-24-bitmask" (as written by llm-compressor): per 2:4 layer X the safetensors hold X.compressed
-[rows, cols/2], X.bitmask uint8 [rows, ceil(cols/8)] (bit j of byte b = column 8b + j kept, little-endian bit
-order) and X.shape ([rows, cols]); those layers become SparseLinear, the rest loads dense. Quantised
-compressed-tensors checkpoints are refused with a message. save_compressed_tensors(model, dir) writes that layout.
+Hugging Face folders: save_pretrained(model, dir) is transformers' own model.save_pretrained (sparsekern.hf attaches
+its quantizer to the model) written into a temporary sibling folder and renamed into place: config.json with
+quantization_config {"quant_method": "sparsekern", "format_version": 2, "layers": {...}, "metadata": ...},
+generation_config.json, model.safetensors or shards + index (the state dict above; tied tensors stored once;
+a CRC-32 per tensor in each file's metadata). from_pretrained(dir) loads it through transformers
+(model_class.from_pretrained with sparsekern's quantizer: docs/sparselinear.md "Hugging Face"), as it does
+compressed-tensors "sparse-24-bitmask" checkpoints; folders of format version 1 (sparsekern_config.json beside
+config.json, one model.safetensors with a "tied" map) are read by _from_pretrained_v1 below.
+save_compressed_tensors(model, dir) writes the compressed-tensors layout.
 """
 
 from __future__ import annotations
