@@ -27,7 +27,6 @@ import torch
 import sparsekern
 from sparsekern import _ext
 from sparsekern import serialization as ser
-from sparsekern.linear import SparseLinear
 from sparsekern.weight import CheckpointError
 
 pytest.importorskip("transformers")
@@ -40,21 +39,10 @@ IDS = torch.tensor([[1, 5, 9, 33, 70]])
 
 
 def _write_v1_folder(model, directory: Path) -> Path:
-    """A folder of the layout sparsekern wrote before format version 2 (with the per-tensor CRC-32s that
-    save_safetensors records)."""
-    directory.mkdir()
-    model.config.architectures = [type(model).__name__]
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    (directory / "config.json").write_text(json.dumps(cfg))
-    tied = ser.save_safetensors(model, directory / "model.safetensors")
-    layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                     "dtype": "float32", "quant": m.quant, "weight_layout": m.weight_layout}
-              for name, m in model.named_modules() if isinstance(m, SparseLinear)}
-    meta = {"format": "sparsekern", "format_version": 1, "sparsekern_version": "0.1.0", "portable_format_version": 1,
-            "dtype": "float32", "layers": layers, "tied": tied}
-    (directory / "sparsekern_config.json").write_text(json.dumps(meta))
-    return directory
+    """A folder of the layout sparsekern wrote before format version 2 (test_serialization.write_v1_folder)."""
+    from test_serialization import write_v1_folder
+
+    return write_v1_folder(model, directory)
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +317,7 @@ def test_malformed_quantization_config_names_file_field_and_rule(ckpt, mutate, m
 @pytest.mark.parametrize("layers", [[1, 2], "ab", 5], ids=["list", "str", "int"])
 def test_quantization_config_layers_not_an_object_names_the_rule(ckpt, layers):
     _edit_qc(ckpt, lambda q: q.__setitem__("layers", layers))
-    with pytest.raises(CheckpointError, match=r"config\.json quantization_config: 'layers' must map layer names"):
+    with pytest.raises(CheckpointError, match=r"config\.json quantization_config: 'layers' must be an object mapping layer names"):
         sparsekern.from_pretrained(ckpt)
 
 

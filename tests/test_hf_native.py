@@ -25,7 +25,7 @@ from sparsekern.weight import CheckpointError
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from test_serialization import prune_24_ref, tiny_llama  # noqa: E402
+from test_serialization import tiny_gpt2_24, tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,13 +86,7 @@ def test_sharded_save_and_load(tmp_path):
 
 
 def test_gpt2_conv1d_and_tied_head(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if type(m).__name__ == "Conv1D":
-                m.weight.copy_(prune_24_ref(m.weight.t()).t())
+    model = tiny_gpt2_24()
     sparsify(model)
     model.save_pretrained(tmp_path / "gpt2")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")

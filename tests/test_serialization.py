@@ -219,9 +219,9 @@ def test_save_pretrained_from_pretrained_llama_identical(tmp_path, quant):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def write_v1_folder(model, directory):
+def write_v1_folder(model, directory, user=None):
     """The folder layout sparsekern wrote before format version 2 (sparsekern_config.json beside config.json and
-    one model.safetensors), still read by sparsekern.from_pretrained."""
+    one model.safetensors with per-tensor CRC-32s), still read by sparsekern.from_pretrained."""
     directory.mkdir()
     model.config.architectures = [type(model).__name__]
     cfg = model.config.to_dict()
@@ -232,7 +232,9 @@ def write_v1_folder(model, directory):
                      "dtype": "float32", "quant": m.quant, "weight_layout": m.weight_layout}
               for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     meta = {"format": "sparsekern", "format_version": 1, "sparsekern_version": "0.1.0", "portable_format_version": 1,
-            "dtype": "float32", "layers": layers, "tied": tied, "user": {"from": "v1"}}
+            "dtype": "float32", "layers": layers, "tied": tied}
+    if user is not None:
+        meta["user"] = user
     (directory / "sparsekern_config.json").write_text(json.dumps(meta))
     return directory
 
@@ -240,7 +242,7 @@ def write_v1_folder(model, directory):
 def test_v1_folder_still_loads_and_resaves_as_v2(tmp_path):
     model = tiny_llama()
     sparsify(model)
-    v1 = write_v1_folder(model, tmp_path / "v1")
+    v1 = write_v1_folder(model, tmp_path / "v1", user={"from": "v1"})
     loaded = sparsekern.from_pretrained(v1)
     assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14
     assert loaded.sparsekern_metadata == {"from": "v1"}
@@ -276,7 +278,8 @@ def test_from_pretrained_dtype_override(tmp_path):
         assert torch.equal(loaded(ids).logits, ref(ids).logits)
 
 
-def test_save_pretrained_tied_gpt2_identical(tmp_path):
+def tiny_gpt2_24():
+    """A tiny GPT-2 (tied head) whose Conv1D weights ([in, out]) are 2:4 along in_features."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
@@ -284,6 +287,11 @@ def test_save_pretrained_tied_gpt2_identical(tmp_path):
         for m in model.modules():
             if type(m).__name__ == "Conv1D":
                 m.weight.copy_(prune_24_ref(m.weight.t()).t())
+    return model
+
+
+def test_save_pretrained_tied_gpt2_identical(tmp_path):
+    model = tiny_gpt2_24()
     sparsify(model)
     out = sparsekern.save_pretrained(model, tmp_path / "gpt2")
     loaded = sparsekern.from_pretrained(out)

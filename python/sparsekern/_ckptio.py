@@ -65,3 +65,19 @@ _LAYER_RULES = {
 }
 
 
+
+
+def check_layer_specs(layers, where: str) -> None:
+    """A checkpoint's "layers" object ({name: spec}) against _LAYER_RULES; CheckpointError naming `where`, the layer,
+    the field and the rule."""
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{where}: 'layers' must be an object mapping layer names to their specs")
+    for name, spec in layers.items():
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{where}: layers[{name!r}] must be an object, got {type(spec).__name__}")
+        for field, (ok, rule) in _LAYER_RULES.items():
+            if field not in spec:
+                raise CheckpointError(f"{where}: layers[{name!r}] lacks the field {field!r}")
+            if not ok(spec[field]):
+                raise CheckpointError(f"{where}: layers[{name!r}].{field} must be {rule}, got "
+                                      f"{str(spec[field])[:60]!r}")

@@ -69,7 +69,7 @@ class SparsekernConfig(QuantizationConfigMixin):
 
     def validate(self, where: str = "config.json quantization_config") -> None:
         """CheckpointError naming the field and the rule (module doc's schema)."""
-        from ._ckptio import _LAYER_RULES
+        from ._ckptio import check_layer_specs
 
         if self.format_version != hf.HF_FORMAT_VERSION:
             raise CheckpointError(f"{where}: unknown sparsekern format_version {self.format_version!r}; this "
@@ -78,17 +78,7 @@ class SparsekernConfig(QuantizationConfigMixin):
         if self.portable_format_version != FORMAT_VERSION:
             raise CheckpointError(f"{where}: unknown 2:4 portable_format_version {self.portable_format_version!r}; "
                                   f"this sparsekern reads {FORMAT_VERSION}")
-        if not isinstance(self.layers, dict):
-            raise CheckpointError(f"{where}: 'layers' must map layer names to their specs")
-        for name, spec in self.layers.items():
-            if not isinstance(spec, dict):
-                raise CheckpointError(f"{where}: layers[{name!r}] must be an object, got {type(spec).__name__}")
-            for field, (ok, rule) in _LAYER_RULES.items():
-                if field not in spec:
-                    raise CheckpointError(f"{where}: layers[{name!r}] lacks the field {field!r}")
-                if not ok(spec[field]):
-                    raise CheckpointError(f"{where}: layers[{name!r}].{field} must be {rule}, got "
-                                          f"{str(spec[field])[:60]!r}")
+        check_layer_specs(self.layers, where)
 
     def to_dict(self) -> dict:
         return {"quant_method": self.quant_method, "format_version": self.format_version,

@@ -36,7 +36,14 @@ from ._fsutil import FileRefused, atomic_write, read_json
 from ._modules import replace_module
 from ._version import __version__
 from .linear import SparseLinear, dense_weight_of, is_convertible
-from ._ckptio import _FLOAT_NAMES, _LAYER_RULES, _open_safetensors, _safetensors_header, tensor_checksum  # noqa: F401
+from ._ckptio import (  # noqa: F401  (tensor_checksum and the header helpers stay importable from here)
+    _FLOAT_NAMES,
+    _LAYER_RULES,
+    _open_safetensors,
+    _safetensors_header,
+    check_layer_specs,
+    tensor_checksum,
+)
 from .weight import FORMAT_VERSION, CheckpointError, NotTwoFourError
 
 FILE_FORMAT = "sparsekern"
@@ -319,18 +326,7 @@ def _check_meta(meta: dict, meta_path: Path) -> None:
                               f"{meta.get('portable_format_version')!r}; this sparsekern reads {FORMAT_VERSION}")
     if meta.get("dtype", "float32") not in _FLOAT_NAMES:
         raise CheckpointError(f"{meta_path}: 'dtype' must be one of {list(_FLOAT_NAMES)}, got {meta.get('dtype')!r}")
-    layers = meta.get("layers", {})
-    if not isinstance(layers, dict):
-        raise CheckpointError(f"{meta_path}: 'layers' must be an object mapping layer names to their specs")
-    for name, spec in layers.items():
-        if not isinstance(spec, dict):
-            raise CheckpointError(f"{meta_path}: layers[{name!r}] must be an object, got {type(spec).__name__}")
-        for field, (ok, rule) in _LAYER_RULES.items():
-            if field not in spec:
-                raise CheckpointError(f"{meta_path}: layers[{name!r}] lacks the field {field!r}")
-            if not ok(spec[field]):
-                raise CheckpointError(f"{meta_path}: layers[{name!r}].{field} must be {rule}, got "
-                                      f"{str(spec[field])[:60]!r}")
+    check_layer_specs(meta.get("layers", {}), str(meta_path))
     tied = meta.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(a, str) and isinstance(k, str) for a, k in tied.items()):
         raise CheckpointError(f"{meta_path}: 'tied' must map key names to key names")
