@@ -116,6 +116,21 @@ def _build_bundled_float_cache(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_dir(spec: str = BUNDLED) -> Path:
+    """The Hugging Face checkpoint folder `spec` names: "bundled" (its float cache, built on first use) or a local
+    directory holding config.json; DataError otherwise."""
+    if spec == BUNDLED:
+        path = bundled_float_dir()
+        if not (path / "config.json").is_file():
+            _build_bundled_float_cache(path)
+        return path
+    path = Path(spec)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise DataError(f"model {spec!r}: expected 'bundled' or a local directory with a Hugging Face "
+                        "checkpoint (config.json, weights, tokenizer)")
+    return path
+
+
 def load_model(spec: str = BUNDLED, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load a causal LM and its tokenizer.
 
@@ -127,15 +142,7 @@ def load_model(spec: str = BUNDLED, *, dtype: torch.dtype = torch.float32, devic
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec == BUNDLED:
-        path = bundled_float_dir()
-        if not (path / "config.json").is_file():
-            _build_bundled_float_cache(path)
-    else:
-        path = Path(spec)
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise DataError(f"model {spec!r}: expected 'bundled' or a local directory with a Hugging Face "
-                            "checkpoint (config.json, weights, tokenizer)")
+    path = model_dir(spec)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.to(device).eval(), tok

@@ -209,6 +209,8 @@ def _cmd_prune(args) -> int:
     from .pipeline import prune_model
 
     out = _check_plan(args)  # fail before minutes of pruning, not after
+    if args.low_memory:
+        return _cmd_prune_low_memory(args, out)
     t0 = time.perf_counter()
     model, tok = _load(args)
     _check_space(args, out, model)
@@ -267,14 +269,7 @@ def _cmd_prune(args) -> int:
         result["sensitivity"] = scan.to_dict()
     if out is not None:
         t0 = time.perf_counter()
-        meta = {"method": args.method, "pattern": args.pattern, "model": args.model, "refit": args.refit,
-                "calibration": None if calib is None else {
-                    "text": args.text, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                    "windows": "first nsamples consecutive windows"},
-                "true_sequential": args.true_sequential, "kept_dense": report.kept_dense,
-                "sparsity": report.sparsity, "quant": args.quant,
-                # channel permutations folded into the saved weights (consumer -> producers, gain, permutation)
-                "permutations": report.permutations}
+        meta = _prune_meta(args, report, calib)
         srep = save_pruned(model, tok, out, metadata=meta, dense=args.dense, quant=args.quant,
                            overwrite=args.overwrite)
         times["save"] = time.perf_counter() - t0
@@ -283,6 +278,67 @@ def _cmd_prune(args) -> int:
             result["sparsify"] = {"converted": len(srep.converted), "bytes_before": srep.bytes_before,
                                   "bytes_after": srep.bytes_after}
         _log(args, f"saved to {out}" + ("" if srep is None else f" ({srep})"))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+def _prune_meta(args, report, calib) -> dict:
+    """prune_report.json / the checkpoint's metadata."""
+    return {"method": args.method, "pattern": args.pattern, "model": args.model, "refit": args.refit,
+            "calibration": None if calib is None else {
+                "text": args.text, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                "windows": "first nsamples consecutive windows"},
+            "true_sequential": args.true_sequential, "kept_dense": report.kept_dense,
+            "sparsity": report.sparsity, "quant": args.quant,
+            # channel permutations folded into the saved weights (consumer -> producers, gain, permutation)
+            "permutations": report.permutations}
+
+
+def _cmd_prune_low_memory(args, out: Path) -> int:
+    """`prune --low-memory`: pipeline.prune_checkpoint, block by block from the checkpoint into --out."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from . import data
+    from ._version import __version__
+    from .cli import UserError
+    from .pipeline import prune_checkpoint
+
+    for flag, bad, why in (("--out", args.out is None, "the pruned blocks are written to --out as they are done"),
+                           ("--offload", args.offload, "blocks are read one at a time already"),
+                           ("--skip-sensitive", args.skip_sensitive, "the scan needs the whole model in memory"),
+                           ("--eval-tokens", args.eval_tokens, "evaluation needs the whole model in memory; run "
+                                                               "`sparsekern eval --model OUT` afterwards")):
+        if bad:
+            raise UserError(f"--low-memory: {flag} {'is required' if flag == '--out' else 'does not apply'} "
+                            f"({why})")
+    t0 = time.perf_counter()
+    src = data.model_dir(args.model)
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    data.check_seqlen(AutoConfig.from_pretrained(src, local_files_only=True), args.seqlen)
+    ids = _token_stream(args, tok)
+    calib = (None if args.method == "magnitude" and args.refit is None
+             else data.calibration_windows(ids, args.nsamples, args.seqlen))
+    times = {"load": time.perf_counter() - t0}
+    calib_dtype = None if args.calib_dtype in ("model", "auto") else getattr(torch, args.calib_dtype)
+    options = dict(method=args.method, pattern=args.pattern, true_sequential=args.true_sequential,
+                   device=args.device, progress=not args.json, batch_size=args.batch_size,
+                   quant=args.quant if args.method == "sparsegpt" else None, calib_dtype=calib_dtype,
+                   single_pass=not args.multipass, rerun_kernel=args.rerun_kernel, refit=args.refit,
+                   refit_iters=args.refit_iters, refit_cg_iters=args.refit_cg_iters, permute=args.permute,
+                   permute_seconds=args.permute_seconds, tokenizer=tok)
+    t0 = time.perf_counter()
+    # the metadata (prune_report.json) holds the report, known once the blocks are pruned: a callable
+    report = prune_checkpoint(src, out, calib, dense=args.dense, store_quant=args.quant, overwrite=args.overwrite,
+                              metadata=lambda rep: dict(_prune_meta(args, rep, calib), sparsekern_version=__version__,
+                                                        layout="dense" if args.dense else "sparsekern",
+                                                        low_memory=True),
+                              **options)
+    times["prune"] = time.perf_counter() - t0
+    _log(args, report.table(per_linear=args.verbose))
+    _log(args, f"saved to {out} (low memory: one block at a time)")
+    result = {"command": "prune", "model": args.model, "text": args.text, "report": report.to_dict(),
+              "seconds": times, "skip_sensitive": [], "out": str(out), "low_memory": True}
     if args.json:
         print(json.dumps(result, indent=1))
     return 0
@@ -494,6 +550,9 @@ def add_commands(subparsers) -> None:
                    help="the re-run's pruned 2:4 linears: dense forward (default), sparsekern's 2:4 GEMM, or auto "
                         "(the sparse GEMM where a probe finds it faster and equal within float32 rounding)")
     p.add_argument("--offload", action="store_true", help="keep the model on the CPU, one block at a time on --device")
+    p.add_argument("--low-memory", action="store_true",
+                   help="out-of-core: read one block at a time from the --model checkpoint (safetensors) and write "
+                        "it to --out when pruned; the whole model is never in memory (needs --out)")
     p.add_argument("--quant", choices=("int8", "fp8"), default=None,
                    help="SparseGPT joint quantisation on the grid of the int8 / fp8 SparseLinear (symmetric per "
                         "output channel), and such layers in --out")

@@ -48,6 +48,7 @@ from .pruning import GroupPruner, make_stats, prune_weight, sparsity_of
 from .report import LinearReport, PruneReport
 from .rerun import RerunKernels, choose_rerun_kernel, fp32_rounding_bound, probe_sparse_rerun, rerun_block, \
     sparse_forwards
+from .lowmem import ShardReader, prune_checkpoint
 from .sequential import prune_model
 from .staged import run_block_staged
 from .stats import collect_stats, discover_groups
@@ -80,6 +81,8 @@ _sparsity_of = sparsity_of
 _hidden_of = hidden_of
 
 __all__ = [
+    "prune_checkpoint",
+    "ShardReader",
     "METHODS", "RERUN_KERNELS", "Chunk", "GroupPruner", "LinearReport", "PipelineError", "PruneConfig", "PruneReport",
     "RerunKernels", "as_calibration", "block_linears", "calibration_autocast", "capture_block_inputs",
     "check_pattern", "choose_rerun_kernel", "collect_stats", "discover_groups", "engine_pattern",

@@ -52,6 +52,8 @@ class PruneReport:
     # Channel permutations folded into the model (permute=...): full consumer name -> {"producers": [...], "gain":
     # relative increase of the kept importance, "seconds": search time, "perm": the consumer's column permutation}.
     permutations: dict = field(default_factory=dict)
+    # Out-of-core run (pipeline/lowmem.py): blocks read from the checkpoint and written out one at a time.
+    low_memory: bool = False
 
     @property
     def sparsity(self) -> float:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
 import time
 from typing import Any
 
@@ -170,6 +171,22 @@ class _PruneRun:
         pruned = {n: m for n, m in mods.items() if n in names}
         self.hidden = rerun_block(layer, self.chunks, self.hidden, pruned, self.kernels, self.autocast)
 
+    # Where block weights live. In memory: all on the device, or (offload) moved there one block at a time.
+    # pipeline/lowmem.py overrides these three to read each block from the checkpoint and write it out.
+
+    def prepare(self) -> None:
+        if not self.cfg.offload:
+            self.model.to(self.device)
+
+    def load_block(self, i: int, layer: nn.Module) -> nn.Module:
+        if self.cfg.offload:
+            layer.to(self.device)
+        return layer
+
+    def unload_block(self, i: int, layer: nn.Module, names: list[str]) -> None:
+        if self.cfg.offload:
+            layer.to("cpu")
+
     def finish(self, t_start: float, cpu_start: float) -> PruneReport:
         self.report.total_seconds = time.perf_counter() - t_start
         self.report.cpu_seconds = time.process_time() - cpu_start
@@ -218,22 +235,37 @@ def prune_model(model: nn.Module, calibration: Any = None, config: PruneConfig |
                  pattern="2:4") == prune_model(model, calib, PruneConfig(method="wanda", pattern="2:4")).
     Returns a PruneReport (per-linear losses, sparsity and times).
     """
+    low_memory, out = options.pop("low_memory", False), options.pop("out", None)
+    if low_memory:
+        if not isinstance(model, (str, os.PathLike)) or out is None:
+            raise PipelineError("low_memory=True prunes a checkpoint folder into another without loading it: "
+                                "prune_model('DIR', calibration, low_memory=True, out='OUT', ...) "
+                                "(pipeline.prune_checkpoint)")
+        from .lowmem import prune_checkpoint
+
+        return prune_checkpoint(model, out, calibration, config, **options)
+    if out is not None:
+        raise PipelineError("out= is for low_memory=True; an in-memory run prunes the model in place (save it with "
+                            "model.save_pretrained)")
     t_start, cpu_start = time.perf_counter(), time.process_time()
     cfg = make_config(config, options)
-    run = _PruneRun(model, calibration, cfg)                                    # setup
+    return run_blocks(_PruneRun(model, calibration, cfg), t_start, cpu_start)
+
+
+def run_blocks(run: _PruneRun, t_start: float, cpu_start: float) -> PruneReport:
+    """The block loop of prune_model (module docstring's stages), for any _PruneRun."""
+    model, cfg = run.model, run.cfg
     was_training = model.training
     model.eval()
     bar = None
     try:
-        if not cfg.offload:
-            model.to(run.device)
+        run.prepare()
         run.capture()                                                           # capture
         bar = _block_bar(len(run.layers), cfg)
         for i in bar:
             t_block = time.perf_counter()
-            layer, names = run.layers[i], run.selected[i]
-            if cfg.offload:
-                layer.to(run.device)                                            # load
+            names = run.selected[i]
+            layer = run.load_block(i, run.layers[i])                            # load
             mods = block_linears(layer)
             if names:
                 groups = run.groups(layer, names)                               # groups
@@ -243,8 +275,9 @@ def prune_model(model: nn.Module, calibration: Any = None, config: PruneConfig |
                     run.calibrate_in_passes(i, layer, mods, groups)             # calibrate
             if run.needs_output(i) and not (names and run.staged()):
                 run.rerun(layer, mods, names)                                   # rerun
-            if cfg.offload:
-                layer.to("cpu")                                                 # unload
+            del mods  # the block's dense linears: a low-memory unload replaces them, nothing may keep them alive
+            run.unload_block(i, layer, names)                                   # unload (low memory: write)
+            del layer  # likewise the block itself, before the next one is read
             run.report.block_seconds.append(time.perf_counter() - t_block)
             _show_loss(bar, run.report)
     finally:
