@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import sparsekern
 from sparsekern.pipeline import PipelineError, prune_checkpoint, prune_model
 from sparsekern.pipeline_cli import save_pruned
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from test_pipeline import VOCAB, _cli, _llama, model_dir  # noqa: E402,F401  (model_dir: a fixture)
+from test_pipeline import VOCAB, _cli, _llama, model_dir  # noqa: E402,F401,F811  (model_dir: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 

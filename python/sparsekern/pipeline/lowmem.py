@@ -35,7 +35,7 @@ from torch import nn
 from .config import PruneConfig, make_config
 from .errors import PipelineError
 from .report import PruneReport
-from .sequential import _PruneRun, run_blocks
+from .run import _PruneRun, run_blocks
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
