@@ -1,6 +1,6 @@
 """Peak memory of out-of-core pruning (`sparsekern prune --low-memory`) against the checkpoint's size.
 
-    python bench/lowmem_rss.py --workdir /tmp/lowmem --hidden 2048 --intermediate 5632 --layers 24 --json
+    PYTHONPATH=python python bench/lowmem_rss.py --workdir /tmp/lowmem --hidden 2048 --intermediate 5632 --layers 24 --json
         writes a randomly initialised Llama-architecture checkpoint (float32, one shard per block, written block by
         block so the writer never holds it either), then runs `sparsekern prune --low-memory` on it in a fresh
         process and reports that process's peak RSS (VmHWM), its RSS after the imports, and its RSS before the run
@@ -128,7 +128,6 @@ def main(argv=None) -> int:
                     help="measure from right after the imports (default: after the same run on a 2-block model)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     from sparsekern import data
 
     src = args.workdir / "src"

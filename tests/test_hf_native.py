@@ -28,6 +28,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from test_serialization import tiny_gpt2_24, tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# subprocesses import the sparsekern this test imported (the source tree, or the installed wheel in CI)
+SPARSEKERN_PATH = str(Path(sparsekern.__file__).resolve().parents[1])
 
 
 def _ids(vocab=96, shape=(2, 9), seed=0):
@@ -293,7 +295,7 @@ def test_without_import_sparsekern_transformers_warns_and_loads_no_sparse_layer(
     code = ("import transformers, torch\n"
             f"m = transformers.AutoModelForCausalLM.from_pretrained({str(ckpt)!r})\n"
             "print('SPARSE', sum(type(x).__name__ == 'SparseLinear' for x in m.modules()))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": SPARSEKERN_PATH}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-2000:]
@@ -326,7 +328,7 @@ def test_bundled_model_round_trip_and_load_memory(tmp_path):
     assert torch.equal(_greedy(loaded, ids, 8), _greedy(model, ids, 8))
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "hf_load_memory.py"), "--sparse", str(tmp_path / "b24"),
                         "--json"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "python")})
+                       env={**os.environ, "PYTHONPATH": SPARSEKERN_PATH})
     assert r.returncode == 0, r.stderr[-2000:]
     mem = json.loads(r.stdout.strip().splitlines()[-1])["sparse"]
     assert mem["sparse_layers"] == 210

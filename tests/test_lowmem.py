@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparsekern
 from sparsekern.pipeline import PipelineError, prune_checkpoint, prune_model
 from sparsekern.pipeline_cli import save_pruned
 
@@ -131,7 +132,7 @@ def test_peak_memory_stays_below_a_quarter_of_the_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "lowmem_rss.py"), "--workdir", str(tmp_path / "w"),
                         "--hidden", "1024", "--intermediate", "2816", "--layers", "32", "--json"],
                        capture_output=True, text=True, timeout=1200,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "python")})
+                       env={**os.environ, "PYTHONPATH": str(Path(sparsekern.__file__).resolve().parents[1])})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["rc"] == 0 and res["checkpoint_mb"] > 1500
