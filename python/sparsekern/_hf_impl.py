@@ -298,8 +298,7 @@ class _Base(HfQuantizer):
         return {"values": list(self.entries)}
 
     def get_load_operations(self) -> dict:
-        op = self.op
-        return {"deserialize": op}
+        return {"deserialize": self.op}
 
     def validate_environment(self, device_map=None, **kwargs) -> None:
         from . import _ext
@@ -308,9 +307,6 @@ class _Base(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("device_map: sparsekern checkpoints cannot be offloaded to disk; use devices "
                              "('cpu', 'cuda', ints) or 'auto' with enough CPU memory")
-
-    def update_device_map(self, device_map):
-        return device_map
 
     def is_serializable(self) -> bool:
         return True
