@@ -140,6 +140,25 @@ def test_save_keeps_other_files_and_is_atomic_per_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left
 
 
+def test_sparsified_model_pickles_and_deepcopies_with_its_save(tmp_path):
+    import io
+
+    model = tiny_llama()
+    sparsify(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(model)
+    ids = _ids()
+    for i, m in enumerate((loaded, twin)):
+        assert m.save_pretrained.model is m  # bound to the copy, not the original
+        m.save_pretrained(tmp_path / f"c{i}")
+        with torch.no_grad():
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / f"c{i}")(ids).logits,
+                               model(ids).logits)
+
+
 def test_densify_then_save_is_a_plain_checkpoint(tmp_path):
     model = tiny_llama()
     sparsify(model)

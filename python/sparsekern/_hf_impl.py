@@ -606,8 +606,6 @@ class CompressedTensors24Quantizer(_Base):
 
 def attach(model: nn.Module, metadata=None) -> None:
     """sparsekern.hf.attach (its doc)."""
-    import types
-
     qc = getattr(model.config, "quantization_config", None)
     if not isinstance(qc, SparsekernConfig):
         qc = SparsekernConfig()
@@ -618,8 +616,8 @@ def attach(model: nn.Module, metadata=None) -> None:
     # model.sparsekern_metadata is the metadata's one home on a live model; each save copies it into the config.
     if metadata is not None or not hasattr(model, "sparsekern_metadata"):
         model.sparsekern_metadata = metadata if metadata is not None else qc.metadata
-    if not isinstance(model.__dict__.get("save_pretrained"), types.MethodType):
-        model.save_pretrained = types.MethodType(hf.atomic_save_pretrained, model)
+    if not isinstance(model.__dict__.get("save_pretrained"), hf.AtomicSavePretrained):
+        model.save_pretrained = hf.AtomicSavePretrained(model)
 
 
 # ---------------------------------------------------------------------------------------------- registration

@@ -30,6 +30,18 @@ def _is_weight_file(name: str) -> bool:
                                                        or name.endswith(".index.json"))
 
 
+class AtomicSavePretrained:
+    """What attach() installs as `model.save_pretrained`: atomic_save_pretrained bound to the model. An object, not a
+    bound method: torch.save(model) / copy.deepcopy(model) then carry it along, bound to the copy (a bound method in
+    the instance dict would pickle as a lookup of an attribute the class does not have)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        return atomic_save_pretrained(self.model, save_directory, *args, **kwargs)
+
+
 def atomic_save_pretrained(self, save_directory, *args, **kwargs):
     """transformers' save_pretrained, made atomic per file (_fsutil.atomic_update_folder): everything is written
     into a hidden sibling folder first, then renamed into `save_directory` one file at a time (config.json and the
