@@ -53,7 +53,7 @@ def test_prune_save_automodel_identical_logits_and_tokens(tmp_path, quant):
     model = tiny_llama()
     dense_ref = copy.deepcopy(model)  # the dense model with the same 2:4 weights
     sparsify(model, quant=quant)
-    assert model.config.quantization_config.quant_method == "sparsekern" and model.is_quantized
+    assert model.config.quantization_config.quant_method == "sparsekern" and model.hf_quantizer is not None
     model.save_pretrained(tmp_path / "ckpt")  # transformers' own method
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert _n_sparse(loaded) == 14 and type(loaded.lm_head) is nn.Linear
@@ -157,6 +157,25 @@ def test_sparsified_model_pickles_and_deepcopies_with_its_save(tmp_path):
         with torch.no_grad():
             assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / f"c{i}")(ids).logits,
                                model(ids).logits)
+
+
+def test_dtype_moves_stay_allowed(tmp_path):
+    """transformers refuses .half() / .float() on models it calls quantized; a sparsified or loaded sparsekern model
+    follows them like any model (SparseLinear casts its float values)."""
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    sparsify(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    ids = _ids()
+    for m in (model, loaded):
+        m.half().float()
+        m.to(torch.bfloat16)
+        assert {x.values.dtype for x in m.modules() if isinstance(x, SparseLinear)} == {torch.bfloat16}
+        m.float()
+        with torch.no_grad():  # fp32 -> fp16 -> bf16 -> fp32 round trip of the weights, vs the dense model's
+            want = copy.deepcopy(dense).half().to(torch.bfloat16).float()(ids).logits
+            torch.testing.assert_close(m(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_densify_then_save_is_a_plain_checkpoint(tmp_path):

@@ -611,7 +611,10 @@ def attach(model: nn.Module, metadata=None) -> None:
         qc = SparsekernConfig()
     model.config.quantization_config = qc
     model.hf_quantizer = SparsekernHfQuantizer(qc, pre_quantized=True)
-    model.is_quantized = True
+    # is_quantized stays False: transformers forbids .half() / .float() on "quantized" models, while SparseLinear
+    # follows them (its float values are cast, int8 / fp8 ones kept). The format travels with hf_quantizer and the
+    # config, which is what save_pretrained reads.
+    model.is_quantized = False
     model.quantization_method = hf.QUANT_METHOD
     # model.sparsekern_metadata is the metadata's one home on a live model; each save copies it into the config.
     if metadata is not None or not hasattr(model, "sparsekern_metadata"):
