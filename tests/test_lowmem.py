@@ -99,7 +99,8 @@ def test_cli_low_memory_equals_cli_in_memory(model_dir, tmp_path, capsys):
     mem = json.loads(capsys.readouterr().out)
     assert _cli(*common, "--low-memory", "--out", tmp_path / "low") == 0
     low = json.loads(capsys.readouterr().out)
-    assert low["low_memory"] and low["report"]["low_memory"] and low["report"]["sparsity"] == mem["report"]["sparsity"]
+    assert low["low_memory"] and low["report"]["low_memory"]
+    assert low["report"]["sparsity"] == mem["report"]["sparsity"]
     _assert_same_checkpoint(tmp_path / "mem", tmp_path / "low")
     rm = json.loads((tmp_path / "mem" / "prune_report.json").read_text())
     rl = json.loads((tmp_path / "low" / "prune_report.json").read_text())

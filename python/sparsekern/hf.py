@@ -118,8 +118,9 @@ def install_hook() -> None:
 
 def attach(model: nn.Module, metadata=None) -> None:
     """Mark a transformers model holding SparseLinear layers as a sparsekern model: `config.quantization_config`,
-    `hf_quantizer`, an atomic `save_pretrained` (is_quantized stays False: dtype moves stay allowed). The layer list is recomputed at every save, so
-    layers sparsified or densified later are described as they are then. A no-op for other modules."""
+    `hf_quantizer`, an atomic `save_pretrained` (is_quantized stays False: dtype moves stay allowed). The layer list
+    is recomputed at every save, so layers sparsified or densified later are described as they are then. A no-op for
+    other modules."""
     if not is_transformers_model(model) or not register():
         return
     from ._hf_impl import attach as attach_impl
