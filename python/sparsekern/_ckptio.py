@@ -81,3 +81,21 @@ def check_layer_specs(layers, where: str) -> None:
             if not ok(spec[field]):
                 raise CheckpointError(f"{where}: layers[{name!r}].{field} must be {rule}, got "
                                       f"{str(spec[field])[:60]!r}")
+
+
+def recorded_checksums(path, meta: dict) -> dict | None:
+    """The {key: "crc32:..."} a safetensors file's metadata records ("sparsekern_checksums"), None when it records
+    none; CheckpointError naming the file when the record is not a JSON object."""
+    import json
+
+    raw = meta.get("sparsekern_checksums")
+    if raw is None:
+        return None
+    try:
+        sums = json.loads(raw)
+        if not isinstance(sums, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: metadata 'sparsekern_checksums' is not a JSON object ({exc}); the file is "
+                              "corrupt") from None
+    return sums

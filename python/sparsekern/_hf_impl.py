@@ -106,7 +106,7 @@ def read_headers(files, require_sums: bool = False) -> tuple[dict[str, tuple[lis
     """({key: (shape, dtype)}, {key: CRC-32 recorded}, files) from the safetensors headers alone (no tensor is read);
     a truncated or corrupt file is a CheckpointError naming it. require_sums: every file must record a CRC-32 for
     each of its tensors (sparsekern's own checkpoints always do)."""
-    from ._ckptio import _safetensors_header
+    from ._ckptio import _safetensors_header, recorded_checksums
 
     heads: dict[str, tuple[list[int], str]] = {}
     sums: dict[str, str] = {}
@@ -116,19 +116,12 @@ def read_headers(files, require_sums: bool = False) -> tuple[dict[str, tuple[lis
             raise CheckpointError(f"{path}: sparsekern checkpoints are safetensors files, not {path.suffix}")
         h, meta = _safetensors_header(path)
         heads.update(h)
-        raw = meta.get(hf.CHECKSUMS_KEY)
-        if raw is None and require_sums:
+        part = recorded_checksums(path, meta)
+        if part is None and require_sums:
             raise CheckpointError(f"{path}: the file's metadata has no {hf.CHECKSUMS_KEY!r}, which sparsekern "
                                   "writes into every file of its checkpoints: the file was replaced or its header "
                                   "damaged (sparsekern.from_pretrained(..., verify=False) loads it unchecked)")
-        if raw is not None:
-            try:
-                part = json.loads(raw)
-                if not isinstance(part, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                raise CheckpointError(f"{path}: metadata {hf.CHECKSUMS_KEY!r} is not a JSON object ({exc}); the "
-                                      "file is corrupt") from None
+        if part is not None:
             unsummed = sorted(set(h) - set(part)) if require_sums else []
             if unsummed:
                 raise CheckpointError(f"{path}: tensors {unsummed[:5]} have no recorded CRC-32; sparsekern records one "

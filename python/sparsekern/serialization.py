@@ -42,6 +42,7 @@ from ._ckptio import (  # noqa: F401  (tensor_checksum and the header helpers st
     _open_safetensors,
     _safetensors_header,
     check_layer_specs,
+    recorded_checksums,
     tensor_checksum,
 )
 from .weight import FORMAT_VERSION, CheckpointError, NotTwoFourError
@@ -149,16 +150,9 @@ def _read_safetensors(path: Path, *, verify: bool = True) -> tuple[dict[str, tor
 def _verify_checksums(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Compare every tensor with the CRC-32 save_safetensors recorded (files without checksums, e.g. from sparsekern
     before they existed or from other writers, are accepted as they are)."""
-    raw = meta.get("sparsekern_checksums")
-    if raw is None:
+    sums = recorded_checksums(path, meta)
+    if sums is None:
         return
-    try:
-        sums = json.loads(raw)
-        if not isinstance(sums, dict):
-            raise ValueError("not an object")
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: metadata 'sparsekern_checksums' is not a JSON object ({exc}); the file is "
-                              "corrupt") from None
     bad = [k for k, t in tensors.items() if k in sums and tensor_checksum(t) != sums[k]]
     missing = sorted(set(sums) - set(tensors))
     if bad or missing:
