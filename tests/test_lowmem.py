@@ -162,6 +162,8 @@ def test_sparse_source_and_api_misuse_are_refused(src, tmp_path):
         prune_checkpoint(tmp_path / "once", tmp_path / "twice", None, method="magnitude", progress=False)
     with pytest.raises(PipelineError, match=r"low_memory=True prunes a checkpoint folder"):
         prune_model(_llama(1), None, method="magnitude", low_memory=True, out=tmp_path / "x")
+    with pytest.raises(PipelineError, match=r"a path is pruned out of core with low_memory=True"):
+        prune_model(str(src), None, method="magnitude")
     with pytest.raises(PipelineError, match=r"out= is for low_memory=True"):
         prune_model(_llama(1), None, method="magnitude", out=tmp_path / "x")
     with pytest.raises(FileExistsError, match="once exists"):

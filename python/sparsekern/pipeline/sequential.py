@@ -55,6 +55,9 @@ def prune_model(model: nn.Module, calibration: Any = None, config: PruneConfig |
     if out is not None:
         raise PipelineError("out= is for low_memory=True; an in-memory run prunes the model in place (save it with "
                             "model.save_pretrained)")
+    if isinstance(model, (str, os.PathLike)):
+        raise PipelineError(f"prune_model({str(model)!r}): a path is pruned out of core with low_memory=True, "
+                            "out='OUT'; otherwise load the model first (sparsekern.data.load_model)")
     t_start, cpu_start = time.perf_counter(), time.process_time()
     cfg = make_config(config, options)
     return run_blocks(_PruneRun(model, calibration, cfg), t_start, cpu_start)
