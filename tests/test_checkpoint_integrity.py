@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -227,12 +226,12 @@ def test_forged_layer_sizes_fail_before_allocating(ckpt, field):
     for size in (2 ** 23, 2 ** 26, 2 ** 40):
         _edit_qc(ckpt, lambda qc: qc["layers"][UP].__setitem__(field, size))
         shape = [128, size] if field == "in_features" else [size, 64]
-        t0 = time.perf_counter()
+        before = _peak_rss_bytes()
         with pytest.raises(CheckpointError, match=rf"config\.json quantization_config: layer '{UP}' is "
                                                   rf"\[{shape[0]}, {shape[1]}\] but the model built from config\.json "
                                                   r"has it \[128, 64\]"):
             sparsekern.from_pretrained(ckpt)
-        assert time.perf_counter() - t0 < 30  # no multi-gigabyte allocation happened first (generous bound)
+        assert _peak_rss_bytes() - before < 512 << 20  # no multi-gigabyte allocation happened first
 
 
 def test_consistently_forged_sizes_fail_on_the_header_before_allocating(ckpt):
@@ -249,11 +248,10 @@ def test_consistently_forged_sizes_fail_on_the_header_before_allocating(ckpt):
                 spec["in_features"] = size
 
     _edit_json(ckpt / "config.json", forge)
-    before, t0 = _peak_rss_bytes(), time.perf_counter()
+    before = _peak_rss_bytes()
     with pytest.raises(CheckpointError, match=r"'model\.layers\.\d\.mlp\.\w+_proj\.values' is F32 \[\d+, \d+\] in the "
                                               r"checkpoint; the layer needs F32 \[\d+, \d+\]"):
         sparsekern.from_pretrained(ckpt)
-    assert time.perf_counter() - t0 < 30
     assert _peak_rss_bytes() - before < 512 << 20  # one forged layer alone would be 256 GiB
 
 
@@ -261,19 +259,18 @@ def test_v1_forged_layer_sizes_fail_on_the_header_before_allocating(v1):
     meta_path = v1 / "sparsekern_config.json"
     for size in (2 ** 23, 2 ** 26, 2 ** 40):
         _edit_json(meta_path, lambda meta: meta["layers"][UP].__setitem__("in_features", size))
-        t0 = time.perf_counter()
+        before = _peak_rss_bytes()
         with pytest.raises(CheckpointError, match=rf"layer '{UP}' the shape \[128, {size}\]"):
             sparsekern.from_pretrained(v1)
-        assert time.perf_counter() - t0 < 30
+        assert _peak_rss_bytes() - before < 512 << 20
 
 
 def test_forged_vocab_size_fails_before_the_model_is_allocated(ckpt):
     _edit_json(ckpt / "config.json", lambda cfg: cfg.__setitem__("vocab_size", 4_000_000))
-    before, t0 = _peak_rss_bytes(), time.perf_counter()
+    before = _peak_rss_bytes()
     with pytest.raises(CheckpointError, match=r"config\.json gives model.embed_tokens.weight the shape \[4000000, 64\] "
                                               r"but the checkpoint holds \[96, 64\]"):
         sparsekern.from_pretrained(ckpt)
-    assert time.perf_counter() - t0 < 30
     # the embedding and lm_head it describes are 1 GiB each: neither was allocated (let alone initialised) first
     assert _peak_rss_bytes() - before < 512 << 20
 
@@ -449,11 +446,9 @@ def test_a_fifo_or_device_in_place_of_the_weights_is_refused_not_waited_on(ckpt,
         os.mkfifo(ckpt / "model.safetensors")
     else:
         os.symlink("/dev/zero", ckpt / "model.safetensors")
-    t0 = time.perf_counter()
     with _deadline(60), pytest.raises(CheckpointError, match=r"LlamaForCausalLM.from_pretrained failed \(OSError: "
                                                              r".*no file named model\.safetensors"):
-        sparsekern.from_pretrained(ckpt)
-    assert time.perf_counter() - t0 < 30
+        sparsekern.from_pretrained(ckpt)  # _deadline: a read that blocks on the FIFO fails the test, not hangs it
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")

@@ -668,13 +668,12 @@ def run_cli(argv: list[str]) -> tuple[int | None, str, float, str | None]:
 
 
 def assert_refused(argv: list[str]) -> None:
-    code, err, seconds, work = run_cli(argv)
+    code, err, _, work = run_cli(argv)
     if currently_in_test_context():
         note(f"argv={argv!r} exit={code} work={work} stderr={err[-400:]!r}")
     assert work is None, f"{argv}: work started ({work}) before the argument was refused"
     assert code == 2, f"{argv}: exit status {code}, expected 2 (stderr: {err[-300:]!r})"
     assert err.strip(), f"{argv}: no message on stderr"
-    assert seconds < 10, f"{argv}: took {seconds:.1f} s to refuse"
 
 
 @pytest.fixture(scope="module")

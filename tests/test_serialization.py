@@ -394,77 +394,8 @@ def test_from_pretrained_unknown_version_and_truncated(tmp_path):
 # ------------------------------------------------------------------------------------------------- compressed-tensors
 
 
-def write_compressed_tensors_checkpoint(model, directory):
-    """A sparse-24-bitmask checkpoint as llm-compressor writes it, built here with numpy (the oracle of the layout):
-    for each 2:4 Linear X (not lm_head): X.compressed = kept values row-major [rows, cols/2] (two per group: the
-    non-zeros, topped up with the lowest zero positions), X.bitmask = np.packbits(mask, axis=-1,
-    bitorder="little") [rows, ceil(cols/8)], X.shape = [[rows], [cols]]; everything else dense."""
-    from safetensors.torch import save_file
-
-    directory.mkdir()
-    tensors = {}
-    for key, t in model.state_dict().items():
-        layer = key.rpartition(".")[0]
-        if key.endswith(".weight") and "layers" in key and t.dim() == 2:
-            n, k = t.shape
-            g = (t != 0).reshape(n, k // 4, 4).clone()
-            for _ in range(2):  # top up groups with < 2 non-zeros by the lowest zero positions
-                short = g.sum(-1) < 2
-                first_zero = (~g).int().argmax(-1)
-                g[short, first_zero[short]] = True
-            mask = g.reshape(n, k)
-            tensors[layer + ".compressed"] = t[mask].reshape(n, k // 2).contiguous()
-            tensors[layer + ".bitmask"] = torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little"))
-            tensors[layer + ".shape"] = torch.tensor([[n], [k]])
-        else:
-            tensors[key] = t.contiguous()
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(str(directory))
-    cfg = json.loads((directory / "config.json").read_text())
-    cfg["architectures"] = [type(model).__name__]
-    cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "dense", "config_groups": {},
-        "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"],
-                            "ignore": ["lm_head"], "global_sparsity": 0.5},
-    }
-    (directory / "config.json").write_text(json.dumps(cfg))
-
-
-def test_compressed_tensors_sparse24_bitmask_loads(tmp_path):
-    model = tiny_llama()
-    write_compressed_tensors_checkpoint(model, tmp_path / "ct")
-    loaded = sparsekern.from_pretrained(tmp_path / "ct")
-    assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == 14
-    assert type(loaded.lm_head) is nn.Linear
-    assert torch.equal(loaded.model.layers[1].mlp.down_proj.to_linear().weight,
-                       model.model.layers[1].mlp.down_proj.weight)
-    ids = torch.tensor([[1, 5, 9, 33, 70]])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
-
-
-def test_compressed_tensors_quantised_refused(tmp_path):
-    model = tiny_llama()
-    write_compressed_tensors_checkpoint(model, tmp_path / "ct")
-    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
-    cfg["quantization_config"]["config_groups"] = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8}}}
-    (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"config_groups\['group_0'\]\.weights\.strategy None is not supported"):
-        sparsekern.from_pretrained(tmp_path / "ct")
-
-
-def test_compressed_tensors_truncated_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    model = tiny_llama()
-    write_compressed_tensors_checkpoint(model, tmp_path / "ct")
-    st = tmp_path / "ct" / "model.safetensors"
-    t = load_file(str(st))
-    t["model.layers.0.self_attn.q_proj.compressed"] = t["model.layers.0.self_attn.q_proj.compressed"][:, :-4].clone()
-    save_file(t, str(st))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj: compressed \[64, 28\].*do not "
-                                              r"match the model's \[64, 64\]"):
-        sparsekern.from_pretrained(tmp_path / "ct")
+# Loading compressed-tensors checkpoints (unquantised and W8A8, refusals, truncation) through transformers is
+# tested in tests/test_hf_compressed_tensors.py, on folders built with compressed-tensors' own config classes.
 
 
 def test_compressed_tensors_export_round_trip(tmp_path):

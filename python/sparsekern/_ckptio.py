@@ -13,6 +13,14 @@ from ._fsutil import FileRefused, check_regular_file
 from .weight import CheckpointError
 
 
+#: safetensors dtype codes -> torch dtypes (the ones sparsekern's checkpoints and the models it prunes hold)
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+#: torch dtype name ("float32") -> safetensors code ("F32")
+ST_CODES = {str(dt).removeprefix("torch."): code for code, dt in ST_DTYPES.items()}
+
+
 def tensor_checksum(t: torch.Tensor) -> str:
     """CRC-32 of a tensor's dtype, shape and bytes (contiguous, row-major) as "crc32:xxxxxxxx": what save_safetensors
     records per tensor and the loaders verify, so a flipped bit in a checkpoint, or a header edited to call the same

@@ -16,10 +16,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import _hfbase as hf
 from ._modules import is_conv1d, replace_module
 from ._version import __version__
+from ._ckptio import ST_CODES, ST_DTYPES
 from .linear import SparseLinear, dense_weight_of, is_convertible
 from .weight import FORMAT_VERSION, CheckpointError, Sparse24Weight, codes_shape
 
-_ST_FLOAT = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_ST_FLOAT = {name: ST_CODES[name] for name in ("float32", "float16", "bfloat16")}
 _ST_QUANT = {"int8": "I8", "fp8": "F8_E4M3"}
 _LAYER_ENTRIES = ("values", "codes", "weight_scale", "shape", "format_version")
 
@@ -33,7 +34,7 @@ def _check_header_dtype(key: str, want: torch.dtype, got: str, where: str) -> No
     anything else must be stored exactly as the model holds it (a header relabelling float bits as integers is
     refused, not loaded as numbers)."""
     floats = ("F64", "F32", "F16", "BF16")
-    ok = got in floats if want.is_floating_point else _ST_TORCH_NAMES.get(got) == str(want).removeprefix("torch.")
+    ok = got in floats if want.is_floating_point else ST_DTYPES.get(got) == want
     if not ok:
         raise CheckpointError(f"{where}: '{key}' is stored as {got} but the model holds it as "
                               f"{str(want).removeprefix('torch.')}")
@@ -130,10 +131,6 @@ def read_headers(files, require_sums: bool = False) -> tuple[dict[str, tuple[lis
     return heads, sums, paths
 
 
-_ST_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                   "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                   "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
 
 def _file_checksums(path: Path, keys) -> dict[str, str]:
     """{key: "crc32:..."} for `keys` of a safetensors file, computed as serialization.tensor_checksum does (dtype
@@ -151,7 +148,8 @@ def _file_checksums(path: Path, keys) -> dict[str, str]:
             if not isinstance(info, dict):
                 continue
             begin, end = info["data_offsets"]
-            crc = zlib.crc32(f"{_ST_TORCH_NAMES.get(info['dtype'], info['dtype'])}{list(info['shape'])}".encode())
+            name = str(ST_DTYPES[info["dtype"]]).removeprefix("torch.") if info["dtype"] in ST_DTYPES else info["dtype"]
+            crc = zlib.crc32(f"{name}{list(info['shape'])}".encode())
             f.seek(8 + n + begin)
             left = end - begin
             while left > 0:

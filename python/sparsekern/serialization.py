@@ -39,6 +39,7 @@ from .linear import SparseLinear, dense_weight_of, is_convertible
 from ._ckptio import (  # noqa: F401  (tensor_checksum and the header helpers stay importable from here)
     _FLOAT_NAMES,
     _LAYER_RULES,
+    ST_CODES,
     _open_safetensors,
     _safetensors_header,
     check_layer_specs,
@@ -351,7 +352,7 @@ def _construct(model_class, config, where: str, device: str | None = None):
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
 
 
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_ST_DTYPES = {name: ST_CODES[name] for name in _FLOAT_NAMES}
 
 
 def _check_dense_against_header(model_class, config, meta: dict, heads: dict, where: str) -> None:

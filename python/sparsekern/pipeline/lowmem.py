@@ -32,14 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._ckptio import ST_DTYPES
 from .config import PruneConfig, make_config
 from .errors import PipelineError
 from .report import PruneReport
 from .run import _PruneRun, run_blocks
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class ShardReader:
@@ -84,7 +81,7 @@ class ShardReader:
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
-                dtype = _ST_DTYPES.get(info.get("dtype"))
+                dtype = ST_DTYPES.get(info.get("dtype"))
                 begin, end = info.get("data_offsets", (0, -1))
                 if dtype is None or not 0 <= begin <= end or 8 + n + end > size:
                     raise PipelineError(f"{path}: tensor {key!r} has an unsupported dtype or lies past the end of "
