@@ -106,6 +106,6 @@ def test_signature_lists_every_option():
     params = inspect.signature(prune_model).parameters
     fields = [f.name for f in dataclasses.fields(PruneConfig)]
     assert list(params) == ["model", "calibration", "config", *fields]
-    assert len(fields) == 27
+    assert len(fields) == 28
     assert params["method"].default == "sparsegpt" and params["rerun_kernel"].default == "dense"
     assert all(params[f].kind is inspect.Parameter.KEYWORD_ONLY for f in fields)

@@ -29,6 +29,8 @@ PROTOCOL = ("calibration = the first {nsamples} windows of {seqlen} tokens of {t
 
 def _log(args, msg: str) -> None:
     # With --json, stdout carries only the JSON document; human-readable progress goes to stderr.
+    if getattr(args, "rank", 0):
+        return  # under torchrun only rank 0 talks
     print(msg, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
 
 
@@ -114,11 +116,72 @@ def _clean_errors(command: str):
             try:
                 return fn(args)
             except user_error_types() as e:
-                print(f"sparsekern {command}: error: {e}", file=sys.stderr)
+                world = _torchrun_world()
+                where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+                print(f"sparsekern {command}: error{where}: {e}", file=sys.stderr)
                 return 2
         run.__name__ = fn.__name__
         return run
     return wrap
+
+
+def _torchrun_world() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when not launched by torchrun or a similar launcher)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+class _Distributed:
+    """`sparsekern prune` under torchrun (WORLD_SIZE > 1): the default process group for the run's duration --
+    gloo for --device cpu, NCCL with this rank's GPU (cuda:LOCAL_RANK) for --device cuda -- with --dist-timeout
+    as every collective's timeout; args.rank set (only rank 0 logs, prints and writes)."""
+
+    def __init__(self, args):
+        self.args, self.world, self.owned = args, _torchrun_world(), False
+        args.rank = 0
+
+    def __enter__(self):
+        from datetime import timedelta
+
+        import torch.distributed as td
+
+        from .cli import UserError
+
+        args = self.args
+        if self.world <= 1:
+            return self
+        for flag, bad, why in (("--eval-tokens", args.eval_tokens, "run `sparsekern eval --model OUT` afterwards"),
+                               ("--skip-sensitive", args.skip_sensitive, "run the scan in one process"),
+                               ("--permute", args.permute, "the time-budgeted search could differ between ranks"),
+                               ("--rerun-kernel auto", args.rerun_kernel == "auto",
+                                "it decides by timing on each rank; use dense or sparse")):
+            if bad:
+                raise UserError(f"{flag} is not supported across ranks (WORLD_SIZE={self.world}): {why}")
+        if args.device.startswith("cuda"):
+            if args.device != "cuda":
+                raise UserError(f"--device {args.device}: under torchrun each rank uses its own GPU "
+                                "(cuda:LOCAL_RANK); pass --device cuda")
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        if not td.is_initialized():
+            td.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                  timeout=timedelta(seconds=args.dist_timeout))
+            self.owned = True
+        args.rank = td.get_rank()
+        return self
+
+    def __exit__(self, *exc):
+        if self.owned:
+            import torch.distributed as td
+
+            try:
+                td.destroy_process_group()
+            except Exception:  # noqa: BLE001  (a group broken by a lost rank: nothing left to release)
+                pass
+        return False
 
 
 def _check_plan(args) -> Path | None:
@@ -209,8 +272,16 @@ def _cmd_prune(args) -> int:
     from .pipeline import prune_model
 
     out = _check_plan(args)  # fail before minutes of pruning, not after
-    if args.low_memory:
-        return _cmd_prune_low_memory(args, out)
+    with _Distributed(args) as dist:
+        if args.low_memory:
+            return _cmd_prune_low_memory(args, out)
+        return _cmd_prune_in_memory(args, out, dist)
+
+
+def _cmd_prune_in_memory(args, out: Path | None, dist: _Distributed) -> int:
+    from . import data
+    from .pipeline import prune_model
+
     t0 = time.perf_counter()
     model, tok = _load(args)
     _check_space(args, out, model)
@@ -270,17 +341,34 @@ def _cmd_prune(args) -> int:
     if out is not None:
         t0 = time.perf_counter()
         meta = _prune_meta(args, report, calib)
-        srep = save_pruned(model, tok, out, metadata=meta, dense=args.dense, quant=args.quant,
-                           overwrite=args.overwrite)
+        srep = _save_on_rank0(args, dist, lambda: save_pruned(model, tok, out, metadata=meta, dense=args.dense,
+                                                              quant=args.quant, overwrite=args.overwrite), out)
         times["save"] = time.perf_counter() - t0
         result["out"] = str(out)
         if srep is not None:
             result["sparsify"] = {"converted": len(srep.converted), "bytes_before": srep.bytes_before,
                                   "bytes_after": srep.bytes_after}
         _log(args, f"saved to {out}" + ("" if srep is None else f" ({srep})"))
-    if args.json:
+    result["world_size"] = dist.world
+    if args.json and not args.rank:
         print(json.dumps(result, indent=1))
     return 0
+
+
+def _save_on_rank0(args, dist: _Distributed, save, out: Path):
+    """save() on rank 0 only (one process: just save()); across ranks every rank learns whether it succeeded."""
+    if dist.world <= 1:
+        return save()
+    from .pipeline.dist import DistContext
+
+    err, result = None, None
+    try:
+        if args.rank == 0:
+            result = save()
+    except BaseException as exc:  # reported to every rank, then re-raised on rank 0
+        err = exc
+    DistContext().check(err, f"saving {out} on rank 0")
+    return result
 
 
 def _prune_meta(args, report, calib) -> dict:
@@ -338,8 +426,9 @@ def _cmd_prune_low_memory(args, out: Path) -> int:
     _log(args, report.table(per_linear=args.verbose))
     _log(args, f"saved to {out} (low memory: one block at a time)")
     result = {"command": "prune", "model": args.model, "text": args.text, "report": report.to_dict(),
-              "seconds": times, "skip_sensitive": [], "out": str(out), "low_memory": True}
-    if args.json:
+              "seconds": times, "skip_sensitive": [], "out": str(out), "low_memory": True,
+              "world_size": report.world_size}
+    if args.json and not args.rank:
         print(json.dumps(result, indent=1))
     return 0
 
@@ -567,6 +656,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dense", action="store_true", help="with --out: plain Hugging Face checkpoint, dense weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--verbose", action="store_true", help="per-linear table")
+    p.add_argument("--dist-timeout", type=_positive, default=1800, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at each exchange before failing "
+                        "(default 1800; longer than the slowest block's pruning)")
     p.set_defaults(func=_clean_errors("prune")(_cmd_prune))
 
     p = subparsers.add_parser("eval", help="perplexity of a model (bundled, HF directory or sparsekern directory)")

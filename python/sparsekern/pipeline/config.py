@@ -100,6 +100,11 @@ class PruneConfig:
                  copy, for the re-run only; results equal within float32 rounding), or "auto" (per weight
                  shape, "sparse" when a probe at batch_size x seqlen rows finds it >= 5% faster and agreeing
                  within float32 rounding; CPU float32 forwards only, else "dense"). The model is not changed.
+    distributed: None (default) -- when torch.distributed's default process group is initialised with more than
+                 one rank (torchrun), prune across its ranks (pipeline/dist.py: calibration batches split, statistics
+                 added in rank order, linears dealt to ranks and broadcast; every rank must call prune_model with
+                 the same model, options and calibration); False -- this process alone even then; True -- require
+                 such a group.
     """
 
     method: str = "sparsegpt"
@@ -129,6 +134,7 @@ class PruneConfig:
     refit_gradual_iters: int = 30
     permute: bool | Iterable[str] = False
     permute_seconds: float = 1.0
+    distributed: bool | None = None
 
     def __post_init__(self) -> None:
         def set_(name, value):  # frozen: the normalised values are set once, here
@@ -166,6 +172,8 @@ class PruneConfig:
             except (RuntimeError, TypeError) as e:
                 raise PipelineError(f"device {self.device!r}: {e}") from None
         self._check_kernels()
+        if self.distributed not in (None, True, False):
+            raise PipelineError(f"distributed ({self.distributed!r}) must be None (automatic), True or False")
 
     def _check_method_options(self) -> None:
         if self.refit not in REFITS:

@@ -35,8 +35,9 @@ from torch import nn
 from .._ckptio import ST_DTYPES
 from .config import PruneConfig, make_config
 from .errors import PipelineError
+from .dist import DistContext, was_reported
 from .report import PruneReport
-from .run import _PruneRun, run_blocks
+from .run import _PruneRun, run_blocks, start_run
 
 
 class ShardReader:
@@ -126,9 +127,10 @@ def _skeleton(src: Path, dtype: torch.dtype):
 class _LowMemRun(_PruneRun):
     """prune_model's run whose blocks are read from a checkpoint and written to output shards (module doc)."""
 
-    def __init__(self, model, calibration, cfg: PruneConfig, reader: ShardReader, tmp: Path, dtype: torch.dtype,
-                 dense: bool, store_quant: str | None):
-        super().__init__(model, calibration, cfg)
+    def __init__(self, model, calibration, cfg: PruneConfig, reader: ShardReader, tmp: Path | None,
+                 dtype: torch.dtype, dense: bool, store_quant: str | None, dist: DistContext | None = None):
+        # tmp None: a rank other than 0 across ranks, which prunes its share but writes nothing
+        super().__init__(model, calibration, cfg, dist)
         self.reader, self.tmp, self.dtype, self.dense, self.store_quant = reader, tmp, dtype, dense, store_quant
         self.nshards = len(self.layers) + 1
         self.weight_map: dict[str, str] = {}
@@ -154,6 +156,10 @@ class _LowMemRun(_PruneRun):
         from .._modules import replace_module
         from ..linear import SparseLinear
 
+        if self.tmp is None:  # not the writing rank
+            self.layers[i] = nn.Module()
+            _release_free_memory()
+            return
         if not self.dense and (self.n, self.m) == (2, 4):
             for name in names:
                 new = SparseLinear.from_linear(layer.get_submodule(name), quant=self.store_quant, name=name)
@@ -259,11 +265,16 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, calibration
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     report: list[PruneReport] = []
+    dist = DistContext.detect(cfg.distributed)
+
+    def prune_blocks(tmp: Path | None) -> tuple[_LowMemRun, PruneReport]:
+        run = start_run(lambda: _LowMemRun(model, calibration, cfg, reader, tmp, dtype, dense, store_quant, dist),
+                        dist)
+        return run, run_blocks(run, t_start, cpu_start)
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        run = _LowMemRun(model, calibration, cfg, reader, tmp, dtype, dense, store_quant)
-        rep = run_blocks(run, t_start, cpu_start)
+        run, rep = prune_blocks(tmp)
         run._write_shard(run.nshards, {k: t.detach().to("cpu").contiguous()
                                        for k, t in _outside_blocks(model, layers_path).items()})
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
@@ -293,5 +304,21 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, calibration
         rep.low_memory = True
         report.append(rep)
 
-    atomic_write(out, write, overwrite=overwrite)
+    if dist is None:
+        atomic_write(out, write, overwrite=overwrite)
+        return report[0]
+    # Across ranks: rank 0 writes; the others prune their share, then learn whether rank 0's output landed.
+    err = None
+    try:
+        if dist.rank == 0:
+            atomic_write(out, write, overwrite=overwrite)
+        else:
+            _, rep = prune_blocks(None)
+            rep.low_memory = True
+            report.append(rep)
+    except BaseException as exc:
+        if was_reported(exc):
+            raise
+        err = exc
+    dist.check(err, f"writing {out}")
     return report[0]

@@ -32,6 +32,11 @@ class WithHessian:
             self.own.add(x)
         self.hessian_stats.add(x)
 
+    def reduce(self, dist) -> None:
+        if self.own is not None:
+            self.own.reduce(dist)
+        self.hessian_stats.reduce(dist)
+
     @property
     def value(self):
         return None if self.own is None else self.own.value
@@ -47,17 +52,20 @@ class WithHessian:
 
 def make_stats(method: str, in_features: int, device: torch.device):
     """A fresh statistics object for `method` over inputs of `in_features` (None for magnitude: data-free).
-    "<method>+hessian" (PruneConfig.stats_method with a refit): the method's statistics and the Hessian."""
-    engine = _engine()
+    "<method>+hessian" (PruneConfig.stats_method with a refit): the method's statistics and the Hessian.
+    The statistics are float64 sums of per-batch terms (pipeline/sums.py), so that a run split across ranks
+    computes the one-process values."""
+    from .sums import SummedActScale, SummedHessian
+
     if method.endswith("+hessian"):
         own = method.removesuffix("+hessian")
         if own in ("sparsegpt", "admm"):
             return make_stats(own, in_features, device)
-        return WithHessian(make_stats(own, in_features, device), engine.HessianStats(in_features, device))
+        return WithHessian(make_stats(own, in_features, device), SummedHessian(in_features, device))
     if method in ("sparsegpt", "admm"):
-        return engine.HessianStats(in_features, device)
+        return SummedHessian(in_features, device)
     if method == "wanda":
-        return engine.ActScaleStats(in_features, device)
+        return SummedActScale(in_features, device)
     return None
 
 
@@ -143,62 +151,115 @@ class GroupPruner:
 
     def __init__(self, method: str, pattern, options: Mapping[str, Any], report: PruneReport, layers_path: str,
                  refit: str | None = None, refit_options: Mapping[str, Any] | None = None,
-                 permuter: BlockPermuter | None = None):
+                 permuter: BlockPermuter | None = None, dist=None):
         self.method, self.pattern, self.options = method, pattern, options
         self.report, self.layers_path = report, layers_path
         self.refit, self.refit_options = refit, dict(refit_options or {})
         self.permuter = permuter
+        self.dist = dist  # pipeline/dist.py's DistContext, or None for one process
 
     def __call__(self, layer_index: int, mods: Mapping[str, nn.Module], group: Sequence[str], stat) -> None:
+        self.prune_groups(layer_index, mods, [group], [stat])
+
+    def prune_groups(self, layer_index: int, mods: Mapping[str, nn.Module], groups: Sequence[Sequence[str]],
+                     stats: Sequence) -> None:
+        """Prune every linear of `groups` (stats[k]: group k's statistics). Across ranks (self.dist): the
+        statistics are summed over the ranks, the linears dealt to the ranks, each rank prunes its own, and every
+        result is broadcast from its owner (pipeline/dist.py)."""
+        if self.dist is None:
+            for g, stat in zip(groups, stats):
+                shared: dict = {}
+                for n in g:
+                    self.report.linears.append(self._prune_one(layer_index, mods, n, stat, shared))
+            return
+        dist = self.dist
+        dist.check(None, f"calibrating block {layer_index}")
+        for stat in stats:
+            if stat is not None:
+                stat.reduce(dist)
+        items = [(k, n) for k, g in enumerate(groups) for n in g]
+        owners = dist.deal([self._cost(mods[n]) for _, n in items])
+        mine: dict[str, LinearReport] = {}
+        err = None
+        try:
+            shared: dict[int, dict] = {}
+            for (k, n), owner in zip(items, owners):
+                if owner == dist.rank:
+                    mine[n] = self._prune_one(layer_index, mods, n, stats[k], shared.setdefault(k, {}))
+        except Exception as exc:  # noqa: BLE001  (reported to every rank by check, then re-raised here)
+            err = exc
+        dist.check(err, f"pruning block {layer_index}")
+        from ..quant import attach_weight_grid, weight_grid
+
+        for (_, n), owner in zip(items, owners):
+            w = weight_matrix(mods[n])
+            dist.broadcast_(w, src=owner)
+            payload = None
+            if owner == dist.rank:
+                grid = weight_grid(mods[n])
+                payload = (mine[n], None if grid is None else (grid[0], grid[1].cpu()))
+            row, grid = dist.broadcast_object(payload, src=owner)
+            if owner != dist.rank and grid is not None:  # the W8A8 grid SparseGPT optimised on (quant=...)
+                attach_weight_grid(mods[n], grid[0], grid[1].to(w.device))
+            row.rank = owner
+            self.report.linears.append(row)
+
+    def _cost(self, module: nn.Module) -> float:
+        """Relative pruning time of a linear, for dealing linears to ranks: out x in^2 with a Hessian (SparseGPT,
+        ADMM, a refit), out x in otherwise."""
+        out_f, in_f = weight_matrix(module).shape
+        hessian = self.method in ("sparsegpt", "admm") or self.refit is not None
+        return float(out_f) * in_f * (in_f if hessian else 1)
+
+    def _prune_one(self, layer_index: int, mods: Mapping[str, nn.Module], n: str, stat, shared: dict) -> LinearReport:
+        """Prune linear `n` from its group's statistics `stat`; `shared` carries what the group's linears share
+        (the refit's factorisation). Returns its report row."""
         group_value = None if stat is None else stat.value
         group_hessian = hessian_of(stat) if (self.refit is not None or self.method == "admm") else None
-        group_solver = None
-        for n in group:
-            t0 = time.perf_counter()
-            value, hessian, solver = group_value, group_hessian, group_solver
-            perm = None
-            if self.permuter is not None:
-                if self.method == "magnitude":
-                    act_scale = None
-                elif group_value is not None and group_value.dim() == 1:
-                    act_scale = group_value  # Wanda's activation scale
-                else:  # the Hessian's diagonal is 2 x the activation scale: the same ranking
-                    act_scale = torch.diagonal(hessian_of(stat))
-                perm = self.permuter(layer_index, n, act_scale)
-                if perm is not None:
-                    value, hessian = _permuted_stats(value, hessian, perm)
-            if self.refit is not None and (solver is None or perm is not None):
-                from ..prune.refit import RefitSolver
+        t0 = time.perf_counter()
+        value, hessian, solver = group_value, group_hessian, shared.get("solver")
+        perm = None
+        if self.permuter is not None:
+            if self.method == "magnitude":
+                act_scale = None
+            elif group_value is not None and group_value.dim() == 1:
+                act_scale = group_value  # Wanda's activation scale
+            else:  # the Hessian's diagonal is 2 x the activation scale: the same ranking
+                act_scale = torch.diagonal(hessian_of(stat))
+            perm = self.permuter(layer_index, n, act_scale)
+            if perm is not None:
+                value, hessian = _permuted_stats(value, hessian, perm)
+        if self.refit is not None and (solver is None or perm is not None):
+            from ..prune.refit import RefitSolver
 
-                solver = RefitSolver(hessian, self.refit_options.get("percdamp", 0.01))
-                if perm is None:
-                    group_solver = solver  # shared by the group's linears (one factorisation)
-            if self.method == "admm":
-                value = hessian
-            w = weight_matrix(mods[n])
-            # The engine leaves its statistics untouched, so a group shares one object.
-            opts = dict(self.options, **self.refit_options) if self.method == "admm" else self.options
-            quant = self.options.get("quant")
-            if solver is not None and quant is not None:
-                opts = dict(opts, quant=None)  # quantised after the refit, on the refit's weights
-            res = prune_weight(self.method, w, value, self.pattern, opts)
-            if solver is not None:
-                res = solver.refit(w, res.mask, self.pattern, iters=self.refit_options.get("iters", 20),
-                                   cg_iters=self.refit_options.get("cg_iters", 10))
-                if quant is not None:
-                    # GPTQ on the refit's mask: the OBS loop rounds onto the grid column by column and compensates
-                    # the rounding error on the columns not yet rounded; the mask does not change.
-                    res = _engine().sparsegpt(res.weight, hessian, self.pattern,
-                                              blocksize=self.options.get("blocksize", 128),
-                                              percdamp=self.options.get("percdamp", 0.01), quant=quant, mask=res.mask)
-            set_weight_matrix(mods[n], res.weight)
-            if getattr(res, "scale", None) is not None:
-                # The grid the weight was optimised on: sparsify(quant=...) stores exactly these codes and scales.
-                from ..quant import attach_weight_grid
+            solver = RefitSolver(hessian, self.refit_options.get("percdamp", 0.01))
+            if perm is None:
+                shared["solver"] = solver  # shared by the group's linears (one factorisation)
+        if self.method == "admm":
+            value = hessian
+        w = weight_matrix(mods[n])
+        # The engine leaves its statistics untouched, so a group shares one object.
+        opts = dict(self.options, **self.refit_options) if self.method == "admm" else self.options
+        quant = self.options.get("quant")
+        if solver is not None and quant is not None:
+            opts = dict(opts, quant=None)  # quantised after the refit, on the refit's weights
+        res = prune_weight(self.method, w, value, self.pattern, opts)
+        if solver is not None:
+            res = solver.refit(w, res.mask, self.pattern, iters=self.refit_options.get("iters", 20),
+                               cg_iters=self.refit_options.get("cg_iters", 10))
+            if quant is not None:
+                # GPTQ on the refit's mask: the OBS loop rounds onto the grid column by column and compensates
+                # the rounding error on the columns not yet rounded; the mask does not change.
+                res = _engine().sparsegpt(res.weight, hessian, self.pattern,
+                                          blocksize=self.options.get("blocksize", 128),
+                                          percdamp=self.options.get("percdamp", 0.01), quant=quant, mask=res.mask)
+        set_weight_matrix(mods[n], res.weight)
+        if getattr(res, "scale", None) is not None:
+            # The grid the weight was optimised on: sparsify(quant=...) stores exactly these codes and scales.
+            from ..quant import attach_weight_grid
 
-                attach_weight_grid(mods[n], res.quant, res.scale)
-            loss = getattr(res, "loss", None)
-            self.report.linears.append(LinearReport(
-                layer=layer_index, name=f"{self.layers_path}.{layer_index}.{n}", shape=tuple(w.shape),
-                loss=None if loss is None else float(loss.sum()), sparsity=sparsity_of(w),
-                seconds=time.perf_counter() - t0))
+            attach_weight_grid(mods[n], res.quant, res.scale)
+        loss = getattr(res, "loss", None)
+        return LinearReport(layer=layer_index, name=f"{self.layers_path}.{layer_index}.{n}", shape=tuple(w.shape),
+                            loss=None if loss is None else float(loss.sum()), sparsity=sparsity_of(w),
+                            seconds=time.perf_counter() - t0)

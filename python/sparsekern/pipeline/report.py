@@ -16,6 +16,7 @@ class LinearReport:
     loss: float | None
     sparsity: float
     seconds: float
+    rank: int = 0  # the rank that pruned it (pipeline/dist.py; 0 in a one-process run)
 
 
 @dataclass
@@ -54,6 +55,11 @@ class PruneReport:
     permutations: dict = field(default_factory=dict)
     # Out-of-core run (pipeline/lowmem.py): blocks read from the checkpoint and written out one at a time.
     low_memory: bool = False
+    # Across ranks (pipeline/dist.py): the process group's size and backend, and per rank the calibration sequences
+    # [first, end) it ran and the linears it pruned. One process: world_size 1, one entry.
+    world_size: int = 1
+    backend: str | None = None
+    ranks: list = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -78,6 +84,10 @@ class PruneReport:
                  f"sparsity {100 * self.sparsity:.2f}%, kept dense: {len(self.kept_dense)}",
                  f"  time: capture {self.capture_seconds:.1f} s, blocks {sum(self.block_seconds):.1f} s, "
                  f"total {self.total_seconds:.1f} s (process CPU time {self.cpu_seconds:.1f} s)"]
+        if self.world_size > 1:
+            lines.append(f"  {self.world_size} ranks ({self.backend}): " + "; ".join(
+                f"rank {r['rank']} sequences {r['samples'][0]}-{r['samples'][1]}, {len(r['linears'])} linears"
+                for r in self.ranks))
         if per_linear:
             lines.append(f"  {'layer':>5}  {'linear':<40} {'shape':>12} {'loss':>12} {'sparsity':>8} {'s':>6}")
             for r in self.linears:

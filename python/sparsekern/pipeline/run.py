@@ -15,6 +15,7 @@ from .._modules import model_device
 from ..data import check_seqlen
 from .capture import as_calibration, capture_block_inputs, move_outside_layers
 from .config import PruneConfig, calibration_autocast, engine_pattern
+from .dist import DistContext, was_reported
 from .errors import PipelineError
 from .pruning import BlockPermuter, GroupPruner
 from .report import PruneReport
@@ -47,18 +48,30 @@ def _calibration_ids(model: nn.Module, calibration: Any, cfg: PruneConfig) -> to
 class _PruneRun:
     """The state one prune_model call carries from block to block, and its stages (module docstring)."""
 
-    def __init__(self, model: nn.Module, calibration: Any, cfg: PruneConfig):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, calibration: Any, cfg: PruneConfig, dist: DistContext | None = None):
+        self.model, self.cfg, self.dist = model, cfg, dist
         self.layers_path, self.layers = find_decoder_layers(model)
         self.device = _resolve_device(cfg.device, model)
         self.calib = _calibration_ids(model, calibration, cfg)
         n, t = (0, 0) if self.calib is None else self.calib.shape
+        self.samples = (0, n)  # the calibration sequences this process runs: all, or its rank's range
+        if dist is not None:
+            self._check_distributable(cfg)
+            nbatches = -(-n // cfg.batch_size)
+            if self.calib is not None and nbatches < dist.world:
+                raise PipelineError(f"{n} calibration sequences in batches of {cfg.batch_size} make {nbatches} "
+                                    f"batch(es) for {dist.world} ranks: every rank needs at least one (more nsamples "
+                                    "or a smaller batch_size)")
+            b0, b1 = dist.batch_range(nbatches, dist.rank)
+            self.samples = (min(n, b0 * cfg.batch_size), min(n, b1 * cfg.batch_size))
         self.report = PruneReport(
             method=cfg.method, pattern=cfg.pattern, nsamples=n, seqlen=t, true_sequential=cfg.true_sequential,
             device=str(self.device), offload=cfg.offload, layers_path=self.layers_path,
             calib_dtype=cfg.calib_dtype_name, single_pass=bool(cfg.true_sequential and cfg.single_pass),
             rerun_kernel=cfg.rerun_kernel, refit=cfg.refit,
             refit_options=cfg.refit_options if cfg.uses_refit else {})
+        if dist is not None:
+            self.report.world_size, self.report.backend = dist.world, dist.backend
         self.selected, self.report.kept_dense = select_linears(self.layers_path, self.layers, cfg.include,
                                                                cfg.exclude, cfg.skip)
         self.autocast = functools.partial(calibration_autocast, cfg.calib_dtype, self.device)
@@ -70,12 +83,40 @@ class _PruneRun:
         self.prune_group = GroupPruner(cfg.method, engine_pattern(cfg.pattern), cfg.engine_options, self.report,
                                        self.layers_path, refit=cfg.refit,
                                        refit_options=cfg.refit_options if cfg.uses_refit else None,
-                                       permuter=permuter)
+                                       permuter=permuter, dist=dist)
         self.kernels = RerunKernels(cfg.rerun_kernel, cfg.pattern, self.device, cfg.calib_dtype,
                                     cfg.batch_size * t, self.report)
         self.chunks: list = []
         self.hidden: list[torch.Tensor] = []
         self._group_cache: dict[tuple, list[list[str]]] = {}
+
+    @staticmethod
+    def _check_distributable(cfg: PruneConfig) -> None:
+        if cfg.permute is not False:
+            raise PipelineError("permute across ranks is not supported: the permutation search is time-budgeted, so "
+                                "ranks could fold different permutations; prune with permute in one process")
+        if cfg.rerun_kernel == "auto":
+            raise PipelineError("rerun_kernel='auto' decides by timing on each rank, so ranks could choose "
+                                "differently; use 'dense' or 'sparse' across ranks")
+
+    def fingerprint(self) -> dict:
+        """What every rank must agree on (pipeline/dist.py checks it): options, calibration ids, model."""
+        import dataclasses
+        import hashlib
+
+        from .. import __version__
+        from .dist import model_digest
+
+        fp = {f"option {f.name}": repr(getattr(self.cfg, f.name)) for f in dataclasses.fields(self.cfg)
+              if f.name not in ("device", "progress", "tokenizer", "distributed")}
+        fp["device type"] = self.device.type
+        fp["calibration ids"] = (None if self.calib is None else
+                                 f"{list(self.calib.shape)} sha256 "
+                                 f"{hashlib.sha256(self.calib.contiguous().numpy().tobytes()).hexdigest()[:16]}")
+        fp["model"] = f"{type(self.model).__name__} {model_digest(self.model)}"
+        fp["sparsekern version"] = __version__
+        fp["torch version"] = torch.__version__
+        return fp
 
     def _permute_rules(self, model: nn.Module, cfg: PruneConfig) -> list[dict]:
         """Per block, the fold rules of the selected linears to permute; PipelineError (before anything is changed)
@@ -110,8 +151,9 @@ class _PruneRun:
         if self.cfg.offload:
             move_outside_layers(self.model, self.layers, self.device)
         try:
-            self.chunks = capture_block_inputs(self.model, self.layers, self.calib, batch_size=self.cfg.batch_size,
-                                               device=self.device)
+            s0, s1 = self.samples
+            self.chunks = capture_block_inputs(self.model, self.layers, self.calib[s0:s1],
+                                               batch_size=self.cfg.batch_size, device=self.device)
         finally:
             if self.cfg.offload:
                 move_outside_layers(self.model, self.layers, torch.device("cpu"))
@@ -146,8 +188,8 @@ class _PruneRun:
             with self.autocast():
                 stats = {} if self.calib is None else collect_stats(layer, todo, self.chunks, self.hidden,
                                                                     self.cfg.stats_method, self.device)
-            for g in todo:
-                self.prune_group(i, mods, g, stats.get(g[0]))
+            # one call for all of them: across ranks, their linears are dealt to the ranks together
+            self.prune_group.prune_groups(i, mods, todo, [stats.get(g[0]) for g in todo])
             del stats
 
     def staged(self) -> bool:
@@ -174,6 +216,13 @@ class _PruneRun:
             layer.to("cpu")
 
     def finish(self, t_start: float, cpu_start: float) -> PruneReport:
+        if self.dist is not None:
+            n, bs = self.report.nsamples, self.cfg.batch_size
+            nbatches = -(-n // bs)
+            self.report.ranks = [
+                {"rank": r, "samples": [min(n, b0 * bs), min(n, b1 * bs)],
+                 "linears": [row.name for row in self.report.linears if row.rank == r]}
+                for r in range(self.dist.world) for b0, b1 in [self.dist.batch_range(nbatches, r)]]
         self.report.total_seconds = time.perf_counter() - t_start
         self.report.cpu_seconds = time.process_time() - cpu_start
         return self.report
@@ -194,8 +243,8 @@ class _PruneGroupMidPass:
             self.sparse_stack.enter_context(sparse_forwards(self.run.kernels.sparse_ones(group)))
 
 
-def _block_bar(nblocks: int, cfg: PruneConfig):
-    if not cfg.progress:
+def _block_bar(nblocks: int, cfg: PruneConfig, show: bool):
+    if not show:
         return range(nblocks)
     from tqdm.auto import tqdm
 
@@ -207,36 +256,72 @@ def _show_loss(bar, report: PruneReport) -> None:
         bar.set_postfix(loss=f"{report.linears[-1].loss:.3g}")
 
 
+@contextlib.contextmanager
+def rank_step(dist: DistContext | None, what: str):
+    """One step of the run that may fail on one rank only: across ranks, the step ends with dist.check, where a
+    rank that failed reports its error and every rank raises (pipeline/dist.py). One process: nothing added."""
+    if dist is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        # another rank's failure, a broken group, or an error already reported: no further collective
+        if not was_reported(exc):
+            dist.check(exc, what)
+        raise
+    dist.check(None, what)
+
+
+def start_run(make_run, dist: DistContext | None) -> _PruneRun:
+    """make_run() (a _PruneRun); across ranks, checked to have succeeded on every rank and to have the same
+    options, calibration ids and model everywhere."""
+    if dist is None:
+        return make_run()
+    try:
+        run = make_run()
+    except BaseException as exc:
+        if not was_reported(exc):
+            dist.check(exc, "setting up")
+        raise
+    dist.check(None, "setting up", fingerprint=run.fingerprint())
+    return run
+
+
 def run_blocks(run: _PruneRun, t_start: float, cpu_start: float) -> PruneReport:
     """The block loop of prune_model (module docstring's stages), for any _PruneRun."""
-    model, cfg = run.model, run.cfg
+    model, cfg, dist = run.model, run.cfg, run.dist
     was_training = model.training
     model.eval()
     bar = None
+    show = cfg.progress and (dist is None or dist.rank == 0)
     try:
-        run.prepare()
-        run.capture()                                                           # capture
-        bar = _block_bar(len(run.layers), cfg)
+        with rank_step(dist, "capturing the calibration inputs"):
+            run.prepare()
+            run.capture()                                                       # capture
+        bar = _block_bar(len(run.layers), cfg, show)
         for i in bar:
             t_block = time.perf_counter()
             names = run.selected[i]
-            layer = run.load_block(i, run.layers[i])                            # load
-            mods = block_linears(layer)
-            if names:
-                groups = run.groups(layer, names)                               # groups
-                if run.staged():
-                    run.calibrate_staged(i, layer, mods, groups)                # calibrate + rerun, one pass
-                else:
-                    run.calibrate_in_passes(i, layer, mods, groups)             # calibrate
-            if run.needs_output(i) and not (names and run.staged()):
-                run.rerun(layer, mods, names)                                   # rerun
-            del mods  # the block's dense linears: a low-memory unload replaces them, nothing may keep them alive
-            run.unload_block(i, layer, names)                                   # unload (low memory: write)
-            del layer  # likewise the block itself, before the next one is read
+            with rank_step(dist, f"reading block {i}"):
+                layer = run.load_block(i, run.layers[i])                        # load
+            with rank_step(dist, f"block {i}"):
+                mods = block_linears(layer)
+                if names:
+                    groups = run.groups(layer, names)                           # groups
+                    if run.staged():
+                        run.calibrate_staged(i, layer, mods, groups)            # calibrate + rerun, one pass
+                    else:
+                        run.calibrate_in_passes(i, layer, mods, groups)         # calibrate
+                if run.needs_output(i) and not (names and run.staged()):
+                    run.rerun(layer, mods, names)                               # rerun
+                del mods  # the block's dense linears: a low-memory unload replaces them, nothing may keep them alive
+                run.unload_block(i, layer, names)                               # unload (low memory: write)
+                del layer  # likewise the block itself, before the next one is read
             run.report.block_seconds.append(time.perf_counter() - t_block)
             _show_loss(bar, run.report)
     finally:
-        if bar is not None and cfg.progress:
+        if bar is not None and show:
             bar.close()
         model.train(was_training)
     return run.finish(t_start, cpu_start)                                       # report

@@ -26,7 +26,8 @@ from torch import nn
 from .config import PruneConfig, make_config
 from .errors import PipelineError
 from .report import PruneReport
-from .run import _PruneRun, run_blocks
+from .dist import DistContext
+from .run import _PruneRun, run_blocks, start_run
 
 
 @torch.no_grad()
@@ -60,7 +61,8 @@ def prune_model(model: nn.Module, calibration: Any = None, config: PruneConfig |
                             "out='OUT'; otherwise load the model first (sparsekern.data.load_model)")
     t_start, cpu_start = time.perf_counter(), time.process_time()
     cfg = make_config(config, options)
-    return run_blocks(_PruneRun(model, calibration, cfg), t_start, cpu_start)
+    dist = DistContext.detect(cfg.distributed)
+    return run_blocks(start_run(lambda: _PruneRun(model, calibration, cfg, dist), dist), t_start, cpu_start)
 
 
 def _keyword_signature(fn):
