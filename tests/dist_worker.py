@@ -11,7 +11,6 @@ state dict to out/rank{r}.pt and rank 0 its report to out/report.json; lowmem: p
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os

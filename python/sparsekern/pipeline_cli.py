@@ -268,9 +268,6 @@ def save_pruned(model, tokenizer, out: Path, *, metadata: dict, dense: bool = Fa
 
 
 def _cmd_prune(args) -> int:
-    from . import data
-    from .pipeline import prune_model
-
     out = _check_plan(args)  # fail before minutes of pruning, not after
     with _Distributed(args) as dist:
         if args.low_memory:
@@ -437,10 +434,8 @@ def _cmd_prune_low_memory(args, out: Path) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from . import data
-    from .eval import perplexity
-
     from .cli import UserError
+    from .eval import perplexity
 
     _check_sources(args)
     t0 = time.perf_counter()
