@@ -241,6 +241,22 @@ def test_permute_and_auto_rerun_are_refused_across_ranks(src, tmp_path):
         assert all(msg in err for _, err in results), [e[-1500:] for _, e in results]
 
 
+@pytest.mark.cuda
+def test_ranks_on_the_gpu_prune_what_one_gpu_process_prunes(src, tmp_path):
+    """Both ranks on GPU 0 with gloo (NCCL needs a GPU per rank): statistics and weights travel through the CPU.
+    cuBLAS and the statistics kernels are deterministic for one GPU and shape, so the weights must match the
+    one-process GPU run bit for bit."""
+    options = dict(method="sparsegpt", batch_size=2, device="cuda")
+    want, _ = _oracle(src, options)
+    out = tmp_path / "out"
+    results, _ = _launch(tmp_path, {"src": str(src), "mode": "memory", "out": str(out), "options": options}, 2)
+    assert [rc for rc, _ in results] == [0, 0], [e[-2000:] for _, e in results]
+    for r in range(2):
+        got = torch.load(out / f"rank{r}.pt", map_location="cpu")
+        bad = [k for k in want if not torch.equal(got[k], want[k].cpu())]
+        assert not bad, (r, bad[:5])
+
+
 def test_distributed_true_needs_a_process_group():
     model = _llama(1)
     with pytest.raises(PipelineError, match="distributed=True needs an initialised torch.distributed process group"):

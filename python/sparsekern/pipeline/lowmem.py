@@ -221,6 +221,23 @@ def _outside_blocks(model: nn.Module, layers_path: str) -> dict[str, torch.Tenso
     return out
 
 
+def _write_config(tmp: Path, hf_config, architecture: str, dtype: torch.dtype, sparse_specs: dict, meta) -> None:
+    """config.json of the output: the source's, with sparsekern's quantization_config when layers are 2:4."""
+    cfg_dict = hf_config.to_dict()
+    cfg_dict["architectures"] = [architecture]
+    cfg_dict["dtype"] = str(dtype).removeprefix("torch.")
+    if sparse_specs:
+        from .. import __version__
+        from .._hfbase import HF_FORMAT_VERSION, QUANT_METHOD
+        from ..weight import FORMAT_VERSION
+
+        cfg_dict["quantization_config"] = {
+            "quant_method": QUANT_METHOD, "format_version": HF_FORMAT_VERSION,
+            "portable_format_version": FORMAT_VERSION, "sparsekern_version": __version__,
+            "layers": sparse_specs, "metadata": meta}
+    (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+
+
 def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, calibration: Any = None,
                      config: PruneConfig | None = None, *, dense: bool = False, store_quant: str | None = ...,
                      dtype: torch.dtype = torch.float32, overwrite: bool = False, metadata=None,
@@ -282,19 +299,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, calibration
         meta = _check_user_metadata(metadata(rep) if callable(metadata) else metadata)
         if meta is not None:
             (tmp / "prune_report.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        cfg_dict = hf_config.to_dict()
-        cfg_dict["architectures"] = [type(model).__name__]
-        cfg_dict["dtype"] = str(dtype).removeprefix("torch.")
-        if run.sparse_specs:
-            from .. import __version__
-            from .._hfbase import HF_FORMAT_VERSION, QUANT_METHOD
-            from ..weight import FORMAT_VERSION
-
-            cfg_dict["quantization_config"] = {
-                "quant_method": QUANT_METHOD, "format_version": HF_FORMAT_VERSION,
-                "portable_format_version": FORMAT_VERSION, "sparsekern_version": __version__,
-                "layers": run.sparse_specs, "metadata": meta}
-        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+        _write_config(tmp, hf_config, type(model).__name__, dtype, run.sparse_specs, meta)
         if (src / "generation_config.json").is_file():
             from transformers import GenerationConfig
 

@@ -43,6 +43,9 @@ def prune_model(model: nn.Module, calibration: Any = None, config: PruneConfig |
                  PruneConfig, documented there) replace its fields: prune_model(model, calib, method="wanda",
                  pattern="2:4") == prune_model(model, calib, PruneConfig(method="wanda", pattern="2:4")).
     Returns a PruneReport (per-linear losses, sparsity and times).
+    Under an initialised torch.distributed process group of several ranks (torchrun), every rank calls this with the
+    same model, options and calibration, and the ranks share the work (calibration batches, pruning; pipeline/dist.py;
+    distributed=False opts out): every rank ends with the same pruned model, equal to a one-process run's.
     """
     low_memory, out = options.pop("low_memory", False), options.pop("out", None)
     if low_memory:
