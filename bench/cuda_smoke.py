@@ -63,6 +63,24 @@ def smoke_core(rows: int, cols: int, m: int) -> None:
         assert bool((err <= s[:, None] * 0.5 + 1e-2).all()), "quantize_per_token error above half a step"
 
 
+def smoke_skinny(rows: int, cols: int, m: int, dtype: torch.dtype) -> None:
+    """spmm_24's decode kernel (M <= 16): split-K on a narrow N, the element-wise path for K % 32 != 0, int8."""
+    ops = torch.ops.sparsekern
+    if not has_cuda_kernel("spmm_24") or not has_cuda_kernel("compress_24"):
+        raise LookupError("spmm_24 / compress_24 have no CUDA kernel in this build")
+    w24 = ref_prune_24(torch.randn(rows, cols, device=DEV))
+    x = torch.randn(m, cols, device=DEV)
+    if dtype == torch.int8:
+        w24, x = (w24 * 40).round().clamp(-127, 127), (x * 40).round().clamp(-127, 127)
+    values, codes = ops.compress_24(w24.to(dtype))
+    y = ops.spmm_24(x.to(dtype), values, codes, None, None, None, "none", torch.float32)
+    ref = x.to(dtype).double() @ w24.to(dtype).double().t()
+    if dtype == torch.int8:
+        assert torch.equal(y.double(), ref), "spmm_24 int8 (decode kernel) is not exact"
+    else:
+        close(y, ref, 1e-2, f"spmm_24 decode kernel {dtype}")
+
+
 def smoke_prune(rows: int, cols: int) -> None:
     ops = torch.ops.sparsekern
     x = torch.randn(2, 8, cols, device=DEV)  # [B, T, C] calibration batch
@@ -122,7 +140,9 @@ def main() -> int:
     if args.ops in ("all", "own"):
         cases += [("core 64x128 M=8", lambda: smoke_core(64, 128, 8)),
                   ("core 33x100 M=3 (odd)", lambda: smoke_core(33, 100, 3)),
-                  ("prune 48x64", lambda: smoke_prune(48, 64))]
+                  ("prune 48x64", lambda: smoke_prune(48, 64)),
+                  ("decode 1031x4096 M=1 bf16 (split-K)", lambda: smoke_skinny(1031, 4096, 1, torch.bfloat16)),
+                  ("decode 40x1000 M=16 int8 (element-wise loads)", lambda: smoke_skinny(40, 1000, 16, torch.int8))]
     if args.ops in ("all", "cslt"):
         cases += [("cslt 64x128 M=16", lambda: smoke_cslt(64, 128, 16)),
                   ("cslt 96x256 M=1", lambda: smoke_cslt(96, 256, 1))]

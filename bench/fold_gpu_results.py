@@ -33,13 +33,14 @@ import xml.etree.ElementTree as ET
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 KEEP_EXT = (".json", ".csv", ".png")
-KEEP_NAMES = ("summary.md", "stages.tsv")
+KEEP_NAMES = ("summary.md", "stages.tsv", "goals.md", "ncu.txt")
 LOG_LINES = 200
 MAX_BYTES = 5 * 1024 * 1024
 STAGE_WHAT = {
     "a1-versions": "versions", "a2-build": "build for this GPU", "b-probes": "probes of findings 1-4, 6",
     "c-tests": "cuda tests most likely to break", "d-memcheck": "compute-sanitizer memcheck",
     "e1-gemm": "GEMM benchmark (Llama-3-8B)", "e2-overhead": "per-call host overhead",
+    "e3-decode": "decode kernel M = 1..16 (Llama-3-8B, 70B), goals, ncu",
     "f-tests-rest": "the other cuda tests", "g-ctest": "C++ library (CMake) + ctest",
 }
 
@@ -202,6 +203,11 @@ def summary_markdown(d: str) -> str:
     san = sanitizer_result(d)
     if san:
         parts += ["## compute-sanitizer", "", f"memcheck: {san}", ""]
+    goals = os.path.join(d, "decode", "goals.md")
+    if os.path.exists(goals):
+        with open(goals, errors="replace") as f:
+            parts += ["## Decode kernel goals (bench/decode_goals.py; points in decode/goals.json, profile in "
+                      "decode/ncu.txt)", "", f.read().strip(), ""]
     try:
         body = _report().summarize(d)
     except Exception as e:  # noqa: BLE001 - the benchmark part must not take the stage summary down

@@ -8,7 +8,7 @@
 #
 # Usage: bash bench/gpu_validate.sh [--budget S] [--out DIR] [--archive FILE] [--dry-run] [--skip-build]
 #                                   [--stages LIST] [--estimate STAGE=S] [--python PY]
-#   --budget S        seconds of command time for the whole run (default 540). A stage starts only if its estimate
+#   --budget S        seconds of command time for the whole run (default 570). A stage starts only if its estimate
 #                     fits in what is left (else "skipped: budget"); its timeout is min(its limit, what is left).
 #   --out DIR         results folder (default build/gpu-validate/<UTC date>-<gpu>)
 #   --archive FILE    also keep FILE (.tar.gz of DIR) up to date after every stage: one file to bring back from a
@@ -30,7 +30,7 @@ CALLER_PWD=$PWD  # relative --out, --archive and --python paths are the caller's
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-BUDGET=540
+BUDGET=570
 DRY=0
 OUT=""
 ARCHIVE=""
@@ -65,11 +65,12 @@ case "$PY" in */*) PY=$(abspath "$PY") ;; esac
 
 # ------------------------------------------------------------------------------------------------------ the stages
 # Estimates are for one H100 machine of this workplace (16 cores, torch 2.11+cu130, nvcc 13.0), a cold start: the
-# first `import torch` there reads ~2 GB of libraries from disk. They must total <= 540 s (the default budget): what
-# a 10-minute `run` call leaves after the machine's start and the transfers. Limits are the most a stage may take
+# first `import torch` there reads ~2 GB of libraries from disk. They must total <= 570 s (the default budget): a
+# `run` call's command may take 600 s (the machine's start and the transfers are not counted in it), and 30 s are
+# left for this script's own work and the archive. Limits are the most a stage may take
 # when time is left; a stage that overruns its estimate only takes time from the stages after it, which are then
 # skipped ("skipped: budget") rather than cut off half-way.
-IDS=(a1-versions a2-build b-probes c-tests d-memcheck e1-gemm e2-overhead f-tests-rest g-ctest)
+IDS=(a1-versions a2-build b-probes c-tests d-memcheck e1-gemm e2-overhead e3-decode f-tests-rest g-ctest)
 OPT_IN=" g-ctest "  # not in the default plan: run only when --stages names it
 declare -A EST LIMIT WHAT CMD
 # a1: python + import torch (cold: ~5-8 s), nvidia-smi, nvcc --version. Cheap, first, so every run records them.
@@ -92,21 +93,28 @@ WHAT[c-tests]="SPARSEKERN_REQUIRE_CUDA=1 pytest: the cuda tests most likely to b
 # that to the kernels used), then 5 smoke cases on tiny inputs at 10-100x slowdown.
 EST[d-memcheck]=75;    LIMIT[d-memcheck]=150
 WHAT[d-memcheck]="compute-sanitizer --tool memcheck on bench/cuda_smoke.py --ops all (PYTORCH_NO_CUDA_MEMORY_CACHING=1)"
-# e1: 4 Llama-3-8B shapes x 6 M x (bf16: 4 contenders, int8: 5) = 216 timings of <= 20 calls (<= 0.05 s of measured
+# e1: 4 Llama-3-8B shapes x 4 M x (bf16: 4 contenders, int8: 5) = 144 timings of <= 20 calls (<= 0.05 s of measured
 # work each; the largest call, 8192x14336x4096, is ~1.5 ms) + the fp64 check per point (~20 ms at the largest) +
-# start (~8 s) + the PNG (~3 s): ~50 s measured, 75 s planned. On SIGTERM it writes the points measured so far.
-EST[e1-gemm]=75;       LIMIT[e1-gemm]=120
-WHAT[e1-gemm]="sparsekern bench gemm --device cuda, llama3-8b, M=1,16,128,512,2048,8192, bf16+int8: dense cuBLAS, torch._cslt_sparse_mm, sparsekern -> gemm/"
+# start (~8 s) + the PNG (~3 s): ~40 s measured, 60 s planned. M <= 16 is e3's. On SIGTERM it writes the points
+# measured so far.
+EST[e1-gemm]=60;       LIMIT[e1-gemm]=120
+WHAT[e1-gemm]="sparsekern bench gemm --device cuda, llama3-8b, M=128,512,2048,8192, bf16+int8: dense cuBLAS, torch._cslt_sparse_mm, sparsekern -> gemm/"
 # e2: 4 shapes x 2 dtypes x 4 contenders; the host-only mode holds the GPU with a 50 ms spin per repetition
 # (--calls 100 --reps 7: 0.35 s per contender) -> ~12 s + eager and graph ~3 s + start ~8 s.
 EST[e2-overhead]=25;   LIMIT[e2-overhead]=60
 WHAT[e2-overhead]="sparsekern bench overhead --device cuda, bf16+int8 (per-call host overhead: eager, host-only, graph replay) -> overhead/"
+# e3: the decode kernel (issue 22): 8 shapes (Llama-3-8B and 70B) x M = 1, 2, 4, 8, 16 x (bf16, int8) x 4 contenders
+# = 320 timings of <= 20 calls of a few to ~60 us (each after an L2 flush) ~ 5 s, weights built per shape (the 70B
+# ones: 235M elements, pruned and compressed three ways) ~ 10 s, start ~ 8 s; the goals (copy bandwidth, 1 GiB) ~ 8 s;
+# ncu on one M = 1 call (three sections, --clock-control none) ~ 15 s.
+EST[e3-decode]=50;     LIMIT[e3-decode]=120
+WHAT[e3-decode]="decode kernel: sparsekern bench gemm --device cuda, llama3-8b + llama3-70b, M=1,2,4,8,16, bf16+int8: dense cuBLAS, torch._cslt_sparse_mm, sparsekern cuSPARSELt, sparsekern spmm_24 (the decode kernel) -> decode/; bench/decode_goals.py -> decode/goals.{json,md}; ncu -> decode/ncu.txt"
 # f: what is left of the cuda tests (pruning kernels, the spmm_24 fallback, opcheck, torch.compile, bench, pipeline):
 # ~150 tests, of which opcheck and torch.compile take most. Runs only with 60 s left, and then gets all of it.
 EST[f-tests-rest]=60;  LIMIT[f-tests-rest]=600
 WHAT[f-tests-rest]="SPARSEKERN_REQUIRE_CUDA=1 pytest -m cuda tests minus those of c -> pytest-f.xml"
 # g (opt-in, --stages g): the C++ library (CMake) with its CUDA kernels for this arch, a second compile of the same
-# sources (~3 min on 16 cores, like a2: it does not fit the default 540 s with a2), then ctest, whose
+# sources (~3 min on 16 cores, like a2: it does not fit the default 570 s with a2), then ctest, whose
 # sparsekern_link_cuda runs its GPU part here. For a second call on a warm machine: --skip-build --stages g.
 EST[g-ctest]=200;      LIMIT[g-ctest]=420
 WHAT[g-ctest]="opt-in: CMake build of libsparsekern with its CUDA kernels (this arch, SPARSEKERN_CUDA=ON) + ctest (CPU ops, linked program's GPU check)"
@@ -177,9 +185,9 @@ PYQ=$(q "$PY"); RQ=$(q "$R")
 
 # The c selection: keyword expression over the three files; f runs every other cuda test (the complement, so c + f
 # together are exactly `pytest -m cuda tests`: tests/test_gpu_validate.py checks it).
-C_FILES="tests/test_cuda_ops.py tests/test_linear.py tests/test_quant.py"
-C_EXPR="(cslt or compress or graph or search or epilogue or fallback or bias or int8 or fp8 or w8a8 or quant or cuda_move or matches_linear or pickl or torch_load or state_dict or capab) and not (compile or opcheck)"
-F_EXPR="not (($C_EXPR) and (test_cuda_ops.py or test_linear.py or test_quant.py))"
+C_FILES="tests/test_cuda_ops.py tests/test_linear.py tests/test_quant.py tests/test_skinny24.py"
+C_EXPR="(cslt or compress or graph or search or epilogue or fallback or bias or int8 or fp8 or w8a8 or quant or cuda_move or matches_linear or pickl or torch_load or state_dict or capab or skinny) and not (compile or opcheck)"
+F_EXPR="not (($C_EXPR) and (test_cuda_ops.py or test_linear.py or test_quant.py or test_skinny24.py))"
 PYTEST="SPARSEKERN_REQUIRE_CUDA=1 $PYQ -m pytest -q -rfE -p no:cacheprovider --durations=15 -m cuda"
 # pytest-timeout, where installed: one hung test must not eat the stage
 TIMEOUT_OPT='$('"$PYQ"' -c "import pytest_timeout" 2>/dev/null && echo --timeout=120)'
@@ -202,8 +210,16 @@ if [ -n "$SANITIZER" ]; then
 else
   CMD[d-memcheck]="echo 'compute-sanitizer not found (on PATH, under \$CUDA_HOME or beside nvcc): no memcheck evidence' >&2; exit 3"
 fi
-CMD[e1-gemm]="$PYQ -m sparsekern bench gemm --device cuda --preset llama3-8b --m 1,16,128,512,2048,8192 --dtype bf16,int8 --contenders dense,dense_int8,torch_cslt,sk_cslt,sk_linear --warmup 3 --iters 20 --min-iters 5 --max-seconds 0.05 --out $RQ/gemm --policy $RQ/gemm/policy.json"
+CMD[e1-gemm]="$PYQ -m sparsekern bench gemm --device cuda --preset llama3-8b --m 128,512,2048,8192 --dtype bf16,int8 --contenders dense,dense_int8,torch_cslt,sk_cslt,sk_linear --warmup 3 --iters 20 --min-iters 5 --max-seconds 0.05 --out $RQ/gemm --policy $RQ/gemm/policy.json"
 CMD[e2-overhead]="$PYQ -m sparsekern bench overhead --device cuda --dtype bf16,int8 --calls 100 --reps 7 --out $RQ/overhead"
+NCU=$(command -v ncu 2>/dev/null || true)
+for c in "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" /opt/nvidia/nsight-compute/*/ncu; do [ -z "$NCU" ] && [ -x "$c" ] && NCU=$c; done
+if [ -n "$NCU" ]; then
+  NCU_CMD="mkdir -p $RQ/decode && $(q "$NCU") --clock-control none --target-processes all --kernel-name regex:skinny24_kernel --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats $PYQ bench/decode_goals.py --profile-one > $RQ/decode/ncu.txt 2>&1 || echo 'ncu failed: see decode/ncu.txt' >&2"
+else
+  NCU_CMD="mkdir -p $RQ/decode && echo 'ncu not found (on PATH, under \$CUDA_HOME or /opt/nvidia/nsight-compute): no profile' | tee $RQ/decode/ncu.txt >&2"
+fi
+CMD[e3-decode]="$PYQ -m sparsekern bench gemm --device cuda --preset llama3-8b,llama3-70b --m 1,2,4,8,16 --dtype bf16,int8 --contenders dense,torch_cslt,sk_cslt,sk_spmm24 --warmup 3 --iters 20 --min-iters 5 --max-seconds 0.05 --out $RQ/decode --policy $RQ/decode/policy.json && $PYQ bench/decode_goals.py --gemm $RQ/decode/gemm.json --out $RQ/decode/goals.json && { $NCU_CMD; }"
 CMD[f-tests-rest]="$PYTEST $TIMEOUT_OPT -k $(q "$F_EXPR") --junitxml=$RQ/pytest-f.xml tests"
 CMAKE_ARCH=${TORCH_CUDA_ARCH_LIST:+TORCH_CUDA_ARCH_LIST=$(q "$TORCH_CUDA_ARCH_LIST") }
 CMD[g-ctest]="${CMAKE_ARCH}cmake -S . -B build/cmake-gpu -DCMAKE_BUILD_TYPE=Release -DSPARSEKERN_CUDA=ON -DCMAKE_PREFIX_PATH=\"\$($PYQ -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')\"${NVCC:+ -DCUDA_TOOLKIT_ROOT_DIR=$(q "$(dirname "$(dirname "$NVCC")")")} && cmake --build build/cmake-gpu -j ${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)} && ctest --test-dir build/cmake-gpu --output-on-failure"

@@ -24,6 +24,9 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def(
       "spmm_24(Tensor x, Tensor values, Tensor codes, Tensor? bias=None, Tensor? alpha=None, "
       "Tensor? row_scale=None, str activation=\"none\", ScalarType? out_dtype=None) -> Tensor");
+  // Tests only: the CPU emulation of the CUDA small-M kernel (csrc/core/skinny24.h): raw sums [M, N] (float32, or
+  // int32 for int8) with the kernel's partition and order of operations for a GPU of `sm_count` SMs.
+  m.def("_spmm_24_skinny_emulate(Tensor x, Tensor values, Tensor codes, int sm_count) -> Tensor");
   // Symmetric per-row (per-token) quantisation of x [M, K] to int8 or float8_e4m3fn.
   // Returns (q [M, K], scale float32 [M]) with x ~= q * scale[:, None].
   m.def("quantize_per_token(Tensor x, ScalarType dtype) -> (Tensor, Tensor)");

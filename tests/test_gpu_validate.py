@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_validate.sh")
 FOLD = os.path.join(ROOT, "bench", "fold_gpu_results.py")
 PROBES = os.path.join(ROOT, "bench", "gpu_probes.py")
-STAGES = ["a1-versions", "a2-build", "b-probes", "c-tests", "d-memcheck", "e1-gemm", "e2-overhead", "f-tests-rest"]
+STAGES = ["a1-versions", "a2-build", "b-probes", "c-tests", "d-memcheck", "e1-gemm", "e2-overhead", "e3-decode",
+          "f-tests-rest"]
 OPT_IN = ["g-ctest"]  # listed, run only when --stages names it
 
 
@@ -47,9 +48,9 @@ def _plan(stdout: str) -> list[tuple[str, int]]:
 # ------------------------------------------------------------------------------------------------- the plan
 
 
-def test_dry_run_lists_stages_a_to_f_within_540_s(tmp_path):
+def test_dry_run_lists_stages_a_to_f_within_570_s(tmp_path):
     out = tmp_path / "run"
-    r = _run("--dry-run", "--budget", "540", "--out", str(out))
+    r = _run("--dry-run", "--out", str(out))  # the default budget: 570 s
     assert r.returncode == 0, r.stderr
     plan = _plan(r.stdout)
     assert [s for s, _ in plan] == STAGES + OPT_IN
@@ -57,14 +58,18 @@ def test_dry_run_lists_stages_a_to_f_within_540_s(tmp_path):
     letters = [s[0] for s, _ in default]
     assert letters == sorted(letters) and set(letters) == set("abcdef")
     total = int(re.search(r"^total\s+(\d+)", r.stdout, re.M).group(1))
-    assert total == sum(e for _, e in plan) <= 540
+    assert total == sum(e for _, e in plan) <= 570 and "(budget 570 s)" in r.stdout
     assert all(e > 0 for _, e in default) and dict(plan)["g-ctest"] == 0 and "[opt-in: --stages g]" in r.stdout
     assert "would be skipped" not in r.stdout
     # the commands the stages run
     assert "setup.py build_ext --inplace" in r.stdout and "SPARSEKERN_CUDA=1" in r.stdout
     assert r.stdout.count("SPARSEKERN_REQUIRE_CUDA=1") >= 2 and "--junitxml" in r.stdout
     assert "--tool memcheck" in r.stdout or "compute-sanitizer not found" in r.stdout
-    assert "--preset llama3-8b --m 1,16,128,512,2048,8192 --dtype bf16,int8" in r.stdout
+    assert "--preset llama3-8b --m 128,512,2048,8192 --dtype bf16,int8" in r.stdout
+    # the decode kernel's stage (issue 22): M = 1..16 at Llama-3-8B and 70B shapes, its goals and the profile
+    assert "--preset llama3-8b,llama3-70b --m 1,2,4,8,16 --dtype bf16,int8" in r.stdout
+    assert "dense,torch_cslt,sk_cslt,sk_spmm24" in r.stdout and "bench/decode_goals.py --gemm" in r.stdout
+    assert "ncu" in r.stdout and "decode/ncu.txt" in r.stdout
     assert "dense,dense_int8,torch_cslt,sk_cslt,sk_linear" in r.stdout and "bench overhead" in r.stdout
     assert not out.exists()  # a dry run writes nothing
 
@@ -84,7 +89,7 @@ def test_dry_run_skip_build_and_stage_selection_change_the_plan():
     r = _run("--dry-run", "--stages", "b,e", "--budget", "200")
     assert r.returncode == 0, r.stderr
     plan = dict(_plan(r.stdout))
-    assert [s for s, e in plan.items() if e] == ["b-probes", "e1-gemm", "e2-overhead"]
+    assert [s for s, e in plan.items() if e] == ["b-probes", "e1-gemm", "e2-overhead", "e3-decode"]
     r = _run("--dry-run", "--estimate", "a2-build=400")
     assert r.returncode == 1 and dict(_plan(r.stdout))["a2-build"] == 400
     r = _run("--dry-run", "--skip-build", "--stages", "g")
@@ -145,12 +150,12 @@ def test_a_stage_that_does_not_fit_is_skipped_for_budget(tmp_path, stub):
     out = tmp_path / "run"
     arch = tmp_path / "keep" / "gv.tgz"
     r = _run("--python", stub, "--budget", "60", "--out", str(out), "--archive", str(arch),
-             *_fast("a1-versions", "a2-build", "b-probes", "d-memcheck", "e1-gemm", "e2-overhead"),
+             *_fast("a1-versions", "a2-build", "b-probes", "d-memcheck", "e1-gemm", "e2-overhead", "e3-decode"),
              "--estimate", "c-tests=500", "--estimate", "f-tests-rest=500")
     st = _stages(out)
     assert list(st) == STAGES
     assert st["c-tests"].startswith("skipped: budget") and st["f-tests-rest"].startswith("skipped: budget")
-    for s in ("a1-versions", "a2-build", "b-probes", "e1-gemm", "e2-overhead"):
+    for s in ("a1-versions", "a2-build", "b-probes", "e1-gemm", "e2-overhead", "e3-decode"):
         assert st[s] == "ok", (s, st[s])
     # d: ok where compute-sanitizer exists, else failed with the reason (and the run exits 1)
     assert st["d-memcheck"] == "ok" or "compute-sanitizer not found" in (out / "logs" / "d-memcheck.log").read_text()
@@ -239,7 +244,8 @@ def test_c_and_f_together_are_exactly_the_cuda_tests(tmp_path):
     r = _run("--dry-run")
     ck, cpaths = _selection(r.stdout, "c-tests")
     fk, fpaths = _selection(r.stdout, "f-tests-rest")
-    assert cpaths == ["tests/test_cuda_ops.py", "tests/test_linear.py", "tests/test_quant.py"] and fpaths == ["tests"]
+    assert cpaths == ["tests/test_cuda_ops.py", "tests/test_linear.py", "tests/test_quant.py",
+                      "tests/test_skinny24.py"] and fpaths == ["tests"]
 
     def collect(k, paths):
         res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
@@ -251,6 +257,7 @@ def test_c_and_f_together_are_exactly_the_cuda_tests(tmp_path):
     assert c and f and not (c & f)
     assert c | f == every
     assert any("graph" in t for t in c) and any("int8" in t for t in c) and any("search" in t for t in c)
+    assert any("test_skinny24.py" in t for t in c)  # the decode kernel's tests run early
     assert not any("compile" in t or "opcheck" in t for t in c)
 
 

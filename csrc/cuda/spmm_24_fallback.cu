@@ -1,8 +1,10 @@
-// CUDA kernel of spmm_24: the portable-format GEMM on a GPU, as decompress + one cuBLAS GEMM + our fused post-op.
+// CUDA kernel of spmm_24: the portable-format GEMM on a GPU. For M <= 16 with float16 / bfloat16 / int8 inputs it
+// is the small-M decode kernel (spmm_24_skinny.cu), which reads the values and codes directly; otherwise
+// decompress + one cuBLAS GEMM + our fused post-op (below).
 //
-// SparseLinear on CUDA runs cuSPARSELt (cslt_linear) whenever the shape allows; this path serves the shapes
-// cuSPARSELt refuses (N or K not a multiple of 16/32) and direct calls of spmm_24 on CUDA tensors, with exactly
-// the CPU kernel's semantics (csrc/cpu/spmm_24.cpp): y = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias),
+// SparseLinear on CUDA runs cuSPARSELt (cslt_linear) or this op as the policy says (sparsekern.policy); this path
+// also serves the shapes cuSPARSELt refuses (N or K not a multiple of 16/32) and direct calls of spmm_24 on CUDA
+// tensors, with exactly the CPU kernel's semantics (csrc/cpu/spmm_24.cpp): y = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias),
 // fp32 accumulation for float inputs, exact integer accumulation for int8 (done in float64, exact for |sum| < 2^53),
 // out_dtype defaulting to x's dtype (int32 for int8). It materialises the dense weight for the call, so it is a
 // correctness path, not a fast one; the planned small-M decode kernel reading the codes directly would replace it.
@@ -14,6 +16,7 @@
 
 #include "core/nm.h"
 #include "cuda/core_ops.h"
+#include "cuda/spmm_24_skinny.h"
 
 namespace sparsekern {
 namespace cuda {
@@ -57,11 +60,19 @@ at::Tensor spmm_24_cuda(const at::Tensor& x, const at::Tensor& values, const at:
   // Shapes and dtypes are checked on the host; the codes are not re-validated (that needs a device-to-host read,
   // i.e. a synchronisation per call, and would make this path impossible to capture in a CUDA graph; issue 17,
   // finding 8). They come from a Sparse24Weight, which validates them when it is built.
-  const at::Tensor w = decompress_24_trusted(values, codes, K);
-  const int64_t N = w.size(0);
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == K / 2, "sparsekern.spmm_24: values must be [N, K/2] = [N, ",
+              K / 2, "] for x of K = ", K, " columns, got ", values.sizes());
+  const int64_t N = values.size(0);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.size(0) == N &&
+                  codes.size(1) == core::code_bytes_per_row(K),
+              "sparsekern.spmm_24: codes must be uint8 [N, ceil(K/8)] = [", N, ", ", core::code_bytes_per_row(K),
+              "], got ", codes.scalar_type(), " ", codes.sizes());
   const at::Tensor a = epilogue_vector(alpha, "alpha", N, x);
   const at::Tensor b = epilogue_vector(bias, "bias", N, x);
   const at::Tensor r = epilogue_vector(row_scale, "row_scale", M, x);
+  // M <= 16, 16-bit or int8: the decode kernel reads the portable format directly (no dense weight)
+  if (skinny24_supports(x)) return spmm_24_skinny(x, values, codes, a, b, r, act, od);
+  const at::Tensor w = decompress_24_trusted(values, codes, K);
   at::Tensor out = at::empty({M, N}, x.options().dtype(od));
   if (M == 0 || N == 0) return out;
 
