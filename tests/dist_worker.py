@@ -42,28 +42,20 @@ def _inject(fault: dict, rank: int) -> None:
 
         st.save_file = save_file
         return
-    real_load = run_mod._PruneRun.load_block
-
-    def load_block(self, i, layer):
-        if i == block:
-            if kind == "die":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected failure in block {i}")
-        return real_load(self, i, layer)
-
-    run_mod._PruneRun.load_block = load_block
     from sparsekern.pipeline import lowmem
 
-    real_low = lowmem._LowMemRun.load_block
+    def failing(real):
+        def load_block(self, i, layer):
+            if i == block:
+                if kind == "die":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"injected failure in block {i}")
+            return real(self, i, layer)
+        return load_block
 
-    def low_load_block(self, i, layer):
-        if i == block:
-            if kind == "die":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected failure in block {i}")
-        return real_low(self, i, layer)
-
-    lowmem._LowMemRun.load_block = low_load_block
+    # the in-memory run's and the low-memory run's block reader (which overrides it)
+    run_mod._PruneRun.load_block = failing(run_mod._PruneRun.load_block)
+    lowmem._LowMemRun.load_block = failing(lowmem._LowMemRun.load_block)
 
 
 def main() -> int:
