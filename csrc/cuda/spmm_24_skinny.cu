@@ -9,8 +9,10 @@
 //     warp in 512-byte (16-bit values) / 128-byte (codes) coalesced pieces: each lane loads its unit of 16 values
 //     (128-bit loads) and 4 code bytes (one 32-bit load) per step of 1024 columns;
 //   * the activations of the step (x[0:M, 1024 columns]) are staged in shared memory by the whole block (every
-//     warp of the block reads them), each lane's 32 columns padded by 4 bytes so that the 32 lanes of a warp read
-//     32 different banks;
+//     warp of the block reads them; 128-bit loads when x's rows allow), each lane's 32 columns padded by 4 bytes so
+//     that the 32 lanes of a warp read 32 different banks;
+//   * each lane's weights for step st + 1 are loaded into registers before step st is staged and computed, so the
+//     weight stream's HBM latency overlaps the block's synchronisation and shared-memory work;
 //   * split-K over blockIdx.y (skinny_plan: while the grid has fewer than 2 blocks per SM) fills the GPU for a
 //     narrow N; the ranges' sums go to a float32 / int32 workspace and a second kernel adds them in range order
 //     and applies the epilogue (deterministic: no atomics);
@@ -87,13 +89,50 @@ __device__ __forceinline__ void finish(const Epilogue& e, int64_t m, int64_t n, 
   store_out(e, m * N + n, skinny_activation(v, e.act));
 }
 
+// One lane's unit of one step held in registers: its 16 values, 4 code bytes and how many of its 8 groups exist.
+template <typename T>
+struct Unit {
+  static constexpr int kVec = 2 * kSkinnyUnitGroups * static_cast<int>(sizeof(T)) / 16;
+  union {
+    uint4 u[kVec];
+    T v[2 * kSkinnyUnitGroups];
+  } vals;
+  union {
+    unsigned int u;
+    uint8_t b[kSkinnyUnitGroups / 2];
+  } cb;
+  int ngroups;  // 0: nothing to do (past K, or past N)
+
+  // vec: whole units, 16-byte aligned values, 4-byte aligned codes (128-bit and 32-bit loads); else element-wise.
+  __device__ __forceinline__ void load(const T* __restrict__ values, const uint8_t* __restrict__ codes, int64_t n,
+                                       int64_t N, int64_t K, int64_t col0, bool vec) {
+    ngroups = 0;
+    if (n >= N || col0 >= K) return;
+    const int64_t left = (K - col0) / 4;
+    ngroups = left < kSkinnyUnitGroups ? static_cast<int>(left) : kSkinnyUnitGroups;
+    const T* vp = values + n * (K / 2) + col0 / 2;
+    const uint8_t* cp = codes + n * code_bytes_per_row(K) + col0 / 8;
+    if (vec) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) vals.u[i] = __ldg(reinterpret_cast<const uint4*>(vp) + i);
+      cb.u = __ldg(reinterpret_cast<const unsigned int*>(cp));
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2 * kSkinnyUnitGroups; ++j) vals.v[j] = j < 2 * ngroups ? vp[j] : T(0);
+#pragma unroll
+      for (int b = 0; b < kSkinnyUnitGroups / 2; ++b) cb.b[b] = 2 * b < ngroups ? cp[b] : uint8_t(0);
+    }
+  }
+};
+
 template <typename T, typename Acc, int MT>
 __global__ void __launch_bounds__(kThreads)
     skinny24_kernel(const T* __restrict__ x, const T* __restrict__ values, const uint8_t* __restrict__ codes,
-                    int64_t M, int64_t N, int64_t K, int64_t steps_per_split, int ksplit, bool vec,
+                    int64_t M, int64_t N, int64_t K, int64_t steps_per_split, int ksplit, bool vec, bool xvec,
                     Acc* __restrict__ partial, Epilogue e) {
   constexpr int kPad = 4 / static_cast<int>(sizeof(T));  // 4 bytes after each lane's 32 columns
   constexpr int kSeg = kSkinnyUnitCols + kPad;
+  constexpr int kPerVec = 16 / static_cast<int>(sizeof(T));  // x elements per 128-bit load
   __shared__ __align__(16) T xs[MT][kSkinnyWarp * kSeg];
 
   const int warp = threadIdx.x / kSkinnyWarp, lane = threadIdx.x % kSkinnyWarp;
@@ -102,50 +141,47 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t steps = (K + kSkinnyStepCols - 1) / kSkinnyStepCols;
   const int64_t st0 = s * steps_per_split;
   const int64_t st1 = st0 + steps_per_split < steps ? st0 + steps_per_split : steps;
-  const int64_t vrow = K / 2, crow = code_bytes_per_row(K);
 
   Acc acc[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) acc[m] = 0;
 
+  // The weights of step st + 1 are loaded (into registers) while step st's activations are staged and used: the
+  // HBM latency of the weight stream overlaps the block's synchronisation and the shared-memory work.
+  Unit<T> cur, next;
+  const int64_t lane_col = static_cast<int64_t>(lane) * kSkinnyUnitCols;
+  if (st0 < st1) cur.load(values, codes, n, N, K, st0 * kSkinnyStepCols + lane_col, vec);
   for (int64_t st = st0; st < st1; ++st) {
     const int64_t c0 = st * kSkinnyStepCols;
-    for (int i = threadIdx.x; i < MT * kSkinnyStepCols; i += kThreads) {  // stage x[:, c0 : c0 + 1024)
-      const int m = i / kSkinnyStepCols, c = i % kSkinnyStepCols;
-      const int64_t col = c0 + c;
-      xs[m][(c / kSkinnyUnitCols) * kSeg + c % kSkinnyUnitCols] = (m < M && col < K) ? x[m * K + col] : T(0);
+    if (st + 1 < st1) next.load(values, codes, n, N, K, c0 + kSkinnyStepCols + lane_col, vec);
+    if (xvec) {  // stage x[:, c0 : c0 + 1024): 128-bit loads, 32-bit shared-memory stores (a lane segment is
+                 // 4-byte aligned after its padding)
+      for (int i = threadIdx.x; i < MT * kSkinnyStepCols / kPerVec; i += kThreads) {
+        const int m = i / (kSkinnyStepCols / kPerVec), c = (i % (kSkinnyStepCols / kPerVec)) * kPerVec;
+        const int64_t col = c0 + c;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (m < M && col < K) v = __ldg(reinterpret_cast<const uint4*>(x + m * K + col));
+        unsigned int* dst = reinterpret_cast<unsigned int*>(&xs[m][(c / kSkinnyUnitCols) * kSeg + c % kSkinnyUnitCols]);
+        dst[0] = v.x;
+        dst[1] = v.y;
+        dst[2] = v.z;
+        dst[3] = v.w;
+      }
+    } else {
+      for (int i = threadIdx.x; i < MT * kSkinnyStepCols; i += kThreads) {
+        const int m = i / kSkinnyStepCols, c = i % kSkinnyStepCols;
+        const int64_t col = c0 + c;
+        xs[m][(c / kSkinnyUnitCols) * kSeg + c % kSkinnyUnitCols] = (m < M && col < K) ? x[m * K + col] : T(0);
+      }
     }
     __syncthreads();
-    const int64_t col0 = c0 + static_cast<int64_t>(lane) * kSkinnyUnitCols;
-    if (n < N && col0 < K) {
-      const int64_t left = (K - col0) / 4;
-      const int ngroups = left < kSkinnyUnitGroups ? static_cast<int>(left) : kSkinnyUnitGroups;
-      const T* vp = values + n * vrow + col0 / 2;
-      const uint8_t* cp = codes + n * crow + col0 / 8;
-      constexpr int kVec = 2 * kSkinnyUnitGroups * static_cast<int>(sizeof(T)) / 16;
-      union {
-        uint4 u[kVec];
-        T v[2 * kSkinnyUnitGroups];
-      } vals;
-      union {
-        unsigned int u;
-        uint8_t b[kSkinnyUnitGroups / 2];
-      } cb;
-      if (vec) {  // whole unit, 16-byte aligned values, 4-byte aligned codes: 128-bit and 32-bit loads
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) vals.u[i] = __ldg(reinterpret_cast<const uint4*>(vp) + i);
-        cb.u = __ldg(reinterpret_cast<const unsigned int*>(cp));
-      } else {
-#pragma unroll
-        for (int j = 0; j < 2 * kSkinnyUnitGroups; ++j) vals.v[j] = j < 2 * ngroups ? vp[j] : T(0);
-#pragma unroll
-        for (int b = 0; b < kSkinnyUnitGroups / 2; ++b) cb.b[b] = 2 * b < ngroups ? cp[b] : uint8_t(0);
-      }
+    if (cur.ngroups > 0) {
       const T* xl = &xs[0][lane * kSeg];
-      skinny_unit<MT>(acc, vals.v, cb.b, ngroups,
+      skinny_unit<MT>(acc, cur.vals.v, cur.cb.b, cur.ngroups,
                       [&](int m, int col) { return static_cast<Acc>(xl[m * kSkinnyWarp * kSeg + col]); });
     }
     __syncthreads();
+    cur = next;
   }
 
 #pragma unroll
@@ -178,9 +214,13 @@ __global__ void skinny24_finish_kernel(const Acc* __restrict__ partial, int kspl
   }
 }
 
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 template <typename T, typename Acc, int MT>
 void launch(const at::Tensor& x, const at::Tensor& values, const at::Tensor& codes, int64_t M, int64_t N,
             int64_t K, const SkinnyPlan& plan, bool vec, const Epilogue& e, cudaStream_t stream) {
+  // x rows start 16-byte aligned and hold whole 128-bit pieces
+  const bool xvec = K % (16 / static_cast<int64_t>(sizeof(T))) == 0 && aligned(x.const_data_ptr(), 16);
   at::Tensor partial;
   Acc* part = nullptr;
   if (plan.ksplit > 1) {
@@ -191,7 +231,7 @@ void launch(const at::Tensor& x, const at::Tensor& values, const at::Tensor& cod
                   static_cast<unsigned>(plan.ksplit));
   skinny24_kernel<T, Acc, MT><<<grid, kThreads, 0, stream>>>(
       x.const_data_ptr<T>(), values.const_data_ptr<T>(), codes.const_data_ptr<uint8_t>(), M, N, K,
-      plan.steps_per_split, plan.ksplit, vec, part, e);
+      plan.steps_per_split, plan.ksplit, vec, xvec, part, e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (plan.ksplit > 1) {
     const int64_t blocks = std::min<int64_t>((M * N + 255) / 256, 1024);
@@ -209,8 +249,6 @@ void launch_m(const at::Tensor& x, const at::Tensor& values, const at::Tensor& c
   if (M <= 8) return launch<T, Acc, 8>(x, values, codes, M, N, K, plan, vec, e, stream);
   return launch<T, Acc, 16>(x, values, codes, M, N, K, plan, vec, e, stream);
 }
-
-bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace
 
