@@ -156,8 +156,10 @@ def _sms() -> int:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [36, 100, 1000, 1056, 4096, 14336])
+@pytest.mark.parametrize("k", [4, 28, 36, 48, 100, 1000, 1040, 1056, 4096, 14336])
 def test_kernel_sums_equal_the_emulation_bit_for_bit(dtype, k):
+    """K < 32 (partial units only), K % 32 != 0 (element-wise weight loads) with 128-bit activation staging (48,
+    1040 for int8), aligned K, split-K (N = 1031 at 14336)."""
     gen = torch.Generator().manual_seed(k)
     n = 37 if k < 14336 else 1031
     w = _weight(n, k, dtype, gen)
@@ -173,10 +175,24 @@ def test_kernel_sums_equal_the_emulation_bit_for_bit(dtype, k):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 8])
+def test_kernel_single_and_one_block_of_rows(n):
+    gen = torch.Generator().manual_seed(n)
+    for dtype in DTYPES:
+        w = _weight(n, 4096, dtype, gen)
+        values, codes = core.compress_24(w)
+        x = _x(16, 4096, dtype, gen)
+        out_dtype = torch.int32 if dtype == torch.int8 else torch.float32
+        got = core.spmm_24(x.cuda(), values.cuda(), codes.cuda(), out_dtype=out_dtype).cpu()
+        assert torch.equal(got, _emulate(x, values, codes, _sms()))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_default_output_and_epilogues(dtype):
+@pytest.mark.parametrize("k", [1056, 8192])  # one range; split-K (the epilogue in the second kernel)
+def test_kernel_default_output_and_epilogues(dtype, k):
     gen = torch.Generator().manual_seed(3)
-    n, k = 45, 1056
+    n = 45
     w = _weight(n, k, dtype, gen)
     values, codes = core.compress_24(w)
     vd, cd = values.cuda(), codes.cuda()
@@ -215,11 +231,23 @@ def test_kernel_int8_w8a8_epilogue_and_outputs():
     small = torch.full((n,), 1e-3)
     q = core.spmm_24(x.cuda(), vd, cd, alpha=small.cuda(), out_dtype=torch.int8).cpu()
     assert torch.equal(q, (exact.float() * small[None, :]).round().clamp(-128, 127).to(torch.int8))
+    bias = torch.randn(n, generator=gen)
+    for act in ("relu", "gelu"):
+        got = core.spmm_24(x.cuda(), vd, cd, bias=bias.cuda(), alpha=wscale.cuda(), row_scale=xscale.cuda(),
+                           activation=act, out_dtype=torch.float32).cpu()
+        want = exact * wscale.double()[None, :] * xscale.double()[:, None] + bias.double()[None, :]
+        want = want.clamp_min(0) if act == "relu" else torch.nn.functional.gelu(want)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5), act
+    with pytest.raises(RuntimeError, match="could overflow the int32 accumulator"):
+        big = torch.zeros(1, 262144, dtype=torch.int8, device="cuda")
+        v, c = core.compress_24(torch.zeros(2, 262144, dtype=torch.int8, device="cuda"))
+        core.spmm_24(big, v, c)
 
 
 @pytest.mark.cuda
 def test_kernel_on_unaligned_operands_takes_the_elementwise_path():
-    """A storage offset that breaks 16-byte alignment of the values (and an x view): same sums as the emulation."""
+    """Storage offsets that break the 16-byte alignment of the values, then of x (activation staging element by
+    element), then the 4-byte alignment of the codes: the same sums as the emulation."""
     gen = torch.Generator().manual_seed(5)
     n, k = 17, 1024
     w = _weight(n + 1, k, torch.bfloat16, gen)
@@ -230,8 +258,21 @@ def test_kernel_on_unaligned_operands_takes_the_elementwise_path():
     assert vu.data_ptr() % 16 != 0
     cu = codes[1:].cuda()
     x = _x(3, k, torch.bfloat16, gen)
+    want = _emulate(x, values[1:], codes[1:], _sms())
     got = core.spmm_24(x.cuda(), vu, cu, out_dtype=torch.float32).cpu()
-    assert torch.equal(got, _emulate(x, values[1:], codes[1:], _sms()))
+    assert torch.equal(got, want)
+    xb = torch.empty(3 * k + 8, dtype=torch.bfloat16, device="cuda")
+    xu = xb[1:1 + 3 * k].view(3, k)
+    xu.copy_(x.cuda())
+    assert xu.data_ptr() % 16 != 0
+    got = core.spmm_24(xu, values[1:].cuda(), codes[1:].cuda(), out_dtype=torch.float32).cpu()
+    assert torch.equal(got, want)
+    cb = torch.empty(codes[1:].numel() + 1, dtype=torch.uint8, device="cuda")
+    cb[1:] = codes[1:].reshape(-1).cuda()
+    cu2 = cb[1:].view(n, -1)
+    assert cu2.data_ptr() % 4 != 0
+    got = core.spmm_24(x.cuda(), values[1:].cuda(), cu2, out_dtype=torch.float32).cpu()
+    assert torch.equal(got, want)
 
 
 @pytest.mark.cuda

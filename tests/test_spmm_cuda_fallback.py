@@ -1,5 +1,6 @@
-"""spmm_24's CUDA kernel (decompress + GEMM + fused post-op) must agree with the CPU kernel, which is itself tested
-against an fp64 reference in test_spmm_cpu.py. Runs on a GPU machine only (cuda marker)."""
+"""spmm_24's CUDA kernel must agree with the CPU kernel, which is itself tested against an fp64 reference in
+test_spmm_cpu.py: decompress + GEMM + fused post-op for M > 16 and float32, the decode kernel (spmm_24_skinny.cu,
+tested on its own in test_skinny24.py) for M <= 16 in fp16 / bf16. Runs on a GPU machine only (cuda marker)."""
 
 import pytest
 import torch

@@ -6,8 +6,8 @@
 // also serves the shapes cuSPARSELt refuses (N or K not a multiple of 16/32) and direct calls of spmm_24 on CUDA
 // tensors, with exactly the CPU kernel's semantics (csrc/cpu/spmm_24.cpp): y = act(row_scale[:, None] * alpha[None, :] * (x @ W^T) + bias),
 // fp32 accumulation for float inputs, exact integer accumulation for int8 (done in float64, exact for |sum| < 2^53),
-// out_dtype defaulting to x's dtype (int32 for int8). It materialises the dense weight for the call, so it is a
-// correctness path, not a fast one; the planned small-M decode kernel reading the codes directly would replace it.
+// out_dtype defaulting to x's dtype (int32 for int8). The large-M path materialises the dense weight for the call:
+// a correctness path, not a fast one (SparseLinear takes cuSPARSELt there).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -54,6 +54,9 @@ at::Tensor spmm_24_cuda(const at::Tensor& x, const at::Tensor& values, const at:
   const bool od_float = od == at::kFloat || od == at::kHalf || od == at::kBFloat16;
   TORCH_CHECK(od_float || (is_int && (od == at::kInt || od == at::kChar)), "sparsekern.spmm_24: out_dtype ", od,
               " is not supported for ", xt, " inputs");
+  // int8: |each product| <= 2^14 and K/2 of them are summed in int32 (the decode kernel) or converted to it
+  TORCH_CHECK(!is_int || K <= 262140, "sparsekern.spmm_24: int8 inputs with K = ", K,
+              " > 262140 could overflow the int32 accumulator (K/2 products of up to 2^14)");
   const Activation act = parse_activation(std::string(activation), "sparsekern.spmm_24");
   c10::cuda::CUDAGuard guard(x.device());
 
