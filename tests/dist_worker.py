@@ -86,6 +86,10 @@ def main() -> int:
             rep = prune_model(model, calib, **options)
             out.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), out / f"rank{rank}.pt")
+            from sparsekern.quant import weight_grid
+
+            grids = {name: weight_grid(m) for name, m in model.named_modules() if weight_grid(m) is not None}
+            torch.save(grids, out / f"rank{rank}-grids.pt")  # the W8A8 grids (attributes, not in the state dict)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "report.json").write_text(json.dumps(rep.to_dict()))

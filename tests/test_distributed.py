@@ -48,22 +48,33 @@ def _env(rank: int, world: int, port: int) -> dict:
                 MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=PYTHONPATH)
 
 
-def _launch(tmp: Path, spec: dict, world: int, timeout: float = 240):
-    """Run dist_worker.py on `world` ranks; returns ([(returncode, stderr)] per rank, wall seconds)."""
-    spec = dict({"calib": [NSAMPLES, SEQLEN, SEED], "timeout": 60}, **spec)
-    path = tmp / f"spec-{time.monotonic_ns()}.json"
+GROUP_TIMEOUT = 120  # the process group's timeout in the workers
+
+
+def _launch(tmp: Path, spec: dict, world: int, timeout: float = 300):
+    """Run dist_worker.py on `world` ranks; returns ([(returncode, stderr)] per rank, wall seconds). stderr goes to
+    files (a pipe read one rank after the other could fill up and block a rank while its peer waits for it)."""
+    spec = dict({"calib": [NSAMPLES, SEQLEN, SEED], "timeout": GROUP_TIMEOUT}, **spec)
+    stamp = time.monotonic_ns()
+    path = tmp / f"spec-{stamp}.json"
     path.write_text(json.dumps(spec))
     port = _free_port()
+    logs = [tmp / f"rank{r}-{stamp}.err" for r in range(world)]
     t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(path)], env=_env(r, world, port),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(path)], env=_env(r, world, port),
+                                          stdout=subprocess.DEVNULL, stderr=err))
     try:
-        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        for p in procs:
+            p.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [(p.returncode, e) for p, e in zip(procs, errs)], time.monotonic() - t0
+                p.wait()
+    return [(p.returncode, log.read_text(errors="replace")) for p, log in zip(procs, logs)], time.monotonic() - t0
 
 
 def _calib():
@@ -91,7 +102,10 @@ def _oracle(src: Path, options: dict):
     calib = None if options["method"] == "magnitude" else _calib()
     with _one_thread():
         rep = prune_model(model, calib, progress=False, **options)
-    return model.state_dict(), rep
+    from sparsekern.quant import weight_grid
+
+    grids = {name: weight_grid(m) for name, m in model.named_modules() if weight_grid(m) is not None}
+    return model.state_dict(), rep, grids
 
 
 def _check_split(rep: dict, world: int, nlinears: int, nsamples: int) -> None:
@@ -121,7 +135,8 @@ def _check_split(rep: dict, world: int, nlinears: int, nsamples: int) -> None:
 ])
 def test_ranks_prune_exactly_what_one_process_prunes(src, tmp_path, options, world):
     options = dict(options, batch_size=2)  # 4 batches: 2 + 2 on 2 ranks, 1 + 1 + 2 on 3
-    want, want_rep = _oracle(src, options)
+    want, want_rep, want_grids = _oracle(src, options)
+    assert bool(want_grids) == bool(options.get("quant"))
     out = tmp_path / "out"
     results, _ = _launch(tmp_path, {"src": str(src), "mode": "memory", "out": str(out), "options": options}, world)
     assert [rc for rc, _ in results] == [0] * world, [e[-2000:] for _, e in results]
@@ -130,12 +145,14 @@ def test_ranks_prune_exactly_what_one_process_prunes(src, tmp_path, options, wor
         assert got.keys() == want.keys()
         bad = [k for k in want if not torch.equal(got[k], want[k])]
         assert not bad, (r, bad[:5])
+        grids = torch.load(out / f"rank{r}-grids.pt")  # W8A8 grids: the attribute every rank must have too
+        assert grids.keys() == want_grids.keys()
+        assert all(grids[k][0] == want_grids[k][0] and torch.equal(grids[k][1].cpu(), want_grids[k][1].cpu())
+                   for k in want_grids), r
     rep = json.loads((out / "report.json").read_text())
     assert [(row["name"], row["loss"], row["sparsity"]) for row in rep["linears"]] == \
         [(row.name, row.loss, row.sparsity) for row in want_rep.linears]
     _check_split(rep, world, len(want_rep.linears), 0 if options["method"] == "magnitude" else NSAMPLES)
-    if options.get("quant"):  # the grid SparseGPT optimised on reached every rank's copy of each weight
-        assert all(row["rank"] in range(world) for row in rep["linears"])
 
 
 def test_ranks_low_memory_write_the_one_process_checkpoint(src, tmp_path):
@@ -153,17 +170,18 @@ def test_ranks_low_memory_write_the_one_process_checkpoint(src, tmp_path):
 
 def _dead_or_failed(results, timeout: float, wall: float) -> None:
     assert all(rc != 0 for rc, _ in results), results
-    assert wall < timeout + 30, f"ranks took {wall:.0f} s to give up (timeout {timeout} s)"
+    assert wall < timeout + 60, f"ranks took {wall:.0f} s to give up (timeout {timeout} s)"
 
 
 @pytest.mark.parametrize("mode", ["memory", "lowmem"])
 def test_a_rank_killed_mid_run_ends_the_others_with_an_error(src, tmp_path, mode):
     out = tmp_path / "out"
     spec = {"src": str(src), "mode": mode, "out": str(out), "options": dict(method="sparsegpt", batch_size=2),
-            "fault": {"rank": 1, "kind": "die", "block": 1}, "timeout": 60}
+            "fault": {"rank": 1, "kind": "die", "block": 1}}
     results, wall = _launch(tmp_path, spec, 2)
-    _dead_or_failed(results, 60, wall)
+    _dead_or_failed(results, GROUP_TIMEOUT, wall)
     assert results[1][0] == -9  # SIGKILL
+    assert wall < GROUP_TIMEOUT, f"gloo reports a closed connection at once; took {wall:.0f} s"
     assert "RankFailed" in results[0][1] and "lost the other ranks" in results[0][1], results[0][1][-2000:]
     assert not (out / "ckpt").exists() and not (out / "report.json").exists()
     if out.exists():  # no temporary folder of rank 0's output left either
@@ -175,8 +193,8 @@ def test_a_rank_failing_mid_run_is_reported_by_every_rank(src, tmp_path):
     spec = {"src": str(src), "mode": "lowmem", "out": str(out), "options": dict(method="wanda", batch_size=2),
             "fault": {"rank": 1, "kind": "raise", "block": 2}}
     results, wall = _launch(tmp_path, spec, 2)
-    _dead_or_failed(results, 60, wall)
-    assert wall < 45, f"a reported failure must not wait for the timeout ({wall:.0f} s)"
+    _dead_or_failed(results, GROUP_TIMEOUT, wall)
+    assert wall < GROUP_TIMEOUT, f"a reported failure must not wait for the timeout ({wall:.0f} s)"
     assert "RuntimeError: injected failure in block 2" in results[1][1]
     assert "failed on rank 1 (RuntimeError: injected failure in block 2)" in results[0][1], results[0][1][-2000:]
     assert not out.exists() or list(out.iterdir()) == []
@@ -187,7 +205,7 @@ def test_a_write_error_on_the_writing_rank_leaves_nothing_and_ends_every_rank(sr
     spec = {"src": str(src), "mode": "lowmem", "out": str(out), "options": dict(method="sparsegpt", batch_size=2),
             "fault": {"rank": 0, "kind": "enospc", "block": 1}}  # the second shard fails to write
     results, wall = _launch(tmp_path, spec, 2)
-    _dead_or_failed(results, 60, wall)
+    _dead_or_failed(results, GROUP_TIMEOUT, wall)
     assert "No space left on device" in results[0][1]
     assert "failed on rank 0" in results[1][1] and "No space left on device" in results[1][1], results[1][1][-2000:]
     assert not out.exists() or list(out.iterdir()) == []
@@ -202,7 +220,7 @@ def test_ranks_started_with_different_arguments_refuse_to_run(src, tmp_path, ran
     spec = {"src": str(src), "mode": "memory", "out": str(tmp_path / "out"),
             "options": dict(method="sparsegpt", batch_size=2), "rank_options": rank_options}
     results, wall = _launch(tmp_path, spec, 2)
-    _dead_or_failed(results, 60, wall)
+    _dead_or_failed(results, GROUP_TIMEOUT, wall)
     for _, err in results:
         assert "the ranks were started with different arguments" in err and field in err, err[-2000:]
     assert not (tmp_path / "out" / "rank0.pt").exists()
@@ -212,7 +230,7 @@ def test_too_few_calibration_batches_for_the_ranks(src, tmp_path):
     spec = {"src": str(src), "mode": "memory", "out": str(tmp_path / "out"),
             "options": dict(method="sparsegpt", batch_size=8)}
     results, wall = _launch(tmp_path, spec, 2)
-    _dead_or_failed(results, 60, wall)
+    _dead_or_failed(results, GROUP_TIMEOUT, wall)
     for _, err in results:
         assert "make 1 batch(es) for 2 ranks" in err, err[-2000:]
 
@@ -225,7 +243,7 @@ def test_low_memory_on_a_pickle_checkpoint_is_refused_on_every_rank(tmp_path):
     torch.save(model.state_dict(), src / "pytorch_model.bin")  # a pickle checkpoint, no safetensors
     results, wall = _launch(tmp_path, {"src": str(src), "mode": "lowmem", "out": str(tmp_path / "out"),
                                        "options": dict(method="wanda", batch_size=2)}, 2)
-    _dead_or_failed(results, 60, wall)
+    _dead_or_failed(results, GROUP_TIMEOUT, wall)
     for _, err in results:
         assert "low_memory needs a safetensors checkpoint folder" in err, err[-2000:]
     assert not (tmp_path / "out" / "ckpt").exists()
@@ -237,7 +255,7 @@ def test_permute_and_auto_rerun_are_refused_across_ranks(src, tmp_path):
         spec = {"src": str(src), "mode": "memory", "out": str(tmp_path / "out"),
                 "options": dict(method="wanda", batch_size=2, **options)}
         results, wall = _launch(tmp_path, spec, 2)
-        _dead_or_failed(results, 60, wall)
+        _dead_or_failed(results, GROUP_TIMEOUT, wall)
         assert all(msg in err for _, err in results), [e[-1500:] for _, e in results]
 
 
@@ -247,7 +265,7 @@ def test_ranks_on_the_gpu_prune_what_one_gpu_process_prunes(src, tmp_path):
     cuBLAS and the statistics kernels are deterministic for one GPU and shape, so the weights must match the
     one-process GPU run bit for bit."""
     options = dict(method="sparsegpt", batch_size=2, device="cuda")
-    want, _ = _oracle(src, options)
+    want, _, _ = _oracle(src, options)
     out = tmp_path / "out"
     results, _ = _launch(tmp_path, {"src": str(src), "mode": "memory", "out": str(out), "options": options}, 2)
     assert [rc for rc, _ in results] == [0, 0], [e[-2000:] for _, e in results]

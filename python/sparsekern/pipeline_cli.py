@@ -167,8 +167,9 @@ class _Distributed:
             torch.cuda.set_device(local)
             args.device = f"cuda:{local}"
         if not td.is_initialized():
-            td.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
-                                  timeout=timedelta(seconds=args.dist_timeout))
+            cuda = args.device.startswith("cuda")
+            td.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout),
+                                  **({"device_id": torch.device(args.device)} if cuda else {}))
             self.owned = True
         args.rank = td.get_rank()
         return self

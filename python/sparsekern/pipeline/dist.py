@@ -10,7 +10,7 @@ runs the same block loop (pipeline/run.py). What is split:
   contiguous range per rank; each rank captures, runs and re-runs only its own batches, and holds only their
   activations;
 - statistics: each rank sums its batches' terms (pipeline/sums.py); the partial sums are added in rank order
-  (sum_in_rank_order), so every rank gets the same statistics, equal to the one-process ones (sums.py says when
+  (sum_in_rank_order_), so every rank gets the same statistics, equal to the one-process ones (sums.py says when
   float addition could make them differ in a last bit);
 - pruning: the linears pruned together (one group with true_sequential, a whole block otherwise) are dealt to the
   ranks by estimated cost (deal); each rank prunes its own, then every pruned weight (and its W8A8 grid and
@@ -54,13 +54,20 @@ def active_world() -> int:
 class DistContext:
     """This rank's view of the default process group, and the collectives the pipeline uses."""
 
+    # The rank-order sum works through slices of at most this many float64 elements (128 MB): its two buffers are
+    # allocated before the check that precedes the exchange, so running out of memory is reported there, not half
+    # way through a collective.
+    SLICE = 1 << 24
+
     def __init__(self):
         td = _td()
         self.rank, self.world = td.get_rank(), td.get_world_size()
         self.backend = str(td.get_backend())
-        # Tensors travel on the backend's device: CPU for gloo, this rank's GPU for NCCL.
-        self.comm_device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
+        # Tensors travel on the backend's device: CPU for gloo, this rank's GPU for NCCL (also in a mixed
+        # "cpu:gloo,cuda:nccl" group, whose CUDA tensors go through NCCL).
+        self.comm_device = (torch.device("cuda", torch.cuda.current_device()) if "nccl" in self.backend
                             else torch.device("cpu"))
+        self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def detect(cls, setting: bool | None) -> "DistContext | None":
@@ -85,7 +92,9 @@ class DistContext:
             return fn(*args, **kwargs)
         except RankFailed:
             raise
-        except RuntimeError as exc:  # gloo / NCCL: a peer closed its connection, or the group's timeout passed
+        except RuntimeError as exc:
+            if not _is_comm_error(exc):
+                raise  # a local error (e.g. out of memory): the caller reports it at the next check
             raise RankFailed(f"distributed pruning: rank {self.rank} lost the other ranks while {what} "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
                              "another rank died or did not answer within the process group's timeout") from exc
@@ -115,19 +124,37 @@ class DistContext:
 
     # ------------------------------------------------------------------ data
 
-    def sum_in_rank_order(self, t: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-        """(sum over ranks of each rank's `t`, added in rank order: ((t_0 + t_1) + t_2)..., identical on every rank;
-        sum of `count`)."""
+    def prepare_sum(self, numel: int) -> None:
+        """Allocate the buffers of sum_in_rank_order_ for tensors of up to `numel` elements (before the check that
+        precedes the exchange: see SLICE)."""
+        n = max(1, min(int(numel), self.SLICE))
+        if self._bufs is None or self._bufs[0].numel() < n:
+            self._bufs = None
+            self._bufs = (torch.empty(n, dtype=torch.float64, device=self.comm_device),
+                          torch.empty(n, dtype=torch.float64, device=self.comm_device))
+
+    def sum_in_rank_order_(self, t: torch.Tensor, count: int) -> int:
+        """In place: `t` (float64, contiguous) becomes the sum over ranks of every rank's `t`, added in rank order
+        (((t_0 + t_1) + t_2) ..., identical on every rank), slice by slice; returns the sum of `count`."""
         td = _td()
-        total = None
-        for r in range(self.world):
-            buf = (t.to(self.comm_device, copy=True) if r == self.rank
-                   else torch.empty(t.shape, dtype=t.dtype, device=self.comm_device))
-            self._collective("adding the statistics", td.broadcast, buf, src=r)
-            total = buf if total is None else total.add_(buf)
+        self.prepare_sum(t.numel())
+        total_buf, recv_buf = self._bufs
+        flat = t.view(-1)
+        for s0 in range(0, flat.numel(), total_buf.numel()):
+            part = flat[s0:s0 + total_buf.numel()]
+            total, recv = total_buf[:part.numel()], recv_buf[:part.numel()]
+            for r in range(self.world):
+                if r == self.rank:
+                    recv.copy_(part)
+                self._collective("adding the statistics", td.broadcast, recv, src=r)
+                if r == 0:
+                    total.copy_(recv)  # = 0 + t_0, exactly
+                else:
+                    total.add_(recv)
+            part.copy_(total)
         n = torch.tensor([count], dtype=torch.int64, device=self.comm_device)
         self._collective("adding the statistics", td.all_reduce, n)
-        return total.to(t.device), int(n.item())
+        return int(n.item())
 
     def broadcast_(self, t: torch.Tensor, src: int) -> None:
         """Overwrite `t` on every rank with rank `src`'s (in place; same shape and dtype everywhere)."""
@@ -161,6 +188,18 @@ class DistContext:
     def batch_range(self, nbatches: int, rank: int) -> tuple[int, int]:
         """Rank `rank`'s contiguous range [first, end) of the calibration batches."""
         return rank * nbatches // self.world, (rank + 1) * nbatches // self.world
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    """Whether a RuntimeError raised by a collective means the group is broken (a peer gone, a timeout), rather than
+    a local failure such as running out of memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    dist_error = getattr(_td(), "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer", "closed"))
 
 
 def mark_reported(exc: BaseException) -> None:

@@ -141,6 +141,22 @@ class _LowMemRun(_PruneRun):
     def prepare(self) -> None:
         pass  # blocks are read by load_block; the rest was read before the run
 
+    def fingerprint(self) -> dict:
+        """prune_model's, plus a digest of the checkpoint itself: the block tensors are not loaded yet (the model's
+        digest sees their shapes only), so every entry's name, dtype, shape and first 256 bytes are hashed."""
+        import hashlib
+
+        fp = super().fingerprint()
+        h = hashlib.sha256()
+        for key in sorted(self.reader.entries):
+            path, dtype, shape, offset, nbytes = self.reader.entries[key]
+            h.update(f"{key} {dtype} {shape} {nbytes}".encode())
+            with open(path, "rb") as f:
+                f.seek(offset)
+                h.update(f.read(min(nbytes, 256)))
+        fp["checkpoint tensors"] = h.hexdigest()[:16]
+        return fp
+
     def load_block(self, i: int, layer: nn.Module) -> nn.Module:
         prefix = f"{self.layers_path}.{i}."
         want = set(layer.state_dict().keys())
@@ -321,7 +337,7 @@ def prune_checkpoint(src: str | os.PathLike, out: str | os.PathLike, calibration
             _, rep = prune_blocks(None)
             rep.low_memory = True
             report.append(rep)
-    except BaseException as exc:
+    except Exception as exc:
         if was_reported(exc):
             raise
         err = exc

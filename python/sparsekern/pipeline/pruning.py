@@ -173,7 +173,14 @@ class GroupPruner:
                     self.report.linears.append(self._prune_one(layer_index, mods, n, stat, shared))
             return
         dist = self.dist
-        dist.check(None, f"calibrating block {layer_index}")
+        parts = [p for st in stats if st is not None
+                 for p in ((st.own, st.hessian_stats) if isinstance(st, WithHessian) else (st,)) if p is not None]
+        err = None
+        try:
+            dist.prepare_sum(max((p.numel for p in parts), default=1))  # before the check: an OOM is reported there
+        except Exception as exc:  # noqa: BLE001
+            err = exc
+        dist.check(err, f"calibrating block {layer_index}")
         for stat in stats:
             if stat is not None:
                 stat.reduce(dist)

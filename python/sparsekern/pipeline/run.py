@@ -165,7 +165,19 @@ class _PruneRun:
             return [[n] for n in names]
         key = (type(layer), tuple(names))
         if key not in self._group_cache:
-            self._group_cache[key] = discover_groups(layer, names, self.chunks[0], self.hidden[0])
+            groups, err = None, None
+            try:
+                groups = discover_groups(layer, names, self.chunks[0], self.hidden[0])
+            except Exception as exc:  # noqa: BLE001  (reported to every rank by check, then re-raised here)
+                if self.dist is None:
+                    raise
+                err = exc
+            if self.dist is not None:
+                # Found from each rank's own first batch: a block whose linears run data-dependently (experts) could
+                # group differently on different ranks, and the ranks would then exchange mismatched weights.
+                self.dist.check(err, f"grouping the linears of {type(layer).__name__}",
+                                fingerprint={"linear groups": repr(groups)})
+            self._group_cache[key] = groups
         return self._group_cache[key]
 
     def needs_output(self, i: int) -> bool:
@@ -265,7 +277,7 @@ def rank_step(dist: DistContext | None, what: str):
         return
     try:
         yield
-    except BaseException as exc:
+    except Exception as exc:  # not KeyboardInterrupt / SystemExit: a stopped rank does not join another exchange
         # another rank's failure, a broken group, or an error already reported: no further collective
         if not was_reported(exc):
             dist.check(exc, what)
@@ -280,11 +292,12 @@ def start_run(make_run, dist: DistContext | None) -> _PruneRun:
         return make_run()
     try:
         run = make_run()
-    except BaseException as exc:
+        fingerprint = run.fingerprint()
+    except Exception as exc:
         if not was_reported(exc):
             dist.check(exc, "setting up")
         raise
-    dist.check(None, "setting up", fingerprint=run.fingerprint())
+    dist.check(None, "setting up", fingerprint=fingerprint)
     return run
 
 

@@ -34,7 +34,11 @@ from ..prune.stats import _batch_of
 
 class SummedHessian:
     """H = 2/N * sum_k X_k^T X_k, float32 [C, C] (see the module docstring): .add(x) per batch, .value at the end;
-    .reduce(dist) adds the other ranks' partial sums (pipeline/dist.py) before .value is read."""
+    .reduce(dist) adds the other ranks' partial sums (pipeline/dist.py) before .value is read.
+
+    Memory: the float64 sum (2x a float32 statistic) while batches are added, plus one float32 term during each add
+    (allocated per call, not kept); reading .value turns the sum into the float32 result in place of it (the sum is
+    freed: no batch can be added after that)."""
 
     _who = "SummedHessian"
 
@@ -42,47 +46,59 @@ class SummedHessian:
         if in_features < 1:
             raise ValueError(f"{self._who}: in_features must be >= 1, got {in_features}")
         self.in_features = int(in_features)
-        self.acc = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
-        self._term: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = torch.zeros(self._shape(), dtype=torch.float64, device=device)
         self._value: torch.Tensor | None = None
         self.nsamples = 0
 
-    def _new_term(self, device) -> torch.Tensor:
-        return torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=device)
+    def _shape(self) -> tuple[int, ...]:
+        return (self.in_features, self.in_features)
 
     def _fill_term(self, term: torch.Tensor, x: torch.Tensor) -> None:
         # The kernel's contract: H = n/(n+B) H + 2/(n+B) X^T X. With n = 0 and B = 2 that is H = X^T X (beta 0:
-        # the old content ignored, alpha 1: no scaling rounded into the product). B is only a weight here.
+        # the old content ignored, so an uninitialised term is fine; alpha 1: no scaling rounded into the product).
         _ops.hessian_update_(term, x, 0, 2)
+
+    def _check_open(self, what: str) -> None:
+        if self.acc is None:
+            raise ValueError(f"{self._who}.{what}: the statistic was already read (.value); it takes no more input")
 
     def add(self, x: torch.Tensor) -> None:
         """x: floating [B, T, C] (B sequences) or [T, C] (one sequence), on the statistic's device."""
+        self._check_open("add")
         batch = _batch_of(x, self.in_features, self._who)
-        if self._term is None:
-            self._term = self._new_term(self.acc.device)
-        self._fill_term(self._term, x.detach())
-        self.acc.add_(self._term)  # float32 -> float64 exactly, one float64 rounding
+        term = torch.empty(self._shape(), dtype=torch.float32, device=self.acc.device)
+        self._fill_term(term, x.detach())
+        self.acc.add_(term)  # float32 -> float64 exactly, one float64 rounding
+        del term
         self.nsamples += batch
-        self._value = None
 
     def reduce(self, dist) -> None:
         """Replace this rank's partial sum by the sum over all ranks, added in rank order (identical on every
         rank); likewise the sequence count. A no-op without a DistContext."""
         if dist is None:
             return
-        self.acc, self.nsamples = dist.sum_in_rank_order(self.acc, self.nsamples)
-        self._value = None
+        self._check_open("reduce")
+        self.nsamples = dist.sum_in_rank_order_(self.acc, self.nsamples)
 
     def _scale(self) -> float:
         return 2.0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self._shape():
+            n *= d
+        return n
 
     @property
     def value(self) -> torch.Tensor:
         if self._value is None:
             if self.nsamples == 0:
                 raise ValueError(f"{self._who}: no calibration input was added")
-            self._term = None  # the scratch term is not needed any more
-            self._value = (self.acc * (self._scale() / self.nsamples)).float()
+            acc, self.acc = self.acc, None
+            acc.mul_(self._scale() / self.nsamples)  # in place: no float64 temporary
+            self._value = acc.float()
+            del acc
         return self._value
 
 
@@ -91,20 +107,11 @@ class SummedActScale(SummedHessian):
 
     _who = "SummedActScale"
 
-    def __init__(self, in_features: int, device=None):
-        if in_features < 1:
-            raise ValueError(f"{self._who}: in_features must be >= 1, got {in_features}")
-        self.in_features = int(in_features)
-        self.acc = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self._term = None
-        self._value = None
-        self.nsamples = 0
-
-    def _new_term(self, device) -> torch.Tensor:
-        return torch.zeros(self.in_features, dtype=torch.float32, device=device)
+    def _shape(self) -> tuple[int, ...]:
+        return (self.in_features,)
 
     def _fill_term(self, term: torch.Tensor, x: torch.Tensor) -> None:
-        # n = 0, B = 1: s = float32(sum_t x_t^2) (the kernel sums in double and rounds once)
+        # n = 0, B = 1: s = float32(sum_t x_t^2) (the kernel zeroes s first, sums in double and rounds once)
         _ops.act_scale_update_(term, x, 0, 1)
 
     def _scale(self) -> float:
