@@ -286,6 +286,10 @@ def test_distributed_true_needs_a_process_group():
 def test_cli_refuses_what_cannot_run_across_ranks(tmp_path, monkeypatch, capsys):
     from sparsekern.cli import main
 
+    with pytest.raises(SystemExit) as exc:  # argparse, before anything is loaded
+        main(["prune", "--model", "bundled", "--dist-timeout", "0"])
+    assert exc.value.code == 2 and "--dist-timeout: must be >= 1, got 0" in capsys.readouterr().err
+
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     for extra, msg in ((["--eval-tokens", "512"], "--eval-tokens is not supported across ranks"),

@@ -118,17 +118,5 @@ SK_HOST_DEVICE Acc skinny_butterfly(Acc (&lanes)[kSkinnyWarp]) {
   return lanes[0];
 }
 
-// The epilogue of spmm_24 (as the CPU kernel and linear_postop): v * alpha[n] * row_scale[m] + bias[n], then the
-// activation (0 none, 1 relu, 2 gelu by erf); the caller converts to the output dtype.
-SK_HOST_DEVICE float skinny_activation(float v, int act) {
-  if (act == 1) return v > 0.f ? v : 0.f;
-#ifdef __CUDA_ARCH__
-  if (act == 2) return 0.5f * v * (1.f + erff(v * 0.70710678118654752440f));
-#else
-  if (act == 2) return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752440f));
-#endif
-  return v;
-}
-
 }  // namespace core
 }  // namespace sparsekern

@@ -31,6 +31,7 @@
 #include "core/nm.h"
 #include "core/skinny24.h"
 #include "cuda/core_ops.h"
+#include "cuda/epilogue.cuh"
 #include "cuda/spmm_24_skinny.h"
 
 namespace sparsekern {
@@ -56,20 +57,10 @@ struct Epilogue {
 __device__ __forceinline__ void store_out(const Epilogue& e, int64_t idx, float v) {
   switch (e.out_kind) {
     case kOutF32: static_cast<float*>(e.out)[idx] = v; break;
-    case kOutF16: static_cast<at::Half*>(e.out)[idx] = static_cast<at::Half>(v); break;
-    case kOutBF16: static_cast<at::BFloat16*>(e.out)[idx] = static_cast<at::BFloat16>(v); break;
-    case kOutI32: {  // round half to even, saturate (linear_postop's rule)
-      const float r = rintf(v);
-      int32_t q;
-      if (!(r > -2147483648.f)) q = r != r ? 0 : INT32_MIN;
-      else q = r >= 2147483648.f ? INT32_MAX : static_cast<int32_t>(r);
-      static_cast<int32_t*>(e.out)[idx] = q;
-      break;
-    }
-    default: {
-      const float r = rintf(v);
-      static_cast<int8_t*>(e.out)[idx] = r != r ? int8_t(0) : static_cast<int8_t>(fminf(fmaxf(r, -128.f), 127.f));
-    }
+    case kOutF16: static_cast<at::Half*>(e.out)[idx] = to_output<at::Half>(v); break;
+    case kOutBF16: static_cast<at::BFloat16*>(e.out)[idx] = to_output<at::BFloat16>(v); break;
+    case kOutI32: static_cast<int32_t*>(e.out)[idx] = to_output<int32_t>(v); break;  // rounded, saturated
+    default: static_cast<int8_t*>(e.out)[idx] = to_output<int8_t>(v);
   }
 }
 
@@ -85,7 +76,7 @@ __device__ __forceinline__ void finish(const Epilogue& e, int64_t m, int64_t n, 
   if (e.alpha != nullptr) v *= e.alpha[n];
   if (e.row_scale != nullptr) v *= e.row_scale[m];
   if (e.bias != nullptr) v += e.bias[n];
-  store_out(e, m * N + n, skinny_activation(v, e.act));
+  store_out(e, m * N + n, apply_activation(v, e.act));
 }
 
 // One lane's unit of one step held in registers: its 16 values, 4 code bytes and how many of its 8 groups exist.

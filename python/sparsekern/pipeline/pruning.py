@@ -49,6 +49,11 @@ class WithHessian:
     def nsamples(self) -> int:
         return self.hessian_stats.nsamples
 
+    @property
+    def numel(self) -> int:
+        """The largest of its sums (pipeline/dist.py sizes its exchange buffers by it)."""
+        return max(self.hessian_stats.numel, 0 if self.own is None else self.own.numel)
+
 
 def make_stats(method: str, in_features: int, device: torch.device):
     """A fresh statistics object for `method` over inputs of `in_features` (None for magnitude: data-free).
@@ -173,11 +178,10 @@ class GroupPruner:
                     self.report.linears.append(self._prune_one(layer_index, mods, n, stat, shared))
             return
         dist = self.dist
-        parts = [p for st in stats if st is not None
-                 for p in ((st.own, st.hessian_stats) if isinstance(st, WithHessian) else (st,)) if p is not None]
         err = None
         try:
-            dist.prepare_sum(max((p.numel for p in parts), default=1))  # before the check: an OOM is reported there
+            # before the check: running out of memory is reported there
+            dist.prepare_sum(max((st.numel for st in stats if st is not None), default=1))
         except Exception as exc:  # noqa: BLE001
             err = exc
         dist.check(err, f"calibrating block {layer_index}")

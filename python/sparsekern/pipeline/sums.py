@@ -26,6 +26,8 @@ its perplexity moved from 93.88 to 90.92 with this change (docs/pruning.md), Wan
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops import prune as _ops
@@ -85,10 +87,8 @@ class SummedHessian:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self._shape():
-            n *= d
-        return n
+        """Elements of the sum (pipeline/dist.py sizes its exchange buffers by it)."""
+        return math.prod(self._shape())
 
     @property
     def value(self) -> torch.Tensor:
